@@ -1,0 +1,119 @@
+"""Configuration: the Hydra config groups, and every check that must fail before a model loads.
+
+Each error names what would have been valid: the group's choices, the keys of the node, the method's options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from methods import METHODS, Budget, ConfigError, TokenPruner
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("method", "model", "task", "budget")
+CONVENTIONS = ("exact", "average")
+
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def method_options(cls: type[TokenPruner]) -> dict[str, dataclasses.Field]:
+    """The options a method takes from its config (its dataclass fields; the budget comes from the budget group)."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "budget"}
+
+
+def budget_of(cfg: DictConfig) -> Budget:
+    tokens, convention = cfg.budget.tokens, cfg.budget.convention
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"budget.convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)):
+        raise ConfigError(f"budget.tokens must be a whole number of vision tokens, got {tokens!r}")
+    return Budget(tokens, convention)
+
+
+def build_pruner(cfg: DictConfig) -> TokenPruner:
+    """The configured method, its options checked by name and type."""
+    options = OmegaConf.to_container(cfg.method, resolve=True)
+    name = options.pop("name", None)
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; valid choices: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    fields = method_options(cls)
+    for key, value in options.items():
+        if key not in fields:
+            raise ConfigError(f"unknown option {key!r} for method {name}; valid options: {', '.join(sorted(fields))}")
+        default = fields[key].default
+        if default not in (dataclasses.MISSING, None) and not _has_type(value, type(default)):
+            raise ConfigError(f"method {name} option {key} must be {type(default).__name__}, got {value!r}")
+    return cls(**options, budget=budget_of(cfg))
+
+
+def _has_type(value, expected: type) -> bool:
+    if isinstance(value, bool) and expected is not bool:
+        return False
+    return isinstance(value, (int, float) if expected is float else expected)
+
+
+def validate(cfg: DictConfig) -> TokenPruner:
+    """Everything that can be checked without loading a model; returns the configured pruner."""
+    from harness import models
+
+    for group in GROUPS:
+        if group not in cfg:
+            raise ConfigError(f"config group {group!r} is missing; choices: {', '.join(group_choices(group))}")
+    if OmegaConf.is_missing(cfg.budget, "tokens"):
+        raise ConfigError("budget=custom needs budget.tokens=N")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive whole number, got {cfg.batch_size!r}")
+    if cfg.model.get("dtype") not in ("auto", "float32", "float16", "bfloat16"):
+        raise ConfigError(f"model.dtype must be auto, float32, float16 or bfloat16, got {cfg.model.get('dtype')!r}")
+    pruner = build_pruner(cfg)
+    pruner.validate(num_vision=cfg.model.num_vision_tokens, num_layers=cfg.model.num_layers)
+    if cfg.model.source == "hf":
+        models.checkpoint_dir(cfg.model)
+    return pruner
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Check command-line overrides before Hydra runs: unknown group choices and unknown keys get a message naming
+    the valid ones, then the composed config is validated. Sweeps (`-m a=1,2`) are checked per job instead."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if any(o.is_sweep_override() for o in parsed):
+        return
+    groups = {}
+    for override in parsed:
+        key = override.key_or_group
+        if key in GROUPS and not override.is_delete():
+            value = override.value()
+            if value not in group_choices(key):
+                raise ConfigError(f"unknown {key} {value!r}; valid choices: {', '.join(group_choices(key))}")
+            groups[key] = value
+    plain = [o for o in parsed if o.key_or_group not in GROUPS and not o.key_or_group.startswith("hydra")
+             and not o.is_add() and not o.is_force_add() and not o.is_delete()]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        base = compose("config", overrides=[f"{k}={v}" for k, v in groups.items()])
+        for override in plain:
+            key = override.key_or_group
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(base, parent) if parent else base
+            if not isinstance(node, DictConfig) or leaf not in node:
+                raise ConfigError(_unknown_key_message(key, parent, node, base))
+        cfg = compose("config", overrides=overrides)
+    validate(cfg)
+
+
+def _unknown_key_message(key: str, parent: str, node, base: DictConfig) -> str:
+    if parent == "method":
+        options = ", ".join(sorted(method_options(METHODS[base.method.name])))
+        return f"unknown option {key.split('.')[-1]!r} for method {base.method.name}; valid options: {options}"
+    if isinstance(node, DictConfig):
+        where = f"under {parent!r}" if parent else "at the top level"
+        return f"unknown key {key!r}; valid keys {where}: {', '.join(sorted(str(k) for k in node))}"
+    return f"unknown key {key!r}; valid top-level keys: {', '.join(sorted(str(k) for k in base))}"

@@ -1,0 +1,66 @@
+"""Measured costs: prefill and decode time, KV-cache bytes held after prefill, peak memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes of every key and value tensor the cache holds (layers may differ in length)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if isinstance(t, torch.Tensor))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """GPU: the allocator's peak since the last reset; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+@dataclass
+class ForwardTimer:
+    """Times each forward of `model` inside the block: the first on an empty cache is the prefill, the rest decode
+    steps. On GPU the device is synchronised around each forward so the times are the device's."""
+
+    model: torch.nn.Module
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    kv_bytes: int = 0
+
+    def __enter__(self) -> ForwardTimer:
+        self._handles = [self.model.register_forward_pre_hook(self._start, with_kwargs=True),
+                         self.model.register_forward_hook(self._stop)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _sync(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
+    def _start(self, module, args, kwargs) -> None:
+        cache = kwargs.get("past_key_values")
+        self._prefill = cache is None or cache.get_seq_length() == 0
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, module, args, output) -> None:
+        self._sync()
+        elapsed = time.perf_counter() - self._t0
+        if self._prefill:
+            self.prefill_seconds = elapsed
+            if output.past_key_values is not None:
+                self.kv_bytes = kv_cache_bytes(output.past_key_values)
+        else:
+            self.decode_seconds += elapsed
+            self.decode_steps += 1

@@ -1,0 +1,167 @@
+"""LLaVA-1.5 on `transformers`' `LlavaForConditionalGeneration`: loading, the vicuna_v1 prompt, batched inputs.
+
+Two sources:
+- `hf`: a real checkpoint (`llava-hf/llava-1.5-7b-hf`, a local directory, or the Hub cache). Nothing is downloaded
+  here: a missing checkpoint stops the run before anything loads, saying what to download or which path to set.
+- `tiny`: a LLaVA-1.5-geometry model built offline from a config (336 px / patch 14 -> 576 vision tokens, tiny
+  widths, random weights from a seed, a byte-level tokenizer made in code). The tests run on it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from methods.base import ConfigError
+
+SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def vicuna_v1_prompt(question: str, with_image: bool = True) -> str:
+    """The LLaVA-1.5 evaluation prompt (conv_mode vicuna_v1, `<image>` first in the user turn)."""
+    image = "<image>\n" if with_image else ""
+    return f"{VICUNA_V1_SYSTEM} USER: {image}{question} ASSISTANT:"
+
+
+class ModelNotAvailable(ConfigError):
+    """The checkpoint is not on this machine."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    processor: object
+    device: torch.device
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.text_config.num_hidden_layers
+
+    def inputs(self, images: list[Image.Image] | None, questions: list[str]):
+        """Processor inputs for a batch (left padding keeps every prompt's last token last)."""
+        prompts = [vicuna_v1_prompt(q, with_image=images is not None) for q in questions]
+        batch = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        dtype = self.model.dtype
+        return {k: (v.to(self.device, dtype) if k == "pixel_values" else v.to(self.device)) for k, v in batch.items()}
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.processor.batch_decode(token_ids, skip_special_tokens=True)]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":  # the reference implementations run fp16 on GPU; CPU kernels want fp32
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def checkpoint_dir(spec: DictConfig) -> Path:
+    """The local directory of an `hf` model's checkpoint, or ModelNotAvailable saying how to get it."""
+    path = os.path.expanduser(spec.path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelNotAvailable(f"model.path={path} has no config.json: it is not a Hugging Face checkpoint")
+        return Path(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id=path, filename="config.json")
+    if isinstance(cached, str):
+        return Path(cached).parent
+    raise ModelNotAvailable(
+        f"the weights of model '{spec.name}' ({path}) are not on this machine, and runs never download them.\n"
+        f"  Download them once with:  huggingface-cli download {path}\n"
+        f"  or point to a local copy:  model.path=/path/to/checkpoint  (a directory with config.json and weights)"
+    )
+
+
+def load(spec: DictConfig, device: str = "auto") -> LoadedModel:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    dev = resolve_device(device)
+    dtype = resolve_dtype(spec.dtype, dev)
+    if spec.source == "tiny":
+        model, processor = build_tiny(spec)
+        model = model.to(dev, dtype)
+    else:
+        path = checkpoint_dir(spec)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation=spec.attn_implementation, device_map={"": dev}
+        )
+        processor = AutoProcessor.from_pretrained(path)
+    if type(model).__name__ not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(f"{type(model).__name__} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
+    processor.tokenizer.padding_side = "left"
+    return LoadedModel(spec.name, model.eval(), processor, dev)
+
+
+def build_tiny(spec: DictConfig):
+    """A LLaVA-1.5-geometry model with tiny widths, random weights from `spec.seed`, and an in-code tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):  # one token per byte, no merges
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=["<image>"],
+    )
+    size = spec.image_size
+    image_processor = CLIPImageProcessorPil(  # the PIL backend: no torchvision
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_mean=[0.481, 0.458, 0.408], image_std=[0.269, 0.261, 0.276],
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=spec.vision_hidden_size, intermediate_size=2 * spec.vision_hidden_size,
+            num_hidden_layers=spec.vision_layers, num_attention_heads=4, image_size=size, patch_size=spec.patch_size,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_kv_heads, max_position_embeddings=4096,
+            bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    config.text_config._attn_implementation = spec.attn_implementation
+    config.vision_config._attn_implementation = "sdpa"
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = 3
+    return model.eval(), processor

@@ -1,0 +1,404 @@
+"""The pruning runtime: runs a `TokenPruner` inside a Hugging Face LLaVA forward, prefill and decode.
+
+`prune(model, pruner)` is a context manager that installs forward hooks (nothing is patched globally) and removes
+them on exit. During prefill it:
+
+- locates the vision tokens from the model's image token id (never from fixed offsets);
+- lets a pre-LLM method reduce the vision features before the projector (the freed placeholder slots are dropped
+  before decoder layer 0, so the language model sees exactly the shorter sequence);
+- before each decoder layer, applies the pruner's `Selection`: it physically gathers the hidden states, the
+  4-D mask and the RoPE positions (kept original, or renumbered contiguously as a shorter input would get them);
+- records attention probes and applies post-softmax edits through one registered attention function, which
+  delegates to the model's own backend (sdpa or eager) and computes explicit softmax rows only where asked.
+
+Each layer's KV cache keeps what that layer saw during prefill, so caches differ in length per layer. During decode
+the runtime maps the model's full-length mask onto each layer's cache and, for compact positions, shifts the new
+tokens' positions by the number of tokens that layer dropped. `generate()` works unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from methods.base import ConfigError, Probe, Selection, TokenPruner
+
+SUPPORTED_BACKENDS = ("sdpa", "eager")
+_ACTIVE: contextvars.ContextVar[PruningRuntime | None] = contextvars.ContextVar("prunebench_runtime", default=None)
+
+
+@dataclass
+class ProbeResult:
+    queries: torch.Tensor  # (B, q) current-sequence indices of the probed queries
+    attention: torch.Tensor  # (B, H, q, keys) post-softmax probabilities, in the model's dtype
+    values: torch.Tensor | None  # (B, H, keys, head_dim), key/value heads repeated to H
+
+
+@dataclass
+class PruneState:
+    """Bookkeeping of one prefill; pruners read it, only the runtime writes it."""
+
+    num_layers: int
+    sample_ids: list
+    layer: int = 0
+    hidden_states: torch.Tensor | None = None  # input of the current layer (B, n, d)
+    orig_index: torch.Tensor | None = None  # (B, n) original sequence index (merged tokens: their image's last slot)
+    is_vision: torch.Tensor | None = None  # (B, n)
+    valid: torch.Tensor | None = None  # (B, n) False for padding
+    positions: torch.Tensor | None = None  # (B, n) RoPE position ids
+    input_ids: torch.Tensor | None = None  # (B, N) the full prompt
+    probes: dict[int, ProbeResult] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.is_vision.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.is_vision.shape[1]
+
+    @property
+    def num_vision(self) -> int:
+        return int(self.is_vision[0].sum())
+
+    @property
+    def vision_index(self) -> torch.Tensor:
+        """(B, V) current-sequence indices of the vision tokens, ascending."""
+        return self.is_vision.nonzero()[:, 1].view(self.batch_size, -1)
+
+    @property
+    def last_query(self) -> torch.Tensor:
+        """(B, 1) index of the last prompt token (left padding keeps it last in every row)."""
+        return torch.full((self.batch_size, 1), self.seq_len - 1, device=self.is_vision.device)
+
+
+@dataclass
+class LayerRecord:
+    orig_index: torch.Tensor  # (B, n_l) tokens entering the layer
+    vision_tokens: torch.Tensor  # (B,) vision tokens entering the layer
+    position_shift: torch.Tensor  # (B,) decode-position shift (compact positions only)
+    changed: bool  # whether the layer's tokens differ from the model's own full sequence
+
+
+class PruningRuntime:
+    """Installed by `prune()`; holds the hooks and the per-prefill state."""
+
+    def __init__(self, model, pruner: TokenPruner, sample_ids: list | None = None):
+        self.model, self.pruner, self.sample_ids = model, pruner, sample_ids
+        self.llava = model.model
+        self.lm = self.llava.language_model
+        self.text_config = self.lm.config
+        self.image_token_id = model.config.image_token_id
+        self.state: PruneState | None = None
+        self.layers: list[LayerRecord] = []
+        self.active = False  # pruning this prefill (False: no image tokens)
+        self.selection_seconds = 0.0
+        self._reduced_slots: int | None = None  # vision slots per image kept by a pre-LLM feature reduction
+        self._image_slots = 0  # vision slots per image before that reduction
+        self._full_len = 0
+        self._full_valid: torch.Tensor | None = None
+        self._probe_request: tuple[int, Probe] | None = None
+        self._edit = None
+        self._handles: list = []
+
+    # ------------------------------------------------------------------ install / remove
+    def __enter__(self) -> PruningRuntime:
+        base = self.text_config._attn_implementation or "sdpa"
+        if base not in SUPPORTED_BACKENDS:
+            raise ConfigError(
+                f"attention backend {base!r} is not supported by the pruning runtime; use one of {SUPPORTED_BACKENDS}"
+            )
+        self._base = base
+        self.text_config._attn_implementation = _register_attention(base)
+        self._token = _ACTIVE.set(self)
+        self._handles.append(self.llava.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        if type(self.pruner).reduce_image_features is not TokenPruner.reduce_image_features:
+            projector = self.llava.multi_modal_projector
+            self._handles.append(projector.register_forward_pre_hook(self._reduce_features))
+            self._handles.append(projector.register_forward_hook(self._pad_reduced_features))
+        for layer in self.lm.layers:
+            self._handles.append(layer.register_forward_pre_hook(self._before_layer, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        _ACTIVE.reset(self._token)
+        self.text_config._attn_implementation = self._base
+
+    # ------------------------------------------------------------------ prefill start
+    def _on_model_call(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            return None  # decode step
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("the pruning runtime needs input_ids to locate the vision tokens")
+        is_vision = input_ids == self.image_token_id
+        counts = is_vision.sum(dim=1)
+        self.layers, self.selection_seconds, self._reduced_slots = [], 0.0, None
+        self.active = bool(counts.any())
+        if self.active and not bool((counts == counts[0]).all()):
+            raise ValueError(f"every sample of a batch needs the same number of vision tokens, got {counts.tolist()}")
+        batch = input_ids.shape[0]
+        if self.active and batch > 1 and not self.pruner.supports_batching:
+            raise ValueError(f"method {self.pruner.name} supports batch size 1 only; set batch_size=1")
+        mask2d = kwargs.get("attention_mask")
+        valid = mask2d.bool() if mask2d is not None else torch.ones_like(is_vision)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(batch, -1)
+        self._full_len, self._full_valid = input_ids.shape[1], valid
+        self.state = PruneState(
+            num_layers=len(self.lm.layers),
+            sample_ids=list(self.sample_ids) if self.sample_ids is not None else list(range(batch)),
+            orig_index=torch.arange(input_ids.shape[1], device=input_ids.device).expand(batch, -1),
+            is_vision=is_vision,
+            valid=valid,
+            positions=positions.expand(batch, -1),
+            input_ids=input_ids,
+        )
+        self._pos_emb = None
+        if self.active:
+            self._timed(self.pruner.begin, self.state)
+        return None
+
+    def _timed(self, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.selection_seconds += time.perf_counter() - start
+
+    # ------------------------------------------------------------------ pre-LLM feature reduction
+    def _reduce_features(self, module, args):
+        if not self.active:
+            return None
+        reduced = self._timed(self.pruner.reduce_image_features, args[0], self.state)
+        if reduced is None:
+            return None
+        self._image_slots, self._reduced_slots = args[0].shape[1], reduced.shape[1]
+        return (reduced, *args[1:])
+
+    def _pad_reduced_features(self, module, args, output):
+        if self._reduced_slots is None:
+            return None
+        # The model scatters features into every <image> placeholder; fill the freed slots with zeros and drop
+        # them before layer 0 (`_reduced_slots_keep`), so no layer ever sees them.
+        pad = output.new_zeros(output.shape[0], self._image_slots - output.shape[1], output.shape[2])
+        return torch.cat([output, pad], dim=1)
+
+    def _reduced_slots_keep(self) -> Selection:
+        images = self.state.num_vision // self._image_slots
+        device = self.state.is_vision.device
+        slots = torch.arange(images, device=device)[:, None] * self._image_slots
+        keep = (slots + torch.arange(self._reduced_slots, device=device)).flatten()
+        return Selection(keep=keep.expand(self.state.batch_size, -1))
+
+    # ------------------------------------------------------------------ per layer
+    def _before_layer(self, module, args, kwargs):
+        layer = module.self_attn.layer_idx
+        cache = kwargs.get("past_key_values")
+        prefill = cache is None or cache.get_seq_length(layer) == 0
+        if not self.active:
+            return None
+        if not prefill:
+            return self._decode_inputs(layer, args, kwargs)
+
+        state = self.state
+        state.layer = layer
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        state.hidden_states = hidden
+        changed = False
+        if layer == 0 and self._reduced_slots is not None:
+            self._apply(self._reduced_slots_keep())
+            changed = True
+        selection = self._timed(self.pruner.select, layer, state)
+        if selection is not None:
+            self._apply(selection)
+            changed = True
+        if changed:
+            self._pos_emb = self.lm.rotary_emb(state.hidden_states, position_ids=state.positions)
+        self._probe_request = (layer, p) if (p := self._timed(self.pruner.probe, layer, state)) else None
+        self._edit = (layer, e) if (e := self._timed(self.pruner.attention_edit, layer, state)) else None
+
+        shift = self._full_valid.sum(1) - state.valid.sum(1)
+        if self.pruner.positions == "original":
+            shift = torch.zeros_like(shift)
+        self.layers.append(LayerRecord(state.orig_index, state.is_vision.sum(1), shift, self._pos_emb is not None))
+
+        if self._pos_emb is None:
+            return (state.hidden_states, *args[1:]), kwargs  # nothing changed yet: the model's own tensors
+        kwargs["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"))
+        kwargs["position_embeddings"] = self._pos_emb
+        kwargs["position_ids"] = state.positions
+        return (state.hidden_states, *args[1:]), kwargs
+
+    def _apply(self, selection: Selection) -> None:
+        """Gather every per-token tensor of the state to the kept tokens (plus merged ones), in sequence order."""
+        state = self.state
+        keep = selection.keep
+        if keep.dim() != 2 or keep.shape[0] != state.batch_size:
+            raise ValueError(f"Selection.keep must be (batch, k), got {tuple(keep.shape)}")
+        vision = state.vision_index
+        kept_vision = vision.gather(1, keep)
+        text = (~state.is_vision).nonzero()[:, 1].view(state.batch_size, -1)
+        index = torch.cat([text, kept_vision], dim=1).sort(dim=1).values
+        hidden = state.hidden_states
+        batch_rows = torch.arange(state.batch_size, device=hidden.device)[:, None]
+        new_hidden = hidden[batch_rows, index]
+        new = {
+            "orig_index": state.orig_index[batch_rows, index],
+            "is_vision": state.is_vision[batch_rows, index],
+            "valid": state.valid[batch_rows, index],
+            "positions": state.positions[batch_rows, index],
+        }
+        if selection.merged is not None:
+            merged = selection.merged.to(hidden.dtype)
+            m = merged.shape[1]
+            if selection.merged_positions is None and self.pruner.positions == "original":
+                raise ValueError("merged tokens need merged_positions when positions are kept original")
+            # Place merged tokens right after each row's last vision slot: sort by (slot key) over both sources.
+            vision_end = vision[:, -1:].to(torch.float64) + 0.5
+            keys = torch.cat([index.to(torch.float64), vision_end + torch.arange(m, device=hidden.device) / (m + 1)], 1)
+            order = keys.argsort(dim=1)
+            last_slot = state.orig_index[batch_rows[:, 0], vision[:, -1]][:, None].expand(-1, m)
+            merged_pos = (selection.merged_positions if selection.merged_positions is not None
+                          else torch.zeros_like(last_slot))
+            sources = {
+                "orig_index": last_slot,
+                "is_vision": torch.ones_like(last_slot, dtype=torch.bool),
+                "valid": torch.ones_like(last_slot, dtype=torch.bool),
+                "positions": merged_pos.to(new["positions"].dtype),
+            }
+            new = {k: torch.cat([v, sources[k]], 1)[batch_rows, order] for k, v in new.items()}
+            new_hidden = torch.cat([new_hidden, merged], 1)[batch_rows, order]
+        if self.pruner.positions == "compact":
+            new["positions"] = (new["valid"].long().cumsum(1) - 1).clamp(min=0)
+        for key, value in new.items():
+            setattr(state, key, value)
+        state.hidden_states = new_hidden
+
+    def _prefill_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The model's full-length 4-D mask gathered to the current tokens; None (pure causal) stays None."""
+        if mask is None:
+            return None
+        state = self.state
+        index = state.orig_index
+        batch, n = index.shape
+        full = mask[:, 0].expand(batch, -1, -1)
+        rows = full.gather(1, index[:, :, None].expand(-1, -1, full.shape[2]))
+        gathered = rows.gather(2, index[:, None, :].expand(-1, n, -1))
+        # Merged tokens share their image's last slot: re-impose causality in the current order.
+        causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+        if gathered.dtype == torch.bool:
+            gathered = gathered & causal
+        else:
+            gathered = gathered.masked_fill(~causal, torch.finfo(gathered.dtype).min)
+        return gathered[:, None]
+
+    def _decode_inputs(self, layer: int, args, kwargs):
+        record = self.layers[layer]
+        if not record.changed:
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            batch = record.orig_index.shape[0]
+            full = mask.expand(batch, -1, -1, -1)
+            cached = full[..., : self._full_len].gather(
+                3, record.orig_index[:, None, None, :].expand(-1, full.shape[1], full.shape[2], -1))
+            kwargs["attention_mask"] = torch.cat([cached, full[..., self._full_len:]], dim=-1)
+        if record.position_shift.any():
+            hidden = args[0] if args else kwargs["hidden_states"]
+            positions = kwargs["position_ids"].expand(hidden.shape[0], -1) - record.position_shift[:, None]
+            kwargs["position_ids"] = positions
+            kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids=positions)
+        return args, kwargs
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, base: str, module, query, key, value, attention_mask, **kwargs):
+        layer = getattr(module, "layer_idx", None)
+        probe = self._probe_request[1] if self._probe_request and self._probe_request[0] == layer else None
+        edit = self._edit[1] if self._edit and self._edit[0] == layer else None
+        base_fn = _base_attention(base)
+        if (probe is None and edit is None) or query.shape[2] != key.shape[2]:
+            return base_fn(module, query, key, value, attention_mask, **kwargs)
+        groups = query.shape[1] // key.shape[1]
+        keys = key.repeat_interleave(groups, dim=1)
+        values = value.repeat_interleave(groups, dim=1)
+        scaling = kwargs.get("scaling", module.scaling)
+        if edit is None:
+            output = base_fn(module, query, key, value, attention_mask, **kwargs)
+            start = time.perf_counter()
+            self._store_probe(layer, probe, _softmax_rows(query, keys, attention_mask, scaling, probe.queries), values)
+            self.selection_seconds += time.perf_counter() - start
+            return output
+        # An edited layer is computed explicitly (eager arithmetic); every other layer keeps the model's backend.
+        probs = _softmax_rows(query, keys, attention_mask, scaling, rows=None)
+        if probe is not None:
+            rows = probe.queries[:, None, :, None].expand(-1, probs.shape[1], -1, probs.shape[3])
+            self._store_probe(layer, probe, probs.gather(2, rows), values)
+        probs = self._timed(edit, probs, self.state)
+        return (probs @ values).transpose(1, 2).contiguous(), None
+
+    def _store_probe(self, layer: int, probe: Probe, attention: torch.Tensor, values: torch.Tensor) -> None:
+        self.state.probes[layer] = ProbeResult(probe.queries, attention, values if probe.values else None)
+
+    # ------------------------------------------------------------------ results
+    def vision_tokens_per_layer(self) -> torch.Tensor:
+        """(B, L) vision tokens entering each decoder layer in the last prefill."""
+        return torch.stack([record.vision_tokens for record in self.layers], dim=1)
+
+
+def _base_attention(base: str):
+    return eager_attention_forward if base == "eager" else AttentionInterface._global_mapping[base]
+
+
+def _softmax_rows(query, keys, mask, scaling, rows):
+    """Post-softmax attention (B, H, q, keys) of query rows `rows` ((B, q) indices; None: all), computed in fp32 and
+    cast to the query dtype as eager attention does. Prefill only: query i sits at key position i."""
+    batch, heads, n, _ = query.shape
+    if rows is None:
+        rows = torch.arange(n, device=query.device).expand(batch, -1)
+    q = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, query.shape[3]))
+    scores = (q @ keys.transpose(-1, -2)).float() * scaling
+    if mask is None:
+        allowed = torch.arange(n, device=query.device)[None, None, :] <= rows[:, :, None]  # (B, q, keys)
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    else:
+        row_mask = mask.expand(batch, -1, -1, -1).gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, n))
+        scores = scores.masked_fill(~row_mask, float("-inf")) if row_mask.dtype == torch.bool else scores + row_mask
+    return scores.softmax(dim=-1).to(query.dtype)
+
+
+@functools.cache
+def _register_attention(base: str) -> str:
+    name = f"prunebench_{base}"
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        runtime = _ACTIVE.get()
+        if runtime is None or not runtime.active:
+            return _base_attention(base)(module, query, key, value, attention_mask, **kwargs)
+        return runtime.attend(base, module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    # Without a registered mask function, create_causal_mask hands layers no mask and padding is silently lost.
+    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[base])
+    return name
+
+
+@contextlib.contextmanager
+def prune(model, pruner: TokenPruner, sample_ids: list | None = None) -> Iterator[PruningRuntime]:
+    """Run `model` (a `LlavaForConditionalGeneration`) with `pruner` inside the block."""
+    with PruningRuntime(model, pruner, sample_ids) as runtime:
+        yield runtime

@@ -1,0 +1,172 @@
+"""The `TokenPruner` interface.
+
+A pruner says *what* to score, *when*, and *what to keep*; the runtime (`harness.runtime`) owns every tensor of
+bookkeeping: which tokens survive, their positions, the masks, the per-layer KV caches and the attention probes.
+
+During one prefill the runtime calls, for each decoder layer `l` in order:
+
+1. `select(l, state)`: a `Selection` to apply to the *input* of layer `l` (drop and/or merge vision tokens), or None;
+2. `probe(l, state)`: a `Probe` (attention rows of chosen queries, optionally the values) to record in layer `l`;
+3. `attention_edit(l, state)`: a function applied to layer `l`'s post-softmax attention probabilities, or None.
+
+Pre-LLM methods may also implement `reduce_image_features`, called on the vision features before the projector.
+Nothing is called during decoding: every method here prunes at prefill only (the KV-cache semantics of each reference
+fast path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from harness.runtime import PruneState
+
+Positions = Literal["original", "compact"]
+Convention = Literal["exact", "average"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, reported before any model is loaded."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`tokens` retained vision tokens under a `convention`.
+
+    - `exact`: `tokens` vision tokens enter every layer after the pruning point.
+    - `average`: T̄_in, the number of vision tokens entering each decoder layer averaged over all layers, equals
+      `tokens` (the convention of SparseVLM and PDrop).
+    """
+
+    tokens: int | None = None
+    convention: Convention = "exact"
+
+    @property
+    def label(self) -> str:
+        if self.tokens is None:
+            return "none"
+        return str(self.tokens) if self.convention == "exact" else f"{self.tokens}-average"
+
+    def keep_after(self, layer: int, num_vision: int, num_layers: int) -> int:
+        """Vision tokens to keep from decoder layer `layer` on (all layers before it see `num_vision`)."""
+        if self.tokens is None:
+            raise ConfigError("this method needs a budget: pass budget=64|128|192 or budget=custom budget.tokens=N")
+        if self.convention == "exact" or layer == 0:
+            return self.tokens
+        # T̄_in = (layer * V + (L - layer) * keep) / L  =>  keep = (N L - layer V) / (L - layer)
+        keep = round((self.tokens * num_layers - layer * num_vision) / (num_layers - layer))
+        if not 0 <= keep <= num_vision:
+            raise ConfigError(
+                f"budget {self.tokens} under the average convention is unreachable when pruning at layer {layer} "
+                f"of {num_layers} with {num_vision} vision tokens (it would keep {keep})"
+            )
+        return keep
+
+
+@dataclass
+class Selection:
+    """What survives into a layer.
+
+    keep: (B, k) indices into the *current* vision tokens (`state.vision_index`), the same k for every row.
+    merged: optional (B, m, d) new tokens placed right after the kept vision tokens of each row (they count as
+        vision tokens); `merged_positions` (B, m) gives their RoPE positions, required when positions are kept
+        original (in compact mode positions are renumbered anyway).
+    """
+
+    keep: torch.Tensor
+    merged: torch.Tensor | None = None
+    merged_positions: torch.Tensor | None = None
+
+
+@dataclass
+class Probe:
+    """Record softmax attention rows of `queries` ((B, q) indices into the current sequence) in one layer, averaged
+    over nothing: the result is (B, heads, q, keys). `values=True` also records the layer's value vectors
+    (B, heads, keys, head_dim), repeated over query-head groups."""
+
+    queries: torch.Tensor
+    values: bool = False
+
+
+AttentionEdit = Callable[[torch.Tensor, "PruneState"], torch.Tensor]
+
+
+@dataclass
+class TokenPruner:
+    """Base class: prunes nothing. Subclasses are dataclasses whose fields are the method's documented options."""
+
+    name: ClassVar[str] = "none"
+    #: whether the method reads `budget` (methods with data-dependent counts, like VisiPruner, do not)
+    uses_budget: ClassVar[bool] = False
+    #: whether a padded batch of several samples is supported (else the runtime refuses batch size > 1)
+    supports_batching: ClassVar[bool] = True
+    #: RoPE positions of surviving tokens: kept original (FastV) or renumbered contiguously (SparseVLM, PDrop)
+    positions: Positions = "original"
+
+    budget: Budget = dataclasses.field(default_factory=Budget, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("original", "compact"):
+            raise ConfigError(f"positions must be 'original' or 'compact', got {self.positions!r}")
+
+    def validate(self, num_vision: int, num_layers: int) -> None:
+        """Check options against a model's geometry, before it is loaded."""
+        if self.uses_budget and self.budget.tokens is None:
+            raise ConfigError(f"method {self.name} needs a budget: budget=64|128|192 or budget=custom budget.tokens=N")
+        if self.budget.tokens is not None and not 0 < self.budget.tokens <= num_vision:
+            raise ConfigError(
+                f"budget must be in 1..{num_vision} (the model's vision tokens), got {self.budget.tokens}")
+
+    def begin(self, state: PruneState) -> None:
+        """Called at the start of each prefill, once the vision tokens are located."""
+
+    def reduce_image_features(self, features: torch.Tensor, state: PruneState) -> torch.Tensor | None:
+        """Pre-LLM reduction of (images, V, d_vision) features before the projector; None leaves them alone."""
+        return None
+
+    def select(self, layer: int, state: PruneState) -> Selection | None:
+        return None
+
+    def probe(self, layer: int, state: PruneState) -> Probe | None:
+        return None
+
+    def attention_edit(self, layer: int, state: PruneState) -> AttentionEdit | None:
+        return None
+
+    def record(self, row: int) -> dict:
+        """Extra per-sample fields for `samples.jsonl` (row = index in the batch)."""
+        return {}
+
+
+@dataclass
+class ScorerPruner(TokenPruner):
+    """Keep the top-scoring vision tokens once, at the input of layer `k` (k=0: before the language model).
+
+    Subclasses write `score()`; the keep count comes from the run's budget (see `Budget.keep_after`).
+    FastV, PDrop-style single drops and random are all this with different scores.
+    """
+
+    uses_budget: ClassVar[bool] = True
+    k: int = 0
+
+    def validate(self, num_vision: int, num_layers: int) -> None:
+        super().validate(num_vision, num_layers)
+        if not 0 <= self.k < num_layers:
+            raise ConfigError(f"k must be in 0..{num_layers - 1} (the model's decoder layers), got {self.k}")
+        self.budget.keep_after(self.k, num_vision, num_layers)
+
+    def score(self, state: PruneState) -> torch.Tensor:
+        """(B, V) importance of each current vision token; higher is kept."""
+        raise NotImplementedError
+
+    def select(self, layer: int, state: PruneState) -> Selection | None:
+        if layer != self.k:
+            return None
+        keep = self.budget.keep_after(self.k, state.num_vision, state.num_layers)
+        top = self.score(state).topk(keep, dim=-1).indices
+        return Selection(keep=top.sort(dim=-1).values)
