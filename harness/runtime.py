@@ -101,7 +101,7 @@ class PruningRuntime:
         self.state: PruneState | None = None
         self.layers: list[LayerRecord] = []
         self.active = False  # pruning this prefill (False: no image tokens)
-        self.selection_seconds = 0.0
+        self.selection_seconds = 0.0  # inside the method's own code, accumulated while installed
         self._reduced_slots: int | None = None  # vision slots per image kept by a pre-LLM feature reduction
         self._image_slots = 0  # vision slots per image before that reduction
         self._full_len = 0
@@ -146,7 +146,7 @@ class PruningRuntime:
             raise ValueError("the pruning runtime needs input_ids to locate the vision tokens")
         is_vision = input_ids == self.image_token_id
         counts = is_vision.sum(dim=1)
-        self.layers, self.selection_seconds, self._reduced_slots = [], 0.0, None
+        self.layers = []
         self.active = bool(counts.any())
         if self.active and not bool((counts == counts[0]).all()):
             raise ValueError(f"every sample of a batch needs the same number of vision tokens, got {counts.tolist()}")
@@ -182,9 +182,8 @@ class PruningRuntime:
 
     # ------------------------------------------------------------------ pre-LLM feature reduction
     def _reduce_features(self, module, args):
-        if not self.active:
-            return None
-        reduced = self._timed(self.pruner.reduce_image_features, args[0], self.state)
+        # generate() may run the vision tower before the model call that starts the prefill: use no prefill state.
+        reduced = self._timed(self.pruner.reduce_image_features, args[0])
         if reduced is None:
             return None
         self._image_slots, self._reduced_slots = args[0].shape[1], reduced.shape[1]
@@ -222,6 +221,7 @@ class PruningRuntime:
         changed = False
         if layer == 0 and self._reduced_slots is not None:
             self._apply(self._reduced_slots_keep())
+            self._reduced_slots = None
             changed = True
         selection = self._timed(self.pruner.select, layer, state)
         if selection is not None:

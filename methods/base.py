@@ -125,8 +125,9 @@ class TokenPruner:
     def begin(self, state: PruneState) -> None:
         """Called at the start of each prefill, once the vision tokens are located."""
 
-    def reduce_image_features(self, features: torch.Tensor, state: PruneState) -> torch.Tensor | None:
-        """Pre-LLM reduction of (images, V, d_vision) features before the projector; None leaves them alone."""
+    def reduce_image_features(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Pre-LLM reduction of (images, V, d_vision) features before the projector, to (images, V', d_vision);
+        None leaves them alone. The runtime drops the V - V' freed slots before decoder layer 0."""
         return None
 
     def select(self, layer: int, state: PruneState) -> Selection | None:

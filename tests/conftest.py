@@ -1,0 +1,35 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from harness.models import LoadedModel, build_tiny  # noqa: E402
+
+torch.set_num_threads(2)
+TINY = dict(name="tiny", source="tiny", num_layers=4, num_vision_tokens=576, image_size=336, patch_size=14,
+            hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vision_hidden_size=32,
+            vision_layers=2, seed=0, dtype="float32", attn_implementation="sdpa")
+
+
+def tiny_model(**overrides) -> LoadedModel:
+    spec = OmegaConf.create({**TINY, **overrides})
+    model, processor = build_tiny(spec)
+    processor.tokenizer.padding_side = "left"
+    return LoadedModel("tiny", model, processor, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny() -> LoadedModel:
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def images() -> list[Image.Image]:
+    generator = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(2, 336, 336, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    return [Image.fromarray(p) for p in pixels]
