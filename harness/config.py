@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from methods import METHODS, Budget, ConfigError, TokenPruner
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("method", "model", "task", "budget")
+GROUPS = ("method", "model", "task")
 CONVENTIONS = ("exact", "average")
 
 
@@ -27,11 +27,11 @@ def method_options(cls: type[TokenPruner]) -> dict[str, dataclasses.Field]:
 
 
 def budget_of(cfg: DictConfig) -> Budget:
-    tokens, convention = cfg.budget.tokens, cfg.budget.convention
+    tokens, convention = cfg.budget, cfg.budget_convention
     if convention not in CONVENTIONS:
-        raise ConfigError(f"budget.convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+        raise ConfigError(f"budget_convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)):
-        raise ConfigError(f"budget.tokens must be a whole number of vision tokens, got {tokens!r}")
+        raise ConfigError(f"budget must be a whole number of vision tokens (or null), got {tokens!r}")
     return Budget(tokens, convention)
 
 
@@ -65,8 +65,6 @@ def validate(cfg: DictConfig) -> TokenPruner:
     for group in GROUPS:
         if group not in cfg:
             raise ConfigError(f"config group {group!r} is missing; choices: {', '.join(group_choices(group))}")
-    if OmegaConf.is_missing(cfg.budget, "tokens"):
-        raise ConfigError("budget=custom needs budget.tokens=N")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be a positive whole number, got {cfg.batch_size!r}")
     if cfg.model.get("dtype") not in ("auto", "float32", "float16", "bfloat16"):
@@ -103,7 +101,7 @@ def check_overrides(overrides: list[str]) -> None:
             key = override.key_or_group
             parent, _, leaf = key.rpartition(".")
             node = OmegaConf.select(base, parent) if parent else base
-            if not isinstance(node, DictConfig) or leaf not in node:
+            if not isinstance(node, DictConfig) or leaf not in node.keys():
                 raise ConfigError(_unknown_key_message(key, parent, node, base))
         cfg = compose("config", overrides=overrides)
     validate(cfg)

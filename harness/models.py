@@ -73,6 +73,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def checkpoint_dir(spec: DictConfig) -> Path:
     """The local directory of an `hf` model's checkpoint, or ModelNotAvailable saying how to get it."""
     path = os.path.expanduser(spec.path)
+    if path.startswith((os.sep, ".")) and not os.path.isdir(path):
+        raise ModelNotAvailable(f"model.path={path} does not exist; the weights of model '{spec.name}' are not on "
+                                f"this machine. Point model.path at a local checkpoint directory.")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelNotAvailable(f"model.path={path} has no config.json: it is not a Hugging Face checkpoint")

@@ -55,7 +55,7 @@ class Budget:
     def keep_after(self, layer: int, num_vision: int, num_layers: int) -> int:
         """Vision tokens to keep from decoder layer `layer` on (all layers before it see `num_vision`)."""
         if self.tokens is None:
-            raise ConfigError("this method needs a budget: pass budget=64|128|192 or budget=custom budget.tokens=N")
+            raise ConfigError("this method needs a budget: pass budget=N (e.g. 64, 128, 192)")
         if self.convention == "exact" or layer == 0:
             return self.tokens
         # T̄_in = (layer * V + (L - layer) * keep) / L  =>  keep = (N L - layer V) / (L - layer)
@@ -117,7 +117,7 @@ class TokenPruner:
     def validate(self, num_vision: int, num_layers: int) -> None:
         """Check options against a model's geometry, before it is loaded."""
         if self.uses_budget and self.budget.tokens is None:
-            raise ConfigError(f"method {self.name} needs a budget: budget=64|128|192 or budget=custom budget.tokens=N")
+            raise ConfigError(f"method {self.name} needs a budget: pass budget=N (e.g. 64, 128, 192)")
         if self.budget.tokens is not None and not 0 < self.budget.tokens <= num_vision:
             raise ConfigError(
                 f"budget must be in 1..{num_vision} (the model's vision tokens), got {self.budget.tokens}")

@@ -1,0 +1,85 @@
+"""End to end through `python -m harness`: results layout, skipping finished runs, resuming killed ones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from harness import run as run_module
+from harness.config import CONF_DIR
+from harness.tasks import Sample
+from methods import Budget, ConfigError, RandomPruner
+from tests.conftest import tiny_model
+
+RESULT_KEYS = {"method", "model", "task", "budget", "n_samples", "config", "metrics", "tokens", "cost"}
+COST_KEYS = {"prefill_ms", "decode_ms_per_token", "peak_memory_bytes", "kv_cache_bytes", "selection_ms"}
+
+
+def harness(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *overrides], capture_output=True, text=True, timeout=300)
+
+
+def test_run_writes_results_and_a_rerun_is_skipped(tmp_path):
+    args = ("method=random", "budget=64", "task.num_samples=3", f"output_dir={tmp_path}")
+    first = harness(*args)
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "tiny" / "synthetic" / "random" / "64"
+    result = json.loads((out / "result.json").read_text())
+    assert RESULT_KEYS <= set(result) and COST_KEYS <= set(result["cost"])
+    assert result["n_samples"] == 3 and result["budget"] == {"tokens": 64, "convention": "exact", "used": True}
+    assert result["tokens"]["per_layer"] == [64.0] * 4 and result["tokens"]["mean_vision_tokens"] == 64.0
+    assert result["config"]["method"] == {"name": "random", "k": 0, "seed": 0, "positions": "original"}
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["vision_tokens_per_layer"] for s in samples] == [[64] * 4] * 3
+    assert all(s["kv_cache_bytes"] > 0 and s["prefill_ms"] > 0 for s in samples)
+
+    second = harness(*args)
+    assert second.returncode == 0, second.stderr
+    assert "skipped" in second.stdout
+    assert json.loads((out / "result.json").read_text()) == result
+
+
+def config(tmp_path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"output_dir={tmp_path}", "task.num_samples=4", *overrides])
+
+
+def test_a_killed_run_resumes_without_redoing_finished_samples(tmp_path, monkeypatch):
+    cfg = config(tmp_path, "method=random", "budget=32")
+    out = run_module.run(cfg)
+    complete = (out / "samples.jsonl").read_text().splitlines()
+    # Simulate a kill after two samples, the third line half-written, no result.json yet.
+    (out / "result.json").unlink()
+    (out / "samples.jsonl").write_text("\n".join(complete[:2]) + "\n" + complete[2][:40])
+    evaluated = []
+    real = run_module.evaluate_batch
+    monkeypatch.setattr(run_module, "evaluate_batch",
+                        lambda loaded, pruner, batch, n: evaluated.extend(s.id for s in batch) or real(
+                            loaded, pruner, batch, n))
+    run_module.run(cfg)
+    assert evaluated == [json.loads(line)["id"] for line in complete[2:]]
+    lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == [json.loads(line)["id"] for line in complete]
+    assert [r["output"] for r in lines] == [json.loads(line)["output"] for line in complete]
+
+
+def test_a_different_config_in_the_same_directory_is_refused(tmp_path):
+    run_module.run(config(tmp_path, "method=random", "budget=32"))
+    with pytest.raises(ConfigError, match="force=true"):
+        run_module.run(config(tmp_path, "method=random", "budget=32", "method.seed=1"))
+    run_module.run(config(tmp_path, "method=random", "budget=32", "method.seed=1", "force=true"))
+
+
+@torch.no_grad()
+def test_a_prompt_without_an_image_runs_unpruned_and_says_so():
+    loaded = tiny_model()
+    sample = Sample("text-only", None, "What is two plus two?", "four", "text")
+    (record,) = run_module.evaluate_batch(loaded, RandomPruner(k=0, budget=Budget(64)), [sample], 4)
+    assert record["pruned"] is False
+    assert record["vision_tokens_per_layer"] == [0, 0, 0, 0]
+    assert "no image tokens" in record["note"]
