@@ -106,6 +106,7 @@ class PruningRuntime:
         self._image_slots = 0  # vision slots per image before that reduction
         self._full_len = 0
         self._full_valid: torch.Tensor | None = None
+        self._pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None  # set once the tokens differ from the input
         self._probe_request: tuple[int, Probe] | None = None
         self._edit = None
         self._handles: list = []
@@ -333,9 +334,7 @@ class PruningRuntime:
         base_fn = _base_attention(base)
         if (probe is None and edit is None) or query.shape[2] != key.shape[2]:
             return base_fn(module, query, key, value, attention_mask, **kwargs)
-        groups = query.shape[1] // key.shape[1]
-        keys = key.repeat_interleave(groups, dim=1)
-        values = value.repeat_interleave(groups, dim=1)
+        keys, values = _repeat_kv(key, query), _repeat_kv(value, query)  # views when there are no KV groups
         scaling = kwargs.get("scaling", module.scaling)
         if edit is None:
             output = base_fn(module, query, key, value, attention_mask, **kwargs)
@@ -358,6 +357,15 @@ class PruningRuntime:
     def vision_tokens_per_layer(self) -> torch.Tensor:
         """(B, L) vision tokens entering each decoder layer in the last prefill."""
         return torch.stack([record.vision_tokens for record in self.layers], dim=1)
+
+
+def _repeat_kv(states: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Key/value heads (B, H_kv, n, d) repeated to the query heads; without KV groups, the tensor itself (no copy)."""
+    batch, kv_heads, n, dim = states.shape
+    groups = query.shape[1] // kv_heads
+    if groups == 1:
+        return states
+    return states[:, :, None].expand(batch, kv_heads, groups, n, dim).reshape(batch, -1, n, dim)
 
 
 def _base_attention(base: str):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from harness.runtime import PruneState
 from methods.base import ScorerPruner
+
+if TYPE_CHECKING:
+    from harness.runtime import PruneState
 
 
 def sample_seed(seed: int, sample_id) -> int:

@@ -3,12 +3,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from PIL import Image  # noqa: E402
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
 
-from harness.models import LoadedModel, build_tiny  # noqa: E402
+from harness.models import LoadedModel, build_tiny
 
 torch.set_num_threads(2)
 TINY = dict(name="tiny", source="tiny", num_layers=4, num_vision_tokens=576, image_size=336, patch_size=14,

@@ -277,7 +277,8 @@ def test_attention_edit_runs_only_in_the_asked_layers(tiny, images):
         kwargs["attention_mask"] = causal[None, None] & ~vision[:, None, None, :]
         return args, kwargs
 
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in tiny.model.model.language_model.layers]
+    layers = tiny.model.model.language_model.layers
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
     try:
         reference = tiny.model(**inputs).logits
     finally:
