@@ -39,6 +39,7 @@ def build_pruner(cfg: DictConfig) -> TokenPruner:
     """The configured method, its options checked by name and type."""
     options = OmegaConf.to_container(cfg.method, resolve=True)
     name = options.pop("name", None)
+    options.pop("label", None)
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; valid choices: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
@@ -55,6 +56,8 @@ def build_pruner(cfg: DictConfig) -> TokenPruner:
 def _has_type(value, expected: type) -> bool:
     if isinstance(value, bool) and expected is not bool:
         return False
+    if expected is tuple:  # list options (e.g. VisiPruner's mode) arrive from YAML as lists
+        return isinstance(value, (list, tuple))
     return isinstance(value, (int, float) if expected is float else expected)
 
 

@@ -30,8 +30,9 @@ FLOPS_FIELDS = ("flops_total", "flops_attention", "flops_vision_attention")  # c
 
 
 def result_dir(cfg: DictConfig, pruner: TokenPruner) -> Path:
+    """`label` tells apart configs of one method (e.g. VisiPruner's ablations); budgets a method ignores are `none`."""
     budget = pruner.budget.label if pruner.uses_budget else "none"
-    return Path(cfg.output_dir) / cfg.model.name / cfg.task.name / cfg.method.name / budget
+    return Path(cfg.output_dir) / cfg.model.name / cfg.task.name / cfg.method.get("label", cfg.method.name) / budget
 
 
 def config_key(config: dict) -> str:
@@ -165,6 +166,12 @@ def _median(values: list) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _mean_of(records: list[dict], key: str) -> dict:
+    """Mean of a per-sample method number over the samples where it is defined (None: e.g. no filtering layer)."""
+    values = [r[key] for r in records if r.get(key) is not None]
+    return {"mean": statistics.fmean(values) if values else None, "defined": len(values), "of": len(records)}
+
+
 def summarize(records: list[dict], cfg: DictConfig, pruner: TokenPruner, config: dict, key: str) -> dict:
     by_category: dict[str, list[float]] = {}
     for r in records:
@@ -184,6 +191,7 @@ def summarize(records: list[dict], cfg: DictConfig, pruner: TokenPruner, config:
             "accuracy": statistics.fmean(r["score"] for r in records) if records else None,
             "accuracy_by_category": {c: statistics.fmean(s) for c, s in sorted(by_category.items())},
         },
+        "method_stats": {key: _mean_of(records, key) for key in pruner.record_keys},
         "tokens": {"per_layer": per_layer, "mean_vision_tokens": statistics.fmean(per_layer) if per_layer else None},
         "cost": {
             "prefill_ms": _median([r["prefill_ms"] for r in records]),

@@ -128,6 +128,9 @@ class PruningRuntime:
             self._handles.append(projector.register_forward_hook(self._pad_reduced_features))
         for layer in self.lm.layers:
             self._handles.append(layer.register_forward_pre_hook(self._before_layer, with_kwargs=True))
+        if type(self.pruner).cache_keep is not TokenPruner.cache_keep:
+            for layer in self.lm.layers:
+                self._handles.append(layer.register_forward_hook(self._evict_from_cache, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -244,6 +247,22 @@ class PruningRuntime:
         kwargs["position_embeddings"] = self._pos_emb
         kwargs["position_ids"] = state.positions
         return (state.hidden_states, *args[1:]), kwargs
+
+    def _evict_from_cache(self, module, args, kwargs, output):
+        layer = module.self_attn.layer_idx
+        cache = kwargs.get("past_key_values")
+        if not self.active or cache is None or len(self.layers) != layer + 1:  # not this prefill's layer
+            return None
+        keep = self._timed(self.pruner.cache_keep, layer, self.state)
+        if keep is None:
+            return None
+        cached = cache.layers[layer]
+        rows = torch.arange(keep.shape[0], device=keep.device)[:, None]
+        cached.keys = cached.keys.transpose(1, 2)[rows, keep].transpose(1, 2).contiguous()
+        cached.values = cached.values.transpose(1, 2)[rows, keep].transpose(1, 2).contiguous()
+        record = self.layers[layer]
+        record.orig_index, record.changed = record.orig_index.gather(1, keep), True
+        return None
 
     def _apply(self, selection: Selection) -> None:
         """Gather every per-token tensor of the state to the kept tokens (plus merged ones), in sequence order."""

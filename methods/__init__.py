@@ -2,7 +2,9 @@
 
 from methods.base import Budget, ConfigError, Probe, ScorerPruner, Selection, TokenPruner
 from methods.random import RandomPruner
+from methods.visipruner import VisiPruner
 
-METHODS: dict[str, type[TokenPruner]] = {cls.name: cls for cls in (TokenPruner, RandomPruner)}
+METHODS: dict[str, type[TokenPruner]] = {cls.name: cls for cls in (TokenPruner, RandomPruner, VisiPruner)}
 
-__all__ = ["METHODS", "Budget", "ConfigError", "Probe", "RandomPruner", "ScorerPruner", "Selection", "TokenPruner"]
+__all__ = ["METHODS", "Budget", "ConfigError", "Probe", "RandomPruner", "ScorerPruner", "Selection", "TokenPruner",
+           "VisiPruner"]

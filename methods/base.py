@@ -9,7 +9,8 @@ During one prefill the runtime calls, for each decoder layer `l` in order:
 2. `probe(l, state)`: a `Probe` (attention rows of chosen queries, optionally the values) to record in layer `l`;
 3. `attention_edit(l, state)`: a function applied to layer `l`'s post-softmax attention probabilities, or None.
 
-Pre-LLM methods may also implement `reduce_image_features`, called on the vision features before the projector.
+Pre-LLM methods may also implement `reduce_image_features`, called on the vision features before the projector, and a
+method may evict tokens from a layer's KV cache once that layer's prefill is done (`cache_keep`).
 Nothing is called during decoding: every method here prunes at prefill only (the KV-cache semantics of each reference
 fast path).
 """
@@ -105,6 +106,8 @@ class TokenPruner:
     uses_budget: ClassVar[bool] = False
     #: whether a padded batch of several samples is supported (else the runtime refuses batch size > 1)
     supports_batching: ClassVar[bool] = True
+    #: per-sample numbers from `record()` whose means go into result.json (`method_stats`)
+    record_keys: ClassVar[tuple[str, ...]] = ()
     #: RoPE positions of surviving tokens: kept original (FastV) or renumbered contiguously (SparseVLM, PDrop)
     positions: Positions = "original"
 
@@ -137,6 +140,11 @@ class TokenPruner:
         return None
 
     def attention_edit(self, layer: int, state: PruneState) -> AttentionEdit | None:
+        return None
+
+    def cache_keep(self, layer: int, state: PruneState) -> torch.Tensor | None:
+        """After layer `layer` ran its prefill: (B, k) indices of its current tokens whose K/V stay in that layer's
+        cache (the layer's own output is unaffected; decoding no longer sees the others). None keeps them all."""
         return None
 
     def record(self, row: int) -> dict:

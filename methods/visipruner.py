@@ -1,0 +1,169 @@
+"""VisiPruner (Fan et al., EMNLP 2025, arXiv 2510.17205), as its reference code (`EIT-NLP/VisiPruner`) behaves.
+
+Three stages over the decoder layers of one prefill (layer indices 0-based, S = `shallow_mid_layer`):
+
+1. **Shallow** (layers < S): post-softmax edits, no renormalisation. Layer 0, 7B rule: each text query's attention
+   mass on the image moves onto the first image patch (the sink) and all attention to vision keys from the image
+   onward is zeroed; 13B rule: vision->vision zeroed and text->first half of the image zeroed. Layers 1..S-1:
+   text->vision zeroed. (The code still computes full attention here: these edits change results, not cost.)
+2. **Middle** (layers > S, until found): for the last prompt token, the contribution of vision token j to the
+   attention output is c_j = concat_h(a_hj * v_hj) (pre-o_proj), O = sum over all keys. The first layer where some
+   cos(O - c_j, O) < `layer_threshold` is the filtering layer f; the tokens with ||(O - c_j) - O|| >
+   `tokens_threshold` are kept (possibly none) and the rest dropped from layer f+1, original positions kept.
+3. **Deep**: on each layer after f, if every kept token leaves cos >= `exit_threshold`, the layer counts; when the
+   count reaches `exit_after` (not necessarily consecutive), all vision tokens are dropped from the next layer on.
+
+KV caches stay as the reference leaves them: layers <= f hold all vision K/V (shallow ones included), layers f+1 ..
+exit-1 the kept ones, later layers none. Nothing is edited during decoding.
+
+`variant="paper"` applies the paper's text where the code differs (README, VisiPruner section): a random sink patch
+(seeded per sample), exit after `exit_after` *consecutive* qualifying layers, vision self-attention removed in every
+shallow layer, and shallow layers' vision K/V removed from the cache after prefill.
+
+Arithmetic: the reference computes contributions, cosines and norms in fp16. Cosines within ~1e-3 of 0.995/0.999
+and norms near 0.2 can flip with the dtype, which changes f, the kept set and the exit layer; `score_dtype="model"`
+(default) computes in the model's dtype (fp16 on GPU, like the reference), `float32`/`float16` force one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from methods.base import AttentionEdit, ConfigError, Probe, Selection, TokenPruner
+from methods.random import sample_seed
+
+if TYPE_CHECKING:
+    from harness.runtime import ProbeResult, PruneState
+
+STAGES = ("shallow", "middle", "deep")
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class VisiPruner(TokenPruner):
+    """Options: `mode` (subset of shallow/middle/deep), `shallow_mid_layer` S, `layer_threshold`,
+    `tokens_threshold`, `exit_threshold` (the code's hidden 0.999), `exit_after` (its hidden 2), `layer0_rule`
+    (`auto`: 13b for a 40-layer model, else 7b), `variant` (code|paper), `score_dtype` (model|float32|float16),
+    `seed` (paper variant's random sink)."""
+
+    name: ClassVar[str] = "visipruner"
+    supports_batching: ClassVar[bool] = False  # f, the kept set and the exit layer differ per sample
+    record_keys: ClassVar[tuple[str, ...]] = ("filter_layer", "kept_tokens", "exit_layer")
+
+    mode: tuple[str, ...] = STAGES
+    shallow_mid_layer: int = 6
+    layer_threshold: float = 0.995
+    tokens_threshold: float = 0.2
+    exit_threshold: float = 0.999
+    exit_after: int = 2
+    layer0_rule: str = "auto"
+    variant: str = "code"
+    score_dtype: str = "model"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.mode = tuple(self.mode)
+        if not self.mode or not set(self.mode) <= set(STAGES):
+            raise ConfigError(f"mode must be a non-empty subset of {', '.join(STAGES)}, got {list(self.mode)}")
+        for key in ("layer_threshold", "tokens_threshold", "exit_threshold"):  # the reference's validation
+            if not 0 < getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be in (0, 1), got {getattr(self, key)}")
+        choices = {"layer0_rule": ("auto", "7b", "13b"), "variant": ("code", "paper"),
+                   "score_dtype": ("model", *DTYPES)}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {getattr(self, key)!r}")
+        if self.exit_after < 1:
+            raise ConfigError(f"exit_after must be at least 1, got {self.exit_after}")
+
+    def validate(self, num_vision: int, num_layers: int) -> None:
+        super().validate(num_vision, num_layers)
+        if not 1 <= self.shallow_mid_layer < num_layers:
+            raise ConfigError(f"shallow_mid_layer must be in 1..{num_layers - 1}, got {self.shallow_mid_layer}")
+
+    # ------------------------------------------------------------------ per prefill
+    def begin(self, state: PruneState) -> None:
+        vision = state.vision_index[0]
+        self.vision_start, self.vision_end = int(vision[0]), int(vision[-1]) + 1
+        self.num_vision = vision.numel()
+        self.rule = self.layer0_rule if self.layer0_rule != "auto" else ("13b" if state.num_layers == 40 else "7b")
+        if self.variant == "paper":  # the paper's random sink patch, reproducible per sample
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, state.sample_ids[0]))
+            self.sink = int(torch.randint(self.num_vision, (1,), generator=generator))
+        else:
+            self.sink = 0  # the code always merges onto the first patch
+        self.filter_layer: int | None = None
+        self.kept: int | None = None
+        self.exit_layer: int | None = None
+        self.exit_count = 0
+
+    def record(self, row: int) -> dict:
+        return {"filter_layer": self.filter_layer, "kept_tokens": self.kept, "exit_layer": self.exit_layer}
+
+    # ------------------------------------------------------------------ stage 1: shallow edits
+    def attention_edit(self, layer: int, state: PruneState) -> AttentionEdit | None:
+        if "shallow" not in self.mode or layer >= self.shallow_mid_layer:
+            return None
+        return lambda probs, state: self._shallow_edit(layer, probs)
+
+    def _shallow_edit(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
+        v0, v1 = self.vision_start, self.vision_end
+        probs = probs.clone()
+        if layer == 0 and (self.rule == "7b" or self.variant == "paper"):
+            mass = probs[:, :, v1:, v0:v1].sum(dim=-1)  # each text query's attention on the whole image
+            probs[:, :, v0:, v0:v1] = 0  # vision and text queries lose all attention to vision keys ...
+            probs[:, :, v1:, v0 + self.sink] = mass  # ... and text queries put that mass on the sink patch
+        elif layer == 0:  # 13B rule
+            probs[:, :, v0:v1, v0:v1] = 0
+            probs[:, :, v1:, v0:v0 + self.num_vision // 2] = 0
+        else:
+            probs[:, :, v1:, v0:v1] = 0
+            if self.variant == "paper":
+                probs[:, :, v0:v1, v0:v1] = 0
+        return probs
+
+    # ------------------------------------------------------------------ stages 2 and 3: probes and drops
+    def probe(self, layer: int, state: PruneState) -> Probe | None:
+        middle = "middle" in self.mode and self.filter_layer is None and layer > self.shallow_mid_layer
+        deep = "deep" in self.mode and self.filter_layer is not None and self.exit_layer is None
+        return Probe(queries=state.last_query, values=True) if middle or deep else None
+
+    def select(self, layer: int, state: PruneState) -> Selection | None:
+        probe = state.probes.get(layer - 1)
+        if probe is None:
+            return None
+        vision = state.vision_index[0]
+        cosine, distance = self.contributions(probe, vision)
+        if self.filter_layer is None:
+            if not (cosine < self.layer_threshold).any():
+                return None
+            self.filter_layer = layer - 1
+            keep = (distance > self.tokens_threshold).nonzero()[:, 0]
+            self.kept = keep.numel()
+            return Selection(keep=keep[None])
+        qualifies = bool((cosine >= self.exit_threshold).all())  # no kept token: trivially true, as in the code
+        self.exit_count = self.exit_count + 1 if qualifies else (0 if self.variant == "paper" else self.exit_count)
+        if self.exit_count < self.exit_after:
+            return None
+        self.exit_layer = layer
+        return Selection(keep=vision.new_zeros(1, 0))
+
+    def contributions(self, probe: ProbeResult, vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos(O - c_j, O) and ||(O - c_j) - O|| for each vision token j, for the last prompt token (batch row 0)."""
+        weights, values = probe.attention[0, :, -1], probe.values[0]  # (H, n), (H, n, D)
+        if self.score_dtype != "model":
+            weights, values = weights.to(DTYPES[self.score_dtype]), values.to(DTYPES[self.score_dtype])
+        output = (weights[:, None, :] @ values)[:, 0].flatten()  # O: heads concatenated, before o_proj
+        contribution = (weights[:, vision, None] * values[:, vision]).transpose(0, 1).flatten(1)  # (V, H*D)
+        without = output[None] - contribution
+        return F.cosine_similarity(without, output[None], dim=-1), (without - output[None]).norm(dim=-1)
+
+    def cache_keep(self, layer: int, state: PruneState) -> torch.Tensor | None:
+        if self.variant != "paper" or "shallow" not in self.mode or layer >= self.shallow_mid_layer:
+            return None
+        return (~state.is_vision[0]).nonzero()[:, 0][None]  # the paper excludes shallow vision K/V from the cache
