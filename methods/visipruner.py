@@ -135,7 +135,7 @@ class VisiPruner(TokenPruner):
 
     def select(self, layer: int, state: PruneState) -> Selection | None:
         probe = state.probes.get(layer - 1)
-        if probe is None:
+        if probe is None or self.exit_layer is not None:
             return None
         vision = state.vision_index[0]
         cosine, distance = self.contributions(probe, vision)
