@@ -256,6 +256,10 @@ class PruningRuntime:
         keep = self._timed(self.pruner.cache_keep, layer, self.state)
         if keep is None:
             return None
+        if keep.shape[1] == 0:  # an empty cache would read as "prefill not run yet" at the next step
+            raise ValueError(f"cache_keep must leave layer {layer} at least one token")
+        if layer == 0 and not bool(self.state.valid.all()):  # the model sizes decode masks from layer 0's cache
+            raise ValueError("evicting from layer 0's cache is supported only without padding (batch size 1)")
         cached = cache.layers[layer]
         rows = torch.arange(keep.shape[0], device=keep.device)[:, None]
         cached.keys = cached.keys.transpose(1, 2)[rows, keep].transpose(1, 2).contiguous()
