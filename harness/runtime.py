@@ -22,13 +22,13 @@ import contextlib
 import contextvars
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
-from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from methods.base import ConfigError, Probe, Selection, TokenPruner
 
@@ -41,6 +41,15 @@ class ProbeResult:
     queries: torch.Tensor  # (B, q) current-sequence indices of the probed queries
     attention: torch.Tensor  # (B, H, q, keys) post-softmax probabilities, in the model's dtype
     values: torch.Tensor | None  # (B, H, keys, head_dim), key/value heads repeated to H
+
+
+@dataclass
+class VisionProbe:
+    """The vision tower's feature layer (the one LLaVA reads), for pre-LLM methods."""
+
+    hidden: torch.Tensor  # (images, 1 + patches, d_vision): the layer's output, CLS first
+    cls_attention: torch.Tensor  # (images, heads, 1 + patches): softmax attention of the CLS query
+    keys: torch.Tensor  # (images, heads, 1 + patches, head_dim): the layer's keys (k_proj output, per head)
 
 
 @dataclass
@@ -57,6 +66,11 @@ class PruneState:
     positions: torch.Tensor | None = None  # (B, n) RoPE position ids
     input_ids: torch.Tensor | None = None  # (B, N) the full prompt
     probes: dict[int, ProbeResult] = field(default_factory=dict)
+    #: `attention_preview(queries)`: (B, H, q, n) softmax rows that the *current* layer would compute for `queries`,
+    #: from its own input norm and q/k projections, before it runs (PDrop scores the next layer this way)
+    attention_preview: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: `rotary(positions)`: the model's RoPE (cos, sin), each (B, n, head_dim), at (B, n) position ids
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -104,6 +118,7 @@ class PruningRuntime:
         self.selection_seconds = 0.0  # inside the method's own code, accumulated while installed
         self._reduced_slots: int | None = None  # vision slots per image kept by a pre-LLM feature reduction
         self._image_slots = 0  # vision slots per image before that reduction
+        self._vision_probe: dict[str, torch.Tensor] = {}
         self._full_len = 0
         self._full_valid: torch.Tensor | None = None
         self._pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None  # set once the tokens differ from the input
@@ -126,6 +141,15 @@ class PruningRuntime:
             projector = self.llava.multi_modal_projector
             self._handles.append(projector.register_forward_pre_hook(self._reduce_features))
             self._handles.append(projector.register_forward_hook(self._pad_reduced_features))
+            if self.pruner.needs_vision_probe:
+                feature_layer = self.model.config.vision_feature_layer
+                if not isinstance(feature_layer, int):
+                    raise ConfigError("the vision probe needs a single vision_feature_layer")
+                tower = self.llava.vision_tower
+                encoder_layer = getattr(tower, "vision_model", tower).encoder.layers[feature_layer]
+                self._handles.append(encoder_layer.self_attn.register_forward_pre_hook(
+                    self._probe_vision_attention, with_kwargs=True))
+                self._handles.append(encoder_layer.register_forward_hook(self._probe_vision_output))
         for layer in self.lm.layers:
             self._handles.append(layer.register_forward_pre_hook(self._before_layer, with_kwargs=True))
         if type(self.pruner).cache_keep is not TokenPruner.cache_keep:
@@ -171,11 +195,15 @@ class PruningRuntime:
             valid=valid,
             positions=positions.expand(batch, -1),
             input_ids=input_ids,
+            rotary=self._rotary,
         )
         self._pos_emb = None
         if self.active:
             self._timed(self.pruner.begin, self.state)
         return None
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lm.rotary_emb(self.lm.embed_tokens.weight[:1], position_ids=positions)
 
     def _timed(self, fn, *args):
         start = time.perf_counter()
@@ -185,9 +213,23 @@ class PruningRuntime:
             self.selection_seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------------ pre-LLM feature reduction
+    def _probe_vision_attention(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        start = time.perf_counter()
+        shape = (*hidden.shape[:2], -1, module.head_dim)
+        queries = module.q_proj(hidden[:, :1]).view(hidden.shape[0], 1, -1, module.head_dim).transpose(1, 2)
+        keys = module.k_proj(hidden).view(shape).transpose(1, 2)
+        scores = (queries @ keys.transpose(-1, -2)).float() * module.scale
+        self._vision_probe = {"cls_attention": scores.softmax(-1).to(hidden.dtype)[:, :, 0], "keys": keys}
+        self.selection_seconds += time.perf_counter() - start
+
+    def _probe_vision_output(self, module, args, output):
+        self._vision_probe["hidden"] = output[0] if isinstance(output, tuple) else output
+
     def _reduce_features(self, module, args):
         # generate() may run the vision tower before the model call that starts the prefill: use no prefill state.
-        reduced = self._timed(self.pruner.reduce_image_features, args[0])
+        vision = VisionProbe(**self._vision_probe) if self.pruner.needs_vision_probe else None
+        reduced = self._timed(self.pruner.reduce_image_features, args[0], vision)
         if reduced is None:
             return None
         self._image_slots, self._reduced_slots = args[0].shape[1], reduced.shape[1]
@@ -222,6 +264,7 @@ class PruningRuntime:
         state.layer = layer
         hidden = args[0] if args else kwargs.pop("hidden_states")
         state.hidden_states = hidden
+        state.attention_preview = functools.partial(self._preview, module)
         changed = False
         if layer == 0 and self._reduced_slots is not None:
             self._apply(self._reduced_slots_keep())
@@ -247,6 +290,26 @@ class PruningRuntime:
         kwargs["position_embeddings"] = self._pos_emb
         kwargs["position_ids"] = state.positions
         return (state.hidden_states, *args[1:]), kwargs
+
+    def _preview(self, layer_module, queries: torch.Tensor) -> torch.Tensor:
+        """Softmax rows of `queries` that `layer_module` would compute on the current tokens, in fp32 like PDrop's
+        scoring: its input norm, q/k projections and RoPE at the current positions; causal and padding-masked."""
+        state, attention = self.state, layer_module.self_attn
+        start = time.perf_counter()
+        normed = layer_module.input_layernorm(state.hidden_states)
+        batch, n, _ = normed.shape
+        rows = torch.arange(batch, device=normed.device)[:, None]
+        query = attention.q_proj(normed[rows, queries]).view(batch, queries.shape[1], -1, attention.head_dim)
+        key = attention.k_proj(normed).view(batch, n, -1, attention.head_dim)
+        cos, sin = self.lm.rotary_emb(normed, position_ids=state.positions)
+        query, _ = apply_rotary_pos_emb(query.transpose(1, 2), query.transpose(1, 2), cos[rows, queries],
+                                        sin[rows, queries])
+        _, key = apply_rotary_pos_emb(key.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        scores = (query.float() @ _repeat_kv(key, query).float().transpose(-1, -2)) * attention.scaling
+        allowed = (torch.arange(n, device=normed.device)[None, None, :] <= queries[:, :, None]) & state.valid[:, None]
+        probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+        self.selection_seconds += time.perf_counter() - start
+        return probs
 
     def _evict_from_cache(self, module, args, kwargs, output):
         layer = module.self_attn.layer_idx

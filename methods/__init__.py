@@ -1,10 +1,16 @@
 """Token-pruning methods: one small file each, all on the `TokenPruner` interface of `methods.base`."""
 
 from methods.base import Budget, ConfigError, Probe, ScorerPruner, Selection, TokenPruner
+from methods.fastv import FastV
+from methods.pdrop import PDrop
 from methods.random import RandomPruner
+from methods.sparsevlm import SparseVLM
+from methods.visionzip import VisionZip
 from methods.visipruner import VisiPruner
 
-METHODS: dict[str, type[TokenPruner]] = {cls.name: cls for cls in (TokenPruner, RandomPruner, VisiPruner)}
+METHODS: dict[str, type[TokenPruner]] = {
+    cls.name: cls for cls in (TokenPruner, RandomPruner, FastV, SparseVLM, PDrop, VisionZip, VisiPruner)
+}
 
-__all__ = ["METHODS", "Budget", "ConfigError", "Probe", "RandomPruner", "ScorerPruner", "Selection", "TokenPruner",
-           "VisiPruner"]
+__all__ = ["METHODS", "Budget", "ConfigError", "FastV", "PDrop", "Probe", "RandomPruner", "ScorerPruner", "Selection",
+           "SparseVLM", "TokenPruner", "VisiPruner", "VisionZip"]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import torch
 
 if TYPE_CHECKING:
-    from harness.runtime import PruneState
+    from harness.runtime import PruneState, VisionProbe
 
 Positions = Literal["original", "compact"]
 Convention = Literal["exact", "average"]
@@ -106,6 +106,8 @@ class TokenPruner:
     uses_budget: ClassVar[bool] = False
     #: whether a padded batch of several samples is supported (else the runtime refuses batch size > 1)
     supports_batching: ClassVar[bool] = True
+    #: whether `reduce_image_features` needs the vision tower's CLS attention and keys (`VisionProbe`)
+    needs_vision_probe: ClassVar[bool] = False
     #: per-sample numbers from `record()` whose means go into result.json (`method_stats`)
     record_keys: ClassVar[tuple[str, ...]] = ()
     #: RoPE positions of surviving tokens: kept original (FastV) or renumbered contiguously (SparseVLM, PDrop)
@@ -128,9 +130,10 @@ class TokenPruner:
     def begin(self, state: PruneState) -> None:
         """Called at the start of each prefill, once the vision tokens are located."""
 
-    def reduce_image_features(self, features: torch.Tensor) -> torch.Tensor | None:
+    def reduce_image_features(self, features: torch.Tensor, vision: VisionProbe | None) -> torch.Tensor | None:
         """Pre-LLM reduction of (images, V, d_vision) features before the projector, to (images, V', d_vision);
-        None leaves them alone. The runtime drops the V - V' freed slots before decoder layer 0."""
+        None leaves them alone. The runtime drops the V - V' freed slots before decoder layer 0. `vision` holds the
+        feature layer's CLS attention, keys and full output when `needs_vision_probe` is set."""
         return None
 
     def select(self, layer: int, state: PruneState) -> Selection | None:
@@ -167,7 +170,11 @@ class ScorerPruner(TokenPruner):
         super().validate(num_vision, num_layers)
         if not 0 <= self.k < num_layers:
             raise ConfigError(f"k must be in 0..{num_layers - 1} (the model's decoder layers), got {self.k}")
-        self.budget.keep_after(self.k, num_vision, num_layers)
+        self.keep_count(num_vision, num_layers)
+
+    def keep_count(self, num_vision: int, num_layers: int) -> int:
+        """Vision tokens kept from layer k on."""
+        return self.budget.keep_after(self.k, num_vision, num_layers)
 
     def score(self, state: PruneState) -> torch.Tensor:
         """(B, V) importance of each current vision token; higher is kept."""
@@ -176,6 +183,19 @@ class ScorerPruner(TokenPruner):
     def select(self, layer: int, state: PruneState) -> Selection | None:
         if layer != self.k:
             return None
-        keep = self.budget.keep_after(self.k, state.num_vision, state.num_layers)
+        keep = self.keep_count(state.num_vision, state.num_layers)
         top = self.score(state).topk(keep, dim=-1).indices
         return Selection(keep=top.sort(dim=-1).values)
+
+
+def scale_layers(layers: list[int], num_layers: int, reference_layers: int = 32) -> list[int]:
+    """A schedule published for a `reference_layers`-deep model (LLaVA-1.5-7B), placed at the same relative depth of
+    a `num_layers`-deep one: identity at 32 layers; at other depths rounded, at least 1, strictly increasing."""
+    if num_layers == reference_layers:
+        return list(layers)
+    scaled: list[int] = []
+    for layer in layers:
+        scaled.append(max(round(layer * num_layers / reference_layers), 1, scaled[-1] + 1 if scaled else 1))
+    if scaled[-1] >= num_layers:
+        raise ConfigError(f"schedule {layers} does not fit a {num_layers}-layer model")
+    return scaled

@@ -32,10 +32,10 @@ def test_run_writes_results_and_a_rerun_is_skipped(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert RESULT_KEYS <= set(result) and COST_KEYS <= set(result["cost"])
     assert result["n_samples"] == 3 and result["budget"] == {"tokens": 64, "convention": "exact", "used": True}
-    assert result["tokens"]["per_layer"] == [64.0] * 8 and result["tokens"]["mean_vision_tokens"] == 64.0
+    assert result["tokens"]["per_layer"] == [64.0] * 16 and result["tokens"]["mean_vision_tokens"] == 64.0
     assert result["config"]["method"] == {"name": "random", "k": 0, "seed": 0, "positions": "original"}
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [s["vision_tokens_per_layer"] for s in samples] == [[64] * 8] * 3
+    assert [s["vision_tokens_per_layer"] for s in samples] == [[64] * 16] * 3
     assert all(s["kv_cache_bytes"] > 0 and s["prefill_ms"] > 0 for s in samples)
 
     second = harness(*args)

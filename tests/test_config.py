@@ -26,7 +26,7 @@ CASES = [
     (["method=random", "budget=abc"], "budget must be a whole number"),
     (["method=random", "budget=64", "budget_convention=median"], "budget_convention must be one of exact, average"),
     (["method=random"], "method random needs a budget"),
-    (["method=random", "budget=64", "method.k=8"], "k must be in 0..7"),
+    (["method=random", "budget=64", "method.k=16"], "k must be in 0..15"),
     (["method=random", "budget=64", "method.k=two"], "method random option k must be int"),
     (["method=random", "budget=64", "method.positions=shuffled"], "positions must be 'original' or 'compact'"),
     (["method=random", "budget=192", "budget_convention=average", "method.k=7"], "unreachable"),

@@ -22,12 +22,13 @@ def generate(model, inputs, **kw):
 
 
 @contextlib.contextmanager
-def hide_keys_from(model, layer_from: int, hidden: torch.Tensor):
-    """The attention-mask reference: keys at original indices `hidden` ((B, N) bool) are invisible to every query in
-    layers >= layer_from, prefill and decode; positions and everything else unchanged."""
+def hide_keys_from(model, hidden_per_layer: list[torch.Tensor | None]):
+    """The attention-mask reference: in layer l, keys at original indices `hidden_per_layer[l]` ((B, N) bool; None:
+    none) are invisible to every query, prefill and decode; positions and everything else unchanged."""
 
     def hook(module, args, kwargs):
-        if module.self_attn.layer_idx < layer_from:
+        hidden = hidden_per_layer[module.self_attn.layer_idx]
+        if hidden is None:
             return None
         h = args[0] if args else kwargs["hidden_states"]
         q = h.shape[1]
@@ -89,7 +90,7 @@ def test_physical_drop_equals_attention_mask_reference(tiny, images, k):
     assert int(is_image[kept].sum()) == 64 and int((~is_image[kept]).sum()) == int((~is_image).sum())
     hidden = torch.ones(1, n, dtype=torch.bool)
     hidden[0, kept] = False
-    with hide_keys_from(tiny.model, k, hidden):
+    with hide_keys_from(tiny.model, [None] * k + [hidden] * (4 - k)):
         reference = tiny.model(**inputs).logits
         reference_tokens, _ = generate(tiny.model, inputs)
     assert logits.shape[1] == kept.numel()
@@ -143,7 +144,7 @@ def test_padded_batch_equals_each_sample_alone(tiny, images, positions):
 class AverageAdjacentFeatures(TokenPruner):
     """A pre-LLM reduction for the test: mean of each pair of adjacent vision features (576 -> 288)."""
 
-    def reduce_image_features(self, features):
+    def reduce_image_features(self, features, vision):
         return features.view(features.shape[0], -1, 2, features.shape[-1]).mean(dim=2)
 
 
@@ -164,7 +165,7 @@ def test_pre_llm_reduction_equals_a_shorter_input(tiny, images):
              "pixel_values": inputs["pixel_values"]}
     projector = tiny.model.model.multi_modal_projector
     handle = projector.register_forward_pre_hook(
-        lambda module, args: (AverageAdjacentFeatures().reduce_image_features(args[0]),))
+        lambda module, args: (AverageAdjacentFeatures().reduce_image_features(args[0], None),))
     try:
         reference = tiny.model(**short).logits
         reference_tokens, _ = generate(tiny.model, short)

@@ -1,0 +1,79 @@
+"""VisionZip (Yang et al., CVPR 2025, arXiv 2412.04467), as its reference code (`dvlab-research/VisionZip`,
+`CLIPVisionTower_VisionZip.forward`) behaves.
+
+Pre-LLM and text-agnostic, on the vision tower's feature layer (the one LLaVA reads, index -2):
+1. **Dominant** tokens: CLS plus the `dominant - 1` patches that the CLS query attends to most (softmax attention
+   summed over heads), in their original order.
+2. **Contextual** tokens: the remaining tokens' keys (averaged over heads, L2-normalised) pick `contextual` targets
+   at a uniform stride; every other remaining token joins the target it is most similar to (cosine), and each
+   contextual token is target + mean of the tokens that joined it.
+The projector then sees exactly dominant + contextual tokens (CLS included), so the language model processes that
+many image tokens in every layer, at contiguous positions. Budgets: 192 = 162+30, 128 = 108+20, 64 = 54+10 (the
+reference's LLaVA-1.5 settings); other budgets need explicit `dominant` and `contextual`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from methods.base import ConfigError, TokenPruner
+
+if TYPE_CHECKING:
+    from harness.runtime import VisionProbe
+
+SETTINGS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
+
+
+@dataclass
+class VisionZip(TokenPruner):
+    """Options: `dominant` and `contextual` (null: from the budget), `positions` (compact: a shorter input)."""
+
+    name: ClassVar[str] = "visionzip"
+    needs_vision_probe: ClassVar[bool] = True
+    dominant: int | None = None
+    contextual: int | None = None
+    positions: str = "compact"
+
+    @property
+    def uses_budget(self) -> bool:  # explicit counts replace the budget
+        return self.dominant is None
+
+    def counts(self) -> tuple[int, int]:
+        if self.dominant is not None and self.contextual is not None:
+            return self.dominant, self.contextual
+        if self.budget.tokens not in SETTINGS:
+            raise ConfigError(f"VisionZip settings exist for budgets {', '.join(map(str, SETTINGS))}; for budget "
+                              f"{self.budget.tokens} set method.dominant and method.contextual")
+        return SETTINGS[self.budget.tokens]
+
+    def validate(self, num_vision: int, num_layers: int) -> None:
+        super().validate(num_vision, num_layers)
+        dominant, contextual = self.counts()
+        if dominant < 1 or contextual < 1 or dominant + contextual > num_vision:
+            raise ConfigError(f"dominant ({dominant}) + contextual ({contextual}) must be positive and at most "
+                              f"{num_vision}")
+
+    def reduce_image_features(self, features: torch.Tensor, vision: VisionProbe | None) -> torch.Tensor:
+        dominant, contextual = self.counts()
+        hidden, keys = vision.hidden, vision.keys.mean(dim=1)  # (images, N, d), (images, N, head_dim)
+        images, n, _ = hidden.shape
+        top = vision.cls_attention[:, :, 1:].sum(dim=1).topk(dominant - 1, dim=1).indices + 1
+        is_dominant = torch.zeros(images, n, dtype=torch.bool, device=hidden.device)
+        is_dominant[:, 0] = True
+        is_dominant.scatter_(1, top, True)
+        dominant_tokens = hidden[is_dominant].view(images, dominant, -1)
+        rest = hidden[~is_dominant].view(images, n - dominant, -1)
+        metric = keys[~is_dominant].view(images, n - dominant, -1)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+
+        step = max(1, metric.shape[1] // contextual)
+        is_target = torch.zeros(metric.shape[1], dtype=torch.bool, device=hidden.device)
+        is_target[torch.arange(0, metric.shape[1], step, device=hidden.device)[:contextual]] = True
+        similarity = metric[:, ~is_target] @ metric[:, is_target].transpose(1, 2)
+        assign = torch.zeros_like(similarity, dtype=hidden.dtype).scatter_(2, similarity.argmax(dim=2, keepdim=True), 1)
+        counts = assign.sum(dim=1).clamp(min=1)[..., None]
+        contextual_tokens = rest[:, is_target] + assign.transpose(1, 2) @ rest[:, ~is_target] / counts
+        return torch.cat([dominant_tokens, contextual_tokens], dim=1)
