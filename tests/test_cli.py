@@ -83,3 +83,15 @@ def test_a_prompt_without_an_image_runs_unpruned_and_says_so():
     assert record["pruned"] is False
     assert record["vision_tokens_per_layer"] == [0, 0, 0, 0]
     assert "no image tokens" in record["note"]
+
+
+def test_a_sweep_of_every_baseline_and_budget_completes_offline(tmp_path):
+    methods, budgets = ["fastv", "sparsevlm", "pdrop", "visionzip", "random"], ["192", "128", "64"]
+    proc = harness("-m", f"method={','.join(methods)}", f"budget={','.join(budgets)}", "model=tiny",
+                   "task.num_samples=2", f"output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "error" not in proc.stderr
+    for method in methods:
+        for budget in budgets:
+            result = json.loads((tmp_path / "tiny" / "synthetic" / method / budget / "result.json").read_text())
+            assert result["n_samples"] == 2 and result["tokens"]["mean_vision_tokens"] < 576
