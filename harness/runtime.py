@@ -121,6 +121,7 @@ class PruningRuntime:
         self._vision_probe: dict[str, torch.Tensor] = {}
         self._full_len = 0
         self._full_valid: torch.Tensor | None = None
+        self._decode_mask2d: torch.Tensor | None = None  # the 2-D attention mask of the current decode step
         self._pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None  # set once the tokens differ from the input
         self._probe_request: tuple[int, Probe] | None = None
         self._edit = None
@@ -167,8 +168,9 @@ class PruningRuntime:
     # ------------------------------------------------------------------ prefill start
     def _on_model_call(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
-        if cache is not None and cache.get_seq_length() > 0:
-            return None  # decode step
+        if cache is not None and cache.get_seq_length() > 0:  # decode step: keep the 2-D mask for `_decode_inputs`
+            self._decode_mask2d = kwargs.get("attention_mask")
+            return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("the pruning runtime needs input_ids to locate the vision tokens")
@@ -399,18 +401,27 @@ class PruningRuntime:
         if not record.changed:
             return None
         mask = kwargs.get("attention_mask")
-        if mask is not None:
-            batch = record.orig_index.shape[0]
-            full = mask.expand(batch, -1, -1, -1)
-            cached = full[..., : self._full_len].gather(
-                3, record.orig_index[:, None, None, :].expand(-1, full.shape[1], full.shape[2], -1))
-            kwargs["attention_mask"] = torch.cat([cached, full[..., self._full_len:]], dim=-1)
+        if mask is not None:  # padding: the model's mask is sized from layer 0's cache, so build this layer's own
+            kwargs["attention_mask"] = self._decode_mask(record, mask, args[0] if args else kwargs["hidden_states"])
         if record.position_shift.any():
             hidden = args[0] if args else kwargs["hidden_states"]
             positions = kwargs["position_ids"].expand(hidden.shape[0], -1) - record.position_shift[:, None]
             kwargs["position_ids"] = positions
             kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids=positions)
         return args, kwargs
+
+    def _decode_mask(self, record: LayerRecord, model_mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, 1, q, n_l + t) mask of a decode step over this layer's cache: its prefill tokens' padding validity
+        (merged tokens share a valid slot), then the decoded tokens, causal among the q new ones."""
+        mask2d = self._decode_mask2d.bool()
+        queries, decoded = hidden.shape[1], mask2d.shape[1] - self._full_len
+        cached = mask2d.gather(1, record.orig_index)[:, None, None, :].expand(-1, 1, queries, -1)
+        causal = torch.ones(queries, decoded, dtype=torch.bool, device=mask2d.device).tril(decoded - queries)
+        allowed = torch.cat([cached, mask2d[:, None, None, self._full_len:] & causal], dim=-1)
+        if model_mask.dtype == torch.bool:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=model_mask.dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(model_mask.dtype).min)
 
     # ------------------------------------------------------------------ attention
     def attend(self, base: str, module, query, key, value, attention_mask, **kwargs):

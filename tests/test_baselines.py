@@ -215,3 +215,20 @@ def test_fastv_mean_vision_tokens_under_both_conventions(llava_depth, images, co
     with prune(llava_depth.model, FastV(k=2, budget=Budget(192, convention))) as runtime:
         llava_depth.model(**inputs)
     assert statistics.fmean(runtime.vision_tokens_per_layer()[0].tolist()) == tbar
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("make", [lambda: FastV(k=2, budget=Budget(64)), lambda: PDrop(budget=Budget(128)),
+                                  lambda: VisionZip(budget=Budget(64))], ids=["fastv", "pdrop", "visionzip"])
+def test_batched_methods_give_each_sample_its_own_result(eight_layers, images, make):
+    questions = [QUESTION, "Describe the colours and the shapes you can see in this picture, please."]
+    inputs = eight_layers.inputs(images, questions)
+    with prune(eight_layers.model, make(), sample_ids=["a", "b"]):
+        batch_tokens, batch_logits = generate(eight_layers.model, inputs)
+    width = inputs["input_ids"].shape[1]
+    for row in range(2):
+        alone = eight_layers.inputs(images[row: row + 1], questions[row: row + 1])
+        with prune(eight_layers.model, make(), sample_ids=[["a", "b"][row]]):
+            tokens, logits = generate(eight_layers.model, alone)
+        assert torch.equal(batch_tokens[row, width:], tokens[0, alone["input_ids"].shape[1]:])
+        assert (batch_logits[row] - logits[0]).abs().max() <= 1e-4

@@ -124,12 +124,13 @@ def test_kv_cache_lengths_and_mean_vision_tokens(tiny, images):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("k", [0, 2])
 @pytest.mark.parametrize("positions", ["original", "compact"])
-def test_padded_batch_equals_each_sample_alone(tiny, images, positions):
+def test_padded_batch_equals_each_sample_alone(tiny, images, positions, k):
     questions = [QUESTION, "Describe the colours and the shapes you can see in this picture, please."]
     inputs = tiny.inputs(images, questions)
     assert (inputs["attention_mask"] == 0).any(), "the batch must be padded"
-    pruner = RandomPruner(k=2, budget=Budget(64), positions=positions)
+    pruner = RandomPruner(k=k, budget=Budget(64), positions=positions)
     with prune(tiny.model, pruner, sample_ids=["a", "b"]):
         batch_tokens, batch_logits = generate(tiny.model, inputs)
     width = inputs["input_ids"].shape[1]
