@@ -64,6 +64,7 @@ def _has_type(value, expected: type) -> bool:
 def validate(cfg: DictConfig) -> TokenPruner:
     """Everything that can be checked without loading a model; returns the configured pruner."""
     from harness import models
+    from harness.evaluate import check_task
 
     for group in GROUPS:
         if group not in cfg:
@@ -76,7 +77,17 @@ def validate(cfg: DictConfig) -> TokenPruner:
     pruner.validate(num_vision=cfg.model.num_vision_tokens, num_layers=cfg.model.num_layers)
     if cfg.model.source == "hf":
         models.checkpoint_dir(cfg.model)
+    check_task(cfg.task)
     return pruner
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The configuration `python -m harness <overrides>` would run (for the lmms-eval entry point and tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
 
 
 def check_overrides(overrides: list[str]) -> None:

@@ -13,14 +13,11 @@ import os
 import statistics
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
-from harness import models, tasks
 from harness.config import validate
-from harness.cost import ForwardTimer, peak_memory_bytes
-from harness.runtime import prune
+from harness.evaluate import Evaluation, evaluate
+from harness.lmms import Prunebench, write_record
 from methods.base import ConfigError, TokenPruner
 
 RESULT, SAMPLES, STARTED = "result.json", "samples.jsonl", "config.json"
@@ -49,8 +46,9 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_samples(path: Path) -> list[dict]:
-    """Complete lines of samples.jsonl; a line cut short by a killed run is dropped (and redone)."""
+def read_samples(path: Path, repair: bool = False) -> list[dict]:
+    """Complete lines of a samples file; a line cut short by a killed run is dropped (and redone). `repair` rewrites
+    the file without it, so that appends stay line-aligned (only for the file this process appends to)."""
     if not path.exists():
         return []
     records = []
@@ -60,14 +58,17 @@ def read_samples(path: Path) -> list[dict]:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 break
-    with open(path, "w") as f:  # rewrite without the torn tail so appends stay line-aligned
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    if repair:
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
     return records
 
 
 def run(cfg: DictConfig) -> Path:
     pruner = validate(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
+    if not pruner.uses_budget:  # a budget the method ignores changes nothing: one run serves every budget
+        config["budget"], config["budget_convention"] = None, "exact"
     key = config_key(config)
     out = result_dir(cfg, pruner)
     finished = out / RESULT
@@ -87,78 +88,40 @@ def run(cfg: DictConfig) -> Path:
             (out / name).unlink(missing_ok=True)
     write_json_atomic(started, {"config_key": key, "config": config})
 
-    samples = tasks.load_samples(cfg.task)
-    records = read_samples(out / SAMPLES)
-    done = {r["id"] for r in records}
-    todo = [s for s in samples if s.id not in done]
+    # Under `accelerate launch` each rank appends to its own shard; rank 0 merges them once lmms-eval has gathered.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    shard = out / (SAMPLES if world == 1 else f"samples.rank{rank}.jsonl")
+    done = {r["id"]: r for r in read_samples(shard, repair=True)}
+    for other in [out / SAMPLES, *out.glob("samples.rank*.jsonl")]:
+        if other != shard:
+            done.update((r["id"], r) for r in read_samples(other))
     if done:
-        print(f"resuming {out}: {len(done)} of {len(samples)} samples already done")
-    if todo:
-        loaded = models.load(cfg.model, cfg.device)
-        if loaded.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(loaded.device)
-        with open(out / SAMPLES, "a") as sink, tqdm(total=len(todo), desc=f"{cfg.method.name} {out.name}",
-                                                     unit="sample") as bar:
-            for batch in _batches(todo, cfg.batch_size):
-                for record in evaluate_batch(loaded, pruner, batch, cfg.task.max_new_tokens):
-                    record["peak_memory_bytes"] = peak_memory_bytes(loaded.device)
-                    sink.write(json.dumps(record) + "\n")
-                    records.append(record)
-                sink.flush()
-                os.fsync(sink.fileno())
-                bar.update(len(batch))
-    result = summarize(records, cfg, pruner, config, key)
+        print(f"resuming {out}: {len(done)} samples already done")
+    with open(shard, "a") as handle:
+        model = Prunebench.for_run(cfg, pruner, done, write_record(handle))
+        evaluation = evaluate(model, cfg.task)  # ranks other than 0 stop here
+    for other in out.glob("samples.rank*.jsonl"):
+        model.records.update((r["id"], r) for r in read_samples(other))
+    records = scored_records(model.records, evaluation)
+    with open(out / SAMPLES, "w") as handle:  # the same lines, now with each sample's score
+        handle.writelines(json.dumps(r) + "\n" for r in records)
+    for other in out.glob("samples.rank*.jsonl"):
+        other.unlink()
+    result = summarize(records, evaluation, cfg, pruner, config, key)
     write_json_atomic(finished, result)
     print(summary_line(result, out))
     return out
 
 
-def _batches(samples: list[tasks.Sample], size: int):
-    """Batches of up to `size`; a sample without an image always runs alone."""
-    batch = []
-    for sample in samples:
-        if sample.image is None:
-            yield [sample]
-            continue
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-@torch.no_grad()
-def evaluate_batch(loaded: models.LoadedModel, pruner: TokenPruner, batch: list[tasks.Sample],
-                   max_new_tokens: int) -> list[dict]:
-    images = [s.image for s in batch] if batch[0].image is not None else None
-    inputs = loaded.inputs(images, [s.question for s in batch])
-    with prune(loaded.model, pruner, sample_ids=[s.id for s in batch]) as runtime, \
-            ForwardTimer(loaded.model) as timer:
-        generated = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    outputs = loaded.decode(generated[:, inputs["input_ids"].shape[1]:])
-    per_layer = runtime.vision_tokens_per_layer().tolist() if runtime.active else [[0] * loaded.num_layers] * len(batch)
-    records = []
-    for row, (sample, output) in enumerate(zip(batch, outputs, strict=True)):
-        record = {
-            "id": sample.id, "category": sample.category, "question": sample.question, "answer": sample.answer,
-            "output": output, "score": tasks.score(output, sample.answer),
-            "pruned": runtime.active and pruner.name != "none",
-            "vision_tokens_per_layer": per_layer[row],
-            "mean_vision_tokens": sum(per_layer[row]) / len(per_layer[row]),
-            "prefill_ms": 1e3 * timer.prefill_seconds,
-            "decode_ms_per_token": 1e3 * timer.decode_seconds / timer.decode_steps if timer.decode_steps else None,
-            "kv_cache_bytes": timer.kv_bytes // len(batch),
-            "selection_ms": 1e3 * runtime.selection_seconds,
-            "batch_size": len(batch),
-        }
-        if not runtime.active:
-            record["note"] = "no image tokens in the prompt: ran unpruned"
-        elif pruner.budget.tokens is not None and not pruner.uses_budget:
-            record["note"] = f"method {pruner.name} has no token budget: budget {pruner.budget.label} ignored"
-        record.update(pruner.record(row) if runtime.active else {})
-        records.append(record)
-    return records
+def scored_records(records: dict[str, dict], evaluation: Evaluation) -> list[dict]:
+    """The run's records in task order, each with its score (the task's first metric, where it is per sample)."""
+    scored = []
+    for sample in evaluation.samples:
+        record = dict(records[f"{evaluation.task}/{sample['doc_id']}"])
+        value = sample.get(evaluation.primary_metric)
+        record["score"] = float(value) if isinstance(value, int | float) else None
+        scored.append(record)
+    return scored
 
 
 def _median(values: list) -> float | None:
@@ -172,14 +135,16 @@ def _mean_of(records: list[dict], key: str) -> dict:
     return {"mean": statistics.fmean(values) if values else None, "defined": len(values), "of": len(records)}
 
 
-def summarize(records: list[dict], cfg: DictConfig, pruner: TokenPruner, config: dict, key: str) -> dict:
+def summarize(records: list[dict], evaluation: Evaluation, cfg: DictConfig, pruner: TokenPruner, config: dict,
+              key: str) -> dict:
     by_category: dict[str, list[float]] = {}
     for r in records:
-        by_category.setdefault(r["category"], []).append(r["score"])
+        if r.get("category") is not None and r["score"] is not None:
+            by_category.setdefault(r["category"], []).append(r["score"])
     layers = len(records[0]["vision_tokens_per_layer"]) if records else 0
     per_layer = [statistics.fmean(r["vision_tokens_per_layer"][i] for r in records) for i in range(layers)]
     return {
-        "method": cfg.method.name,
+        "method": cfg.method.get("label", cfg.method.name),
         "model": cfg.model.name,
         "task": cfg.task.name,
         "budget": {"tokens": pruner.budget.tokens, "convention": pruner.budget.convention,
@@ -187,10 +152,10 @@ def summarize(records: list[dict], cfg: DictConfig, pruner: TokenPruner, config:
         "n_samples": len(records),
         "config_key": key,
         "config": config,
-        "metrics": {
-            "accuracy": statistics.fmean(r["score"] for r in records) if records else None,
-            "accuracy_by_category": {c: statistics.fmean(s) for c, s in sorted(by_category.items())},
-        },
+        "metrics": {**evaluation.metrics,
+                    "by_category": {c: statistics.fmean(s) for c, s in sorted(by_category.items())}},
+        "primary_metric": evaluation.primary_metric,
+        "higher_is_better": evaluation.higher_is_better,
         "method_stats": {key: _mean_of(records, key) for key in pruner.record_keys},
         "tokens": {"per_layer": per_layer, "mean_vision_tokens": statistics.fmean(per_layer) if per_layer else None},
         "cost": {
@@ -206,7 +171,8 @@ def summarize(records: list[dict], cfg: DictConfig, pruner: TokenPruner, config:
 
 def summary_line(result: dict, out: Path) -> str:
     metrics, tokens, cost = result["metrics"], result["tokens"], result["cost"]
-    categories = "  ".join(f"{c}={v:.3f}" for c, v in metrics["accuracy_by_category"].items())
+    categories = "  ".join(f"{c}={v:.3f}" for c, v in metrics["by_category"].items())
+    primary = result["primary_metric"]
     return (f"{result['method']} {result['model']} {result['task']} budget={out.name}: "
-            f"accuracy={metrics['accuracy']:.3f} ({categories})  T̄_in={tokens['mean_vision_tokens']:.1f}  "
-            f"prefill={cost['prefill_ms']:.1f} ms  -> {out}")
+            f"{primary}={metrics[primary]:.3f}{f' ({categories})' if categories else ''}  "
+            f"T̄_in={tokens['mean_vision_tokens']:.1f}  prefill={cost['prefill_ms']:.1f} ms  -> {out}")

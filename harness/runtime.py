@@ -357,9 +357,10 @@ class PruningRuntime:
             m = merged.shape[1]
             if selection.merged_positions is None and self.pruner.positions == "original":
                 raise ValueError("merged tokens need merged_positions when positions are kept original")
-            # Place merged tokens right after each row's last vision slot: sort by (slot key) over both sources.
-            vision_end = vision[:, -1:].to(torch.float64) + 0.5
-            keys = torch.cat([index.to(torch.float64), vision_end + torch.arange(m, device=hidden.device) / (m + 1)], 1)
+            # Place merged tokens right after each row's last vision slot: their sort keys lie strictly between that
+            # slot and the next token.
+            offsets = (1 + torch.arange(m, device=hidden.device, dtype=torch.float64)) / (m + 1)
+            keys = torch.cat([index.to(torch.float64), vision[:, -1:].to(torch.float64) + offsets], 1)
             order = keys.argsort(dim=1)
             last_slot = state.orig_index[batch_rows[:, 0], vision[:, -1]][:, None].expand(-1, m)
             merged_pos = (selection.merged_positions if selection.merged_positions is not None

@@ -1,7 +1,9 @@
-"""Tasks that drive runs without lmms-eval: the built-in synthetic task, and exact-match scoring.
+"""The synthetic visual-question task: a deterministic generator, its scoring, and its lmms-eval data file.
 
-`synthetic` draws, deterministically from a seed, 336x336 scenes of a few coloured shapes and asks one-word
-questions about them (the colour of a named shape, whether a shape is present, how many shapes there are).
+Scenes are drawn deterministically from a seed: 336x336 images of a few coloured shapes, with one-word questions
+about them (the colour of a named shape, whether a shape is present, how many shapes there are). The test split
+ships as `tasks/synthetic_vqa/test.parquet` (`python -m harness.tasks` rebuilds it) and runs through lmms-eval like
+every other task.
 """
 
 from __future__ import annotations
@@ -9,11 +11,9 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from omegaconf import DictConfig
 from PIL import Image, ImageDraw
-
-from methods.base import ConfigError
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
           "purple": (140, 60, 180), "orange": (240, 140, 30)}
@@ -80,8 +80,28 @@ def synthetic_samples(num_samples: int, seed: int) -> list[Sample]:
     return samples
 
 
-def load_samples(task: DictConfig) -> list[Sample]:
-    if task.source != "builtin" or task.name != "synthetic":
-        raise ConfigError(f"task {task.name!r} has no built-in loader; built-in tasks: synthetic")
-    samples = synthetic_samples(task.num_samples, task.seed)
-    return samples[: task.limit] if task.limit is not None else samples
+def write_parquet(samples: list[Sample], path: Path) -> None:
+    """The lmms-eval data file of a task: one row per question, the image as PNG bytes."""
+    import datasets
+
+    features = datasets.Features({"question_id": datasets.Value("string"), "image": datasets.Image(),
+                                  "question": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "category": datasets.Value("string")})
+    rows = {"question_id": [s.id for s in samples], "image": [s.image for s in samples],
+            "question": [s.question for s in samples], "answer": [s.answer for s in samples],
+            "category": [s.category for s in samples]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+
+
+if __name__ == "__main__":  # python -m harness.tasks: rebuild tasks/synthetic_vqa/test.parquet
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the synthetic task's test split (deterministic).")
+    parser.add_argument("--num-samples", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tasks" / "synthetic_vqa"
+                        / "test.parquet")
+    args = parser.parse_args()
+    write_parquet(synthetic_samples(args.num_samples, args.seed), args.out)
+    print(f"wrote {args.num_samples} questions to {args.out}")

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from harness import run as run_module
 from harness.config import CONF_DIR
-from harness.tasks import Sample
+from harness.lmms import Prunebench
 from methods import Budget, ConfigError, RandomPruner
 from tests.conftest import tiny_model
 
@@ -25,7 +25,7 @@ def harness(*overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_run_writes_results_and_a_rerun_is_skipped(tmp_path):
-    args = ("method=random", "budget=64", "task.num_samples=3", f"output_dir={tmp_path}")
+    args = ("method=random", "budget=64", "task.limit=3", f"output_dir={tmp_path}")
     first = harness(*args)
     assert first.returncode == 0, first.stderr
     out = tmp_path / "tiny" / "synthetic" / "random" / "64"
@@ -46,7 +46,7 @@ def test_run_writes_results_and_a_rerun_is_skipped(tmp_path):
 
 def config(tmp_path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"output_dir={tmp_path}", "task.num_samples=4", *overrides])
+        return compose("config", overrides=[f"output_dir={tmp_path}", "task.limit=4", *overrides])
 
 
 def test_a_killed_run_resumes_without_redoing_finished_samples(tmp_path, monkeypatch):
@@ -56,16 +56,16 @@ def test_a_killed_run_resumes_without_redoing_finished_samples(tmp_path, monkeyp
     # Simulate a kill after two samples, the third line half-written, no result.json yet.
     (out / "result.json").unlink()
     (out / "samples.jsonl").write_text("\n".join(complete[:2]) + "\n" + complete[2][:40])
-    evaluated = []
-    real = run_module.evaluate_batch
-    monkeypatch.setattr(run_module, "evaluate_batch",
-                        lambda loaded, pruner, batch, n: evaluated.extend(s.id for s in batch) or real(
-                            loaded, pruner, batch, n))
+    generated = []
+    real = Prunebench._generate
+    monkeypatch.setattr(Prunebench, "_generate",
+                        lambda self, batch: generated.extend(item[1] for item in batch) or real(self, batch))
     run_module.run(cfg)
-    assert evaluated == [json.loads(line)["id"] for line in complete[2:]]
+    assert generated == [json.loads(line)["id"] for line in complete[2:]]
     lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["id"] for r in lines] == [json.loads(line)["id"] for line in complete]
     assert [r["output"] for r in lines] == [json.loads(line)["output"] for line in complete]
+    assert json.loads((out / "result.json").read_text())["n_samples"] == 4
 
 
 def test_a_different_config_in_the_same_directory_is_refused(tmp_path):
@@ -76,10 +76,11 @@ def test_a_different_config_in_the_same_directory_is_refused(tmp_path):
 
 
 @torch.no_grad()
-def test_a_prompt_without_an_image_runs_unpruned_and_says_so():
-    loaded = tiny_model()
-    sample = Sample("text-only", None, "What is two plus two?", "four", "text")
-    (record,) = run_module.evaluate_batch(loaded, RandomPruner(k=0, budget=Budget(64)), [sample], 4)
+def test_a_prompt_without_an_image_runs_unpruned_and_says_so(tmp_path):
+    cfg = config(tmp_path, "method=random", "budget=64", "model.num_layers=4")
+    model = Prunebench.for_run(cfg, RandomPruner(k=0, budget=Budget(64)), {}, None)
+    model.loaded = tiny_model()
+    (record,) = model._generate([(0, "text/0", "What is two plus two?", {"max_new_tokens": 4}, [], {})])
     assert record["pruned"] is False
     assert record["vision_tokens_per_layer"] == [0, 0, 0, 0]
     assert "no image tokens" in record["note"]
@@ -88,7 +89,7 @@ def test_a_prompt_without_an_image_runs_unpruned_and_says_so():
 def test_a_sweep_of_every_baseline_and_budget_completes_offline(tmp_path):
     methods, budgets = ["fastv", "sparsevlm", "pdrop", "visionzip", "random"], ["192", "128", "64"]
     proc = harness("-m", f"method={','.join(methods)}", f"budget={','.join(budgets)}", "model=tiny",
-                   "task.num_samples=2", f"output_dir={tmp_path}")
+                   "task.limit=2", f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "error" not in proc.stderr
     for method in methods:

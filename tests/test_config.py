@@ -13,9 +13,12 @@ from harness.config import CONF_DIR, check_overrides
 from methods import ConfigError
 
 CASES = [
-    (["method=bogus"], "unknown method 'bogus'; valid choices: none, random"),
+    (["method=bogus"], "unknown method 'bogus'; valid choices: fastv, none, pdrop, random, sparsevlm, visionzip, "
+                       "visipruner"),
     (["model=llava70b"], "valid choices: llava13b, llava7b, tiny"),
-    (["task=gqa_full"], "unknown task 'gqa_full'; valid choices: synthetic"),
+    (["task=gqa_full"], "unknown task 'gqa_full'; valid choices: gqa, mmbench_en, mme, mmstar, pope, scienceqa_img, "
+                        "seedbench, synthetic, textvqa, vqav2"),
+    (["task=gqa"], "needs the dataset 'lmms-lab-encoder/GQA', which is not in this machine's Hugging Face cache"),
     (["bogus_key=1"], "unknown key 'bogus_key'; valid keys at the top level: batch_size, budget, budget_convention"),
     (["model.widht=3"], "unknown key 'model.widht'; valid keys under 'model'"),
     (["method=random", "budget=64", "method.bogus=1"], "unknown option 'bogus' for method random; valid options: k, "

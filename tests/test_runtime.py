@@ -200,7 +200,9 @@ def test_compact_positions_equal_a_shorter_input(tiny, images):
 
 
 class MergeRest(TokenPruner):
-    """Keeps the first 100 vision tokens at layer 2 and merges the other 476 into their mean."""
+    """Keeps the first 100 vision tokens at layer 2 and merges the other 476 into `groups` means."""
+
+    groups: int = 1
 
     def select(self, layer, state):
         if layer != 2:
@@ -208,7 +210,8 @@ class MergeRest(TokenPruner):
         vision = state.hidden_states.gather(
             1, state.vision_index[:, :, None].expand(-1, -1, state.hidden_states.shape[2]))
         keep = torch.arange(100).expand(state.batch_size, -1)
-        return Selection(keep=keep, merged=vision[:, 100:].mean(dim=1, keepdim=True))
+        merged = torch.stack([part.mean(dim=1) for part in vision[:, 100:].chunk(self.groups, dim=1)], dim=1)
+        return Selection(keep=keep, merged=merged)
 
 
 @torch.no_grad()
@@ -226,6 +229,20 @@ def test_merged_tokens_are_cached_and_batched(tiny, images):
         with prune(tiny.model, MergeRest(positions="compact")):
             tokens, _ = generate(tiny.model, alone)
         assert torch.equal(batch_tokens[row, n:], tokens[0, alone["input_ids"].shape[1]:])
+
+
+@torch.no_grad()
+def test_merged_tokens_sit_between_the_kept_vision_tokens_and_the_text(tiny, images):
+    inputs = tiny.inputs(images[:1], [QUESTION])
+    pruner = MergeRest(positions="compact")
+    pruner.groups = 7
+    with prune(tiny.model, pruner) as runtime:
+        tiny.model(**inputs)
+    order = runtime.layers[2].orig_index[0]
+    vision = runtime.state.is_vision[0]
+    first_vision = int(vision.nonzero()[0])
+    assert vision[first_vision: first_vision + 107].all() and int(vision.sum()) == 107  # 100 kept + 7 merged
+    assert bool((order[1:] >= order[:-1]).all())  # original order, merged tokens on their image's last slot
 
 
 class RecordLastRow(TokenPruner):

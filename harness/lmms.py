@@ -1,0 +1,178 @@
+"""prunebench as an lmms-eval model: any supported Hugging Face model with any pruner.
+
+The harness hands `simple_evaluate` an instance (`Prunebench.for_run`), which appends each finished sample's record
+(output, vision tokens per layer, latency, KV bytes, first-token distribution) to the run's samples.jsonl and
+returns stored outputs for samples a killed run already finished. lmms-eval's own CLI builds it from
+`--model prunebench --model_args model=llava7b,method=fastv,budget=128` (any other `key=value` is a Hydra override,
+e.g. `method.k=3`); the package declares the `lmms_eval.models` entry point for that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import GenerationResult, TokenCounts
+from lmms_eval.api.model import lmms
+from lmms_eval.models.registry_v2 import ModelManifest
+from tqdm import tqdm
+
+from harness import models
+from harness.cost import ForwardTimer, peak_memory_bytes
+from harness.runtime import prune
+from methods.base import TokenPruner
+
+FIRST_TOKEN_TOP_K = 64  # first-token log-probabilities kept per sample, for the loyalty KL
+
+
+class Prunebench(lmms):
+    is_simple = True
+
+    def __init__(self, model: str = "tiny", method: str = "none", budget: Any = None,
+                 budget_convention: str = "exact", device: str = "auto", batch_size: Any = 1, **overrides: Any):
+        """The lmms-eval CLI entry: Hydra choices and overrides as keyword arguments."""
+        from harness.config import compose, validate
+
+        choices = [f"model={model}", f"method={method}", f"budget={budget if budget is not None else 'null'}",
+                   f"budget_convention={budget_convention}", f"device={device}", f"batch_size={int(batch_size)}"]
+        cfg = compose([*choices, *(f"{key}={value}" for key, value in overrides.items())])
+        self._setup(cfg, validate(cfg), done={}, sink=None)
+
+    @classmethod
+    def for_run(cls, cfg, pruner: TokenPruner, done: dict[str, dict], sink: Callable[[dict], None]) -> Prunebench:
+        """The harness's instance: `done` maps sample ids to finished records, `sink` stores new ones."""
+        self = cls.__new__(cls)
+        self._setup(cfg, pruner, done, sink)
+        return self
+
+    def _setup(self, cfg, pruner: TokenPruner, done: dict[str, dict], sink) -> None:
+        super().__init__()
+        self.cfg, self.pruner, self.records, self.sink = cfg, pruner, dict(done), sink
+        self.loaded: models.LoadedModel | None = None  # loaded on the first sample that is not done yet
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: lmms-eval shards by RANK/WORLD_SIZE
+            self._rank, self._world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+    def __repr__(self) -> str:  # deterministic: lmms-eval's response cache keys on it
+        budget = self.pruner.budget.label if self.pruner.uses_budget else "none"
+        return f"prunebench(model={self.cfg.model.name},method={self.cfg.method.get('label', self.pruner.name)}," \
+               f"budget={budget})"
+
+    # ------------------------------------------------------------------ lmms-eval API
+    def generate_until(self, requests) -> list[GenerationResult]:
+        outputs: dict[int, GenerationResult] = {}
+        pending = []
+        for index, request in enumerate(requests):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args[:6]
+            sample_id = f"{task}/{doc_id}"
+            if sample_id in self.records:
+                outputs[index] = _result(self.records[sample_id])
+            else:
+                doc = self.task_dict[task][split][doc_id]
+                pending.append((index, sample_id, context, gen_kwargs, doc_to_visual(doc), doc))
+        with tqdm(total=len(pending), desc=repr(self), unit="sample", disable=not pending) as bar:
+            while pending:
+                batch = _same_shape(pending[: self.cfg.batch_size])
+                pending = pending[len(batch):]
+                for (index, *_), record in zip(batch, self._generate(batch), strict=True):
+                    self.records[record["id"]] = record
+                    if self.sink is not None:
+                        self.sink(record)
+                    outputs[index] = _result(record)
+                bar.update(len(batch))
+        return [outputs[i] for i in range(len(requests))]
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("prunebench evaluates generation tasks (output_type: generate_until) only")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("prunebench evaluates single-round generation tasks only")
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def _generate(self, batch: list) -> list[dict]:
+        if self.loaded is None:
+            self.loaded = models.load(self.cfg.model, self.cfg.device)
+            if self.loaded.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.loaded.device)
+        loaded, pruner = self.loaded, self.pruner
+        _, _, _, gen_kwargs, visuals, _ = batch[0]
+        images = [visual[0] for *_, visual, _ in batch] if visuals else None
+        inputs = loaded.inputs(images, [context for _, _, context, *_ in batch])
+        sampling = bool(gen_kwargs.get("do_sample")) and gen_kwargs.get("temperature", 0) > 0
+        options = {"max_new_tokens": gen_kwargs.get("max_new_tokens", 32), "do_sample": sampling}
+        if sampling:
+            options.update(temperature=gen_kwargs["temperature"], top_p=gen_kwargs.get("top_p") or 1.0)
+        with prune(loaded.model, pruner, sample_ids=[sample_id for _, sample_id, *_ in batch]) as runtime, \
+                ForwardTimer(loaded.model) as timer:
+            out = loaded.model.generate(**inputs, **options, return_dict_in_generate=True, output_logits=True)
+        prompt_len = inputs["input_ids"].shape[1]
+        generated = out.sequences[:, prompt_len:]
+        texts = [_cut(text, gen_kwargs.get("until")) for text in loaded.decode(generated)]
+        first = out.logits[0].float().log_softmax(dim=-1).topk(min(FIRST_TOKEN_TOP_K, out.logits[0].shape[-1]))
+        per_layer = runtime.vision_tokens_per_layer().tolist() if runtime.active else [[0] * loaded.num_layers] * len(
+            batch)
+        records = []
+        for row, (_, sample_id, _, _, _, doc) in enumerate(batch):
+            record = {
+                "id": sample_id, "category": doc.get("category"), "output": texts[row],
+                "output_tokens": int((generated[row] != loaded.processor.tokenizer.pad_token_id).sum()),
+                "first_token_top": {"ids": first.indices[row].tolist(),
+                                    "logprobs": [round(v, 5) for v in first.values[row].tolist()]},
+                "pruned": runtime.active and pruner.name != "none",
+                "vision_tokens_per_layer": per_layer[row],
+                "mean_vision_tokens": sum(per_layer[row]) / len(per_layer[row]),
+                "prefill_ms": 1e3 * timer.prefill_seconds,
+                "decode_ms_per_token": 1e3 * timer.decode_seconds / timer.decode_steps if timer.decode_steps else None,
+                "kv_cache_bytes": timer.kv_bytes // len(batch),
+                "selection_ms": 1e3 * runtime.selection_seconds,
+                "batch_size": len(batch),
+                "input_tokens": int(inputs["attention_mask"][row].sum()),
+                "peak_memory_bytes": peak_memory_bytes(loaded.device),
+            }
+            if not runtime.active:
+                record["note"] = "no image tokens in the prompt: ran unpruned"
+            elif pruner.budget.tokens is not None and not pruner.uses_budget:
+                record["note"] = f"method {pruner.name} has no token budget: budget {pruner.budget.label} ignored"
+            record.update(pruner.record(row) if runtime.active else {})
+            records.append(record)
+        return records
+
+
+def _same_shape(batch: list) -> list:
+    """The longest prefix of `batch` that can share one forward: same generation options, all with or all without
+    an image (a prompt without an image always runs alone)."""
+    if not batch[0][4]:
+        return batch[:1]
+    size = 1
+    while size < len(batch) and batch[size][3] == batch[0][3] and batch[size][4]:
+        size += 1
+    return batch[:size]
+
+
+def _cut(text: str, until) -> str:
+    for stop in [until] if isinstance(until, str) else (until or []):
+        if stop:
+            text = text.split(stop)[0]
+    return text.strip()
+
+
+def _result(record: dict) -> GenerationResult:
+    return GenerationResult(text=record["output"], token_counts=TokenCounts(
+        input_tokens=record.get("input_tokens"), output_tokens=record.get("output_tokens")))
+
+
+def write_record(handle) -> Callable[[dict], None]:
+    """A sink appending one JSON line per record and syncing it, so a killed run loses no finished sample."""
+
+    def sink(record: dict) -> None:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+    return sink
+
+
+manifest = ModelManifest(model_id="prunebench", simple_class_path="harness.lmms.Prunebench")
