@@ -23,6 +23,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from harness.tracking import log_leaderboard
+
 RESULT, SAMPLES = "result.json", "samples.jsonl"
 
 
@@ -117,15 +119,19 @@ COLUMNS = ["relative_accuracy", "mean_vision_tokens", "flops_ratio", "prefill_ms
            "first_token_kl"]
 
 
+def header(tasks: list[str]) -> list[str]:
+    return ["model", "method", "budget", *tasks, *COLUMNS]
+
+
 def write_tables(rows: list[dict], tasks: list[str], out: Path) -> tuple[Path, Path]:
-    header = ["model", "method", "budget", *tasks, *COLUMNS]
+    header_row = header(tasks)
     csv_path, md_path = out / "leaderboard.csv", out / "leaderboard.md"
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header)
+        writer = csv.DictWriter(f, fieldnames=header_row)
         writer.writeheader()
-        writer.writerows({k: row.get(k) for k in header} for row in rows)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(row.get(k)) for k in header) + " |" for row in rows]
+        writer.writerows({k: row.get(k) for k in header_row} for row in rows)
+    lines = ["| " + " | ".join(header_row) + " |", "|" + "---|" * len(header_row)]
+    lines += ["| " + " | ".join(_cell(row.get(k)) for k in header_row) + " |" for row in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, csv_path
 
@@ -168,18 +174,6 @@ def write_pareto(rows: list[dict], out: Path) -> Path:
     return path
 
 
-def log_to_wandb(rows: list[dict], tasks: list[str], pareto: Path, mode: str, project: str,
-                 entity: str | None, out: Path) -> None:
-    import wandb
-
-    header = ["model", "method", "budget", *tasks, *COLUMNS]
-    run = wandb.init(project=project, entity=entity, mode=mode, job_type="leaderboard", dir=str(out),
-                     name="leaderboard")
-    run.log({"leaderboard": wandb.Table(columns=header, data=[[row.get(k) for k in header] for row in rows]),
-             "pareto": wandb.Image(str(pareto))})
-    run.finish()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", nargs="?", type=Path, default=Path("results"))
@@ -198,7 +192,7 @@ def main() -> None:
     print(md.read_text())
     print(f"wrote {md}, {csv_path}, {pareto}")
     if args.wandb != "disabled":
-        log_to_wandb(rows, tasks, pareto, args.wandb, args.project, args.entity, args.results_dir)
+        log_leaderboard(header(tasks), rows, pareto, args.wandb, args.project, args.entity, args.results_dir)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from harness.config import validate
 from harness.evaluate import Evaluation, evaluate
 from harness.lmms import Prunebench, write_record
+from harness.tracking import log_run
 from methods.base import ConfigError, TokenPruner
 
 RESULT, SAMPLES, STARTED = "result.json", "samples.jsonl", "config.json"
 # Keys that change where or whether a run happens, not what it computes.
-NON_RESULT_KEYS = ("force", "output_dir")
+NON_RESULT_KEYS = ("force", "output_dir", "wandb")
 FLOPS_FIELDS = ("flops_total", "flops_attention", "flops_vision_attention")  # counted by the FLOPs accounting
 
 
@@ -109,6 +110,7 @@ def run(cfg: DictConfig) -> Path:
         other.unlink()
     result = summarize(records, evaluation, cfg, pruner, config, key)
     write_json_atomic(finished, result)
+    log_run(result, cfg, out)
     print(summary_line(result, out))
     return out
 

@@ -18,7 +18,7 @@ else
   "${PIP[@]}" install "torch==${TORCH_VERSION:-2.13.0}"
 fi
 "${PIP[@]}" install -c "$CONSTRAINTS" -e '.[test]' \
-  accelerate loguru sacrebleu evaluate pytz tenacity datasets
+  accelerate loguru sacrebleu evaluate pytz tenacity datasets pytablewriter
 "${PIP[@]}" install --no-deps lmms-eval==0.7.3
 if .venv/bin/python -c "import torchvision" 2>/dev/null; then
   echo "torchvision is installed in .venv; it breaks transformers image processors here: pip uninstall torchvision" >&2
