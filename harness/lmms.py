@@ -52,8 +52,11 @@ class Prunebench(lmms):
         super().__init__()
         self.cfg, self.pruner, self.records, self.sink = cfg, pruner, dict(done), sink
         self.loaded: models.LoadedModel | None = None  # loaded on the first sample that is not done yet
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: lmms-eval shards by RANK/WORLD_SIZE
-            self._rank, self._world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: lmms-eval shards requests by rank and
+            from accelerate import Accelerator  # gathers them over the process group that Accelerator sets up
+
+            accelerator = Accelerator()
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
 
     def __repr__(self) -> str:  # deterministic: lmms-eval's response cache keys on it
         budget = self.pruner.budget.label if self.pruner.uses_budget else "none"

@@ -59,8 +59,11 @@ class LoadedModel:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`: this process's GPU (LOCAL_RANK under `accelerate launch`), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
     return torch.device(name)
 
 
