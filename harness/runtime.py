@@ -34,6 +34,13 @@ from methods.base import ConfigError, Probe, Selection, TokenPruner
 
 SUPPORTED_BACKENDS = ("sdpa", "eager")
 _ACTIVE: contextvars.ContextVar[PruningRuntime | None] = contextvars.ContextVar("prunebench_runtime", default=None)
+_METHOD_WORK: contextvars.ContextVar[bool] = contextvars.ContextVar("prunebench_method_work", default=False)
+
+
+def in_method_work() -> bool:
+    """Whether the code running now is the method's own (selection, scoring, probes, edits): FLOP counters put it on
+    its own line."""
+    return _METHOD_WORK.get()
 
 
 @dataclass
@@ -178,10 +185,13 @@ class PruningRuntime:
         return None
 
     def _timed(self, fn, *args):
+        """Run the method's own code: its time goes to `selection_seconds`, and it is marked as method work."""
         start = time.perf_counter()
+        token = _METHOD_WORK.set(True)
         try:
             return fn(*args)
         finally:
+            _METHOD_WORK.reset(token)
             self.selection_seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------------ pre-LLM feature reduction
@@ -361,9 +371,8 @@ class PruningRuntime:
         scaling = kwargs.get("scaling", module.scaling)
         if edit is None:
             output = base_fn(module, query, key, value, attention_mask, **kwargs)
-            start = time.perf_counter()
-            self._store_probe(layer, probe, _softmax_rows(query, keys, attention_mask, scaling, probe.queries), values)
-            self.selection_seconds += time.perf_counter() - start
+            self._timed(lambda: self._store_probe(
+                layer, probe, _softmax_rows(query, keys, attention_mask, scaling, probe.queries), values))
             return output
         # An edited layer is computed explicitly (eager arithmetic); every other layer keeps the model's backend.
         probs = _softmax_rows(query, keys, attention_mask, scaling, rows=None)
