@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from harness import models, tasks
+from harness import flops, models, tasks
 from harness.config import validate
 from harness.cost import ForwardTimer, peak_memory_bytes
 from harness.runtime import prune
@@ -26,7 +26,6 @@ from methods.base import ConfigError, TokenPruner
 RESULT, SAMPLES, STARTED = "result.json", "samples.jsonl", "config.json"
 # Keys that change where or whether a run happens, not what it computes.
 NON_RESULT_KEYS = ("force", "output_dir")
-FLOPS_FIELDS = ("flops_total", "flops_attention", "flops_vision_attention")  # counted by the FLOPs accounting
 
 
 def result_dir(cfg: DictConfig, pruner: TokenPruner) -> Path:
@@ -100,7 +99,7 @@ def run(cfg: DictConfig) -> Path:
         with open(out / SAMPLES, "a") as sink, tqdm(total=len(todo), desc=f"{cfg.method.name} {out.name}",
                                                      unit="sample") as bar:
             for batch in _batches(todo, cfg.batch_size):
-                for record in evaluate_batch(loaded, pruner, batch, cfg.task.max_new_tokens):
+                for record in evaluate_batch(loaded, pruner, batch, cfg.task.max_new_tokens, cfg.flops):
                     record["peak_memory_bytes"] = peak_memory_bytes(loaded.device)
                     sink.write(json.dumps(record) + "\n")
                     records.append(record)
@@ -130,7 +129,7 @@ def _batches(samples: list[tasks.Sample], size: int):
 
 @torch.no_grad()
 def evaluate_batch(loaded: models.LoadedModel, pruner: TokenPruner, batch: list[tasks.Sample],
-                   max_new_tokens: int) -> list[dict]:
+                   max_new_tokens: int, flops_source: str = "projected") -> list[dict]:
     images = [s.image for s in batch] if batch[0].image is not None else None
     inputs = loaded.inputs(images, [s.question for s in batch])
     with prune(loaded.model, pruner, sample_ids=[s.id for s in batch]) as runtime, \
@@ -138,6 +137,13 @@ def evaluate_batch(loaded: models.LoadedModel, pruner: TokenPruner, batch: list[
         generated = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     outputs = loaded.decode(generated[:, inputs["input_ids"].shape[1]:])
     per_layer = runtime.vision_tokens_per_layer().tolist() if runtime.active else [[0] * loaded.num_layers] * len(batch)
+    method_fields = [pruner.record(row) if runtime.active else {} for row in range(len(batch))]
+    schedule = flops.executed_schedule(runtime, timer.decode_steps)
+    arch = flops.Architecture.from_config(loaded.model.config)
+    if flops_source == "counted":  # an untimed replay, after the timed run (whose method state is read above)
+        prefill, decode = flops.count_generation(loaded.model, pruner, inputs, [s.id for s in batch], max_new_tokens)
+    else:
+        prefill, decode = flops.project(arch, schedule)
     records = []
     for row, (sample, output) in enumerate(zip(batch, outputs, strict=True)):
         record = {
@@ -145,18 +151,21 @@ def evaluate_batch(loaded: models.LoadedModel, pruner: TokenPruner, batch: list[
             "output": output, "score": tasks.score(output, sample.answer),
             "pruned": runtime.active and pruner.name != "none",
             "vision_tokens_per_layer": per_layer[row],
+            "tokens_per_layer": schedule.tokens,
             "mean_vision_tokens": sum(per_layer[row]) / len(per_layer[row]),
             "prefill_ms": 1e3 * timer.prefill_seconds,
             "decode_ms_per_token": 1e3 * timer.decode_seconds / timer.decode_steps if timer.decode_steps else None,
             "kv_cache_bytes": timer.kv_bytes // len(batch),
             "selection_ms": 1e3 * runtime.selection_seconds,
             "batch_size": len(batch),
+            "decode_steps": timer.decode_steps,
+            "flops": flops.sample_record(prefill, decode, arch, per_layer[row]),
         }
         if not runtime.active:
             record["note"] = "no image tokens in the prompt: ran unpruned"
         elif pruner.budget.tokens is not None and not pruner.uses_budget:
             record["note"] = f"method {pruner.name} has no token budget: budget {pruner.budget.label} ignored"
-        record.update(pruner.record(row) if runtime.active else {})
+        record.update(method_fields[row])
         records.append(record)
     return records
 
@@ -199,7 +208,7 @@ def summarize(records: list[dict], cfg: DictConfig, pruner: TokenPruner, config:
             "peak_memory_bytes": max((r["peak_memory_bytes"] for r in records), default=None),
             "kv_cache_bytes": statistics.fmean(r["kv_cache_bytes"] for r in records) if records else None,
             "selection_ms": _median([r["selection_ms"] for r in records]),
-            **dict.fromkeys(FLOPS_FIELDS),
+            **flops.cost_fields(records, cfg.flops),
         },
     }
 

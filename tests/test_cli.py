@@ -59,8 +59,8 @@ def test_a_killed_run_resumes_without_redoing_finished_samples(tmp_path, monkeyp
     evaluated = []
     real = run_module.evaluate_batch
     monkeypatch.setattr(run_module, "evaluate_batch",
-                        lambda loaded, pruner, batch, n: evaluated.extend(s.id for s in batch) or real(
-                            loaded, pruner, batch, n))
+                        lambda loaded, pruner, batch, *args: evaluated.extend(s.id for s in batch) or real(
+                            loaded, pruner, batch, *args))
     run_module.run(cfg)
     assert evaluated == [json.loads(line)["id"] for line in complete[2:]]
     lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
