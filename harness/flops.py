@@ -10,7 +10,7 @@ convolution and every CLIP layer that runs: Hugging Face runs the whole tower al
 projector, language model per decoder layer (q/k/v/o projections, SwiGLU MLP, attention, and within attention the
 **vision-related** part: the query-key pairs where a vision token is the query or the key), lm_head, the method's own
 work (probes, scoring, selection: whatever runs as the method's code, see `harness.runtime.in_method_work`), and
-`other` (work no component owns: the RoPE tables' outer product).
+`other` (counted work outside these components; none in LLaVA-1.5, whose RoPE tables are element-wise).
 
 **Counted** (`FlopCounter`): torch's `FlopCounterMode` sees every aten op as it is dispatched, through generate(), the
 pruning runtime's hooks and the KV cache, on any device including `meta`. fvcore was the first candidate, and is not
@@ -30,7 +30,8 @@ Tests hold the projection to the counter on executed tiny models and on the 7B c
 report "FLOPs" of the language model's prefill over the vision tokens only, per layer 4nd² + 2n²d + 3ndm with n the
 vision tokens entering the layer, in multiply-adds (half our unit). Dense LLaVA-1.5-7B: 3.82 T.
 
-    python -m harness.flops model=llava7b method=fastv budget=128 [text_tokens=60] [decode_steps=0] [output=json]
+    python -m harness.flops model=llava7b method=random method.k=2 budget=128 [text_tokens=60] [decode_steps=0]
+        [output=json]
     python -m harness.flops model=llava7b method=visipruner results_dir=results/llava7b/<task>/visipruner/none
 """
 
