@@ -22,6 +22,11 @@ Methods: none; random at k=2 (FastV's pruning point) and at k=0 (before the lang
 when it is registered in `methods.METHODS`; budgets exact.
 
     python -m harness.bench [--model small|llava7b|llava13b] [--budgets 192 128 64] [--repeats 7] [--output PATH]
+        [--threads N] [--clock wall|process]
+
+On a CPU shared with other work, wall-clock ratios swing with the other processes' load (on the 2-core development
+box, realisation read 0.5-0.85 in wall time and 0.97-0.99 in process CPU time on one thread): `--threads 1
+--clock process` gives a stable CPU number.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -92,14 +98,14 @@ def configurations(budgets: list[int]) -> dict[str, TokenPruner]:
     return pruners
 
 
-def _timed(device: torch.device, run) -> float:
+def _timed(device: torch.device, run, clock: Callable[[], float]) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _prefill(model, inputs: dict):
@@ -117,17 +123,19 @@ def counted(model, inputs: dict, pruner: TokenPruner) -> dict:
             "kv_cache_bytes": kv_cache_bytes(output.past_key_values)}
 
 
-def timed(model, inputs: dict, pruner: TokenPruner | None) -> tuple[float, float]:
+def timed(model, inputs: dict, pruner: TokenPruner | None, clock: Callable[[], float]) -> tuple[float, float]:
     """(seconds, seconds inside the method's code) of one prefill; None: the vision tower and projector alone."""
     if pruner is None:
-        return _timed(model.device, lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"])), 0
+        vision = model.model.get_image_features
+        return _timed(model.device, lambda: vision(pixel_values=inputs["pixel_values"]), clock), 0
     with prune(model, pruner, sample_ids=[0]) as runtime:
-        seconds = _timed(model.device, lambda: _prefill(model, inputs))
+        seconds = _timed(model.device, lambda: _prefill(model, inputs), clock)
     return seconds, runtime.selection_seconds
 
 
 @torch.no_grad()
-def measure(model, inputs: dict, pruners: dict[str, TokenPruner], repeats: int) -> dict[str, dict]:
+def measure(model, inputs: dict, pruners: dict[str, TokenPruner], repeats: int,
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, dict]:
     """Rows per configuration, plus `VISION_ONLY`: the part no method prunes, timed alone, to show its share."""
     rows = {name: counted(model, inputs, pruner) for name, pruner in pruners.items()}
     dense = rows["none"]
@@ -137,7 +145,7 @@ def measure(model, inputs: dict, pruners: dict[str, TokenPruner], repeats: int) 
     names = list(jobs)
     for round_ in range(repeats + 1):  # round 0 warms up
         for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-            seconds = timed(model, inputs, jobs[name])
+            seconds = timed(model, inputs, jobs[name], clock)
             if round_:
                 samples[name].append(seconds)
     dense_seconds = statistics.median(t for t, _ in samples["none"])
@@ -171,19 +179,29 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64])
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds after the warm-up round")
     parser.add_argument("--text-tokens", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: torch's")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: this process's CPU time instead of wall time for the prefills, for a CPU "
+                             "shared with other work (less sensitive to it; not a latency; the method's own time "
+                             "stays wall-clock, as the runtime measures it)")
     parser.add_argument("--output", type=Path, default=None, help="default: results/bench/<model>-<device>.json")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    if args.clock == "process" and device.type == "cuda":
+        parser.error("--clock process measures CPU time; GPU kernels run asynchronously, use wall time")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     name = args.model or ("llava7b" if device.type == "cuda" else "small")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = build(name, device, dtype)
     inputs = prompt_inputs(model, args.text_tokens)
-    rows = measure(model, inputs, configurations(args.budgets), args.repeats)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    rows = measure(model, inputs, configurations(args.budgets), args.repeats, clock)
     text = model.config.text_config
     setup = {"model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
              "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
              "layers": text.num_hidden_layers, "hidden": text.hidden_size,
-             "prompt_tokens": inputs["input_ids"].shape[1], "repeats": args.repeats}
+             "prompt_tokens": inputs["input_ids"].shape[1], "repeats": args.repeats, "clock": args.clock}
     print(", ".join(f"{k}={v}" for k, v in setup.items()) + "; medians; realisation = (1 - time ratio) / "
           "(1 - FLOPs ratio), whole prefill")
     print(format_table(rows))

@@ -381,12 +381,13 @@ def executed_schedule(runtime: PruningRuntime, decode_steps: int) -> Schedule:
 # ---------------------------------------------------------------------------------------------------- runs
 @torch.no_grad()
 def count_generation(model, pruner: TokenPruner, inputs: dict, sample_ids: list,
-                     max_new_tokens: int) -> tuple[PhaseFlops, PhaseFlops]:
-    """Replay a batch's greedy generation under the counter: (prefill, decode) FLOPs per sample."""
+                     **generate_options) -> tuple[PhaseFlops, PhaseFlops]:
+    """Replay a batch's generation (the timed run's `generate_options`) under the counter: (prefill, decode) FLOPs
+    per sample."""
     from harness.runtime import prune
 
     with prune(model, pruner, sample_ids) as runtime, FlopCounter(model, runtime) as counter:
-        model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        model.generate(**inputs, **generate_options)
     rows = inputs["input_ids"].shape[0]
     return counter.prefill.scaled(1 / rows), counter.decode.scaled(1 / rows)
 

@@ -141,7 +141,8 @@ def evaluate_batch(loaded: models.LoadedModel, pruner: TokenPruner, batch: list[
     schedule = flops.executed_schedule(runtime, timer.decode_steps)
     arch = flops.Architecture.from_config(loaded.model.config)
     if flops_source == "counted":  # an untimed replay, after the timed run (whose method state is read above)
-        prefill, decode = flops.count_generation(loaded.model, pruner, inputs, [s.id for s in batch], max_new_tokens)
+        prefill, decode = flops.count_generation(loaded.model, pruner, inputs, [s.id for s in batch],
+                                                 max_new_tokens=max_new_tokens, do_sample=False)
     else:
         prefill, decode = flops.project(arch, schedule)
     records = []

@@ -19,6 +19,7 @@ from harness.flops import (
     FlopCounter,
     PhaseFlops,
     Schedule,
+    count_generation,
     executed_schedule,
     parse_args,
     project,
@@ -197,3 +198,16 @@ def test_bench_measures_ratios_on_a_random_model_from_the_shipped_config():
     unpruned = rows[bench.VISION_ONLY]
     arch = Architecture.from_config(config)
     assert unpruned["flops"] == arch.vision_encoder() + arch.projector(576) and unpruned["realisation"] is None
+
+
+def test_a_runs_counted_replay_equals_its_projection(tiny, images):
+    """`flops=counted` replays the timed generation under the counter: the same FLOPs as the projection."""
+    inputs = tiny.inputs(images[:1], QUESTIONS[:1])
+    pruner = RandomPruner(k=2, budget=Budget(64))
+    with torch.no_grad(), prune(tiny.model, pruner, sample_ids=["s"]) as runtime, ForwardTimer(tiny.model) as timer:
+        tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    projected = project(Architecture.from_config(tiny.model.config), executed_schedule(runtime, timer.decode_steps))
+    counted = count_generation(tiny.model, pruner, inputs, ["s"], max_new_tokens=NEW_TOKENS, do_sample=False)
+    for phase_counted, phase_projected in zip(counted, projected, strict=True):
+        assert_equal_flops(phase_counted, phase_projected)
+    assert projected[1].lm_head == 2 * timer.decode_steps * 64 * tiny.model.config.text_config.vocab_size
