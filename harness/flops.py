@@ -475,12 +475,16 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
 def report(options: dict, overrides: list[str]) -> dict:
     """Dense and pruned projections of a full-size (or tiny) model config, side by side."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
     from harness.config import CONF_DIR, build_pruner
     from harness.models import model_config
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    except HydraException as error:
+        raise ConfigError(f"{error} (this command's own options: {', '.join(OPTIONS)})") from error
     pruner = build_pruner(cfg)
     arch = Architecture.from_config(model_config(cfg.model))
     pruner.validate(arch.image_features, arch.layers)
