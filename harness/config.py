@@ -15,6 +15,7 @@ from methods import METHODS, Budget, ConfigError, TokenPruner
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("method", "model", "task")
 CONVENTIONS = ("exact", "average")
+FLOPS_SOURCES = ("projected", "counted")
 
 
 def group_choices(group: str) -> list[str]:
@@ -71,6 +72,8 @@ def validate(cfg: DictConfig) -> TokenPruner:
             raise ConfigError(f"config group {group!r} is missing; choices: {', '.join(group_choices(group))}")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be a positive whole number, got {cfg.batch_size!r}")
+    if cfg.get("flops") not in FLOPS_SOURCES:
+        raise ConfigError(f"flops must be one of {', '.join(FLOPS_SOURCES)}, got {cfg.get('flops')!r}")
     if cfg.model.get("dtype") not in ("auto", "float32", "float16", "bfloat16"):
         raise ConfigError(f"model.dtype must be auto, float32, float16 or bfloat16, got {cfg.model.get('dtype')!r}")
     pruner = build_pruner(cfg)

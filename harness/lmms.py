@@ -20,7 +20,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
 
-from harness import models
+from harness import flops, models
 from harness.cost import ForwardTimer, peak_memory_bytes
 from harness.runtime import prune
 from methods.base import TokenPruner
@@ -111,6 +111,14 @@ class Prunebench(lmms):
         with prune(loaded.model, pruner, sample_ids=[sample_id for _, sample_id, *_ in batch]) as runtime, \
                 ForwardTimer(loaded.model) as timer:
             out = loaded.model.generate(**inputs, **options, return_dict_in_generate=True, output_logits=True)
+        method_fields = [pruner.record(row) if runtime.active else {} for row in range(len(batch))]
+        schedule = flops.executed_schedule(runtime, timer.decode_steps)
+        architecture = flops.Architecture.from_config(loaded.model.config)
+        if self.cfg.flops == "counted":  # an untimed replay, after the timed run (whose method state is read above)
+            prefill, decode = flops.count_generation(loaded.model, pruner, inputs, [item[1] for item in batch],
+                                                     **options)
+        else:
+            prefill, decode = flops.project(architecture, schedule)
         prompt_len = inputs["input_ids"].shape[1]
         generated = out.sequences[:, prompt_len:]
         texts = [_cut(text, gen_kwargs.get("until")) for text in loaded.decode(generated)]
@@ -126,12 +134,15 @@ class Prunebench(lmms):
                                     "logprobs": [round(v, 5) for v in first.values[row].tolist()]},
                 "pruned": runtime.active and pruner.name != "none",
                 "vision_tokens_per_layer": per_layer[row],
+                "tokens_per_layer": schedule.tokens,
                 "mean_vision_tokens": sum(per_layer[row]) / len(per_layer[row]),
                 "prefill_ms": 1e3 * timer.prefill_seconds,
                 "decode_ms_per_token": 1e3 * timer.decode_seconds / timer.decode_steps if timer.decode_steps else None,
                 "kv_cache_bytes": timer.kv_bytes // len(batch),
                 "selection_ms": 1e3 * runtime.selection_seconds,
                 "batch_size": len(batch),
+                "decode_steps": timer.decode_steps,
+                "flops": flops.sample_record(prefill, decode, architecture, per_layer[row]),
                 "input_tokens": int(inputs["attention_mask"][row].sum()),
                 "peak_memory_bytes": peak_memory_bytes(loaded.device),
             }
@@ -139,7 +150,7 @@ class Prunebench(lmms):
                 record["note"] = "no image tokens in the prompt: ran unpruned"
             elif pruner.budget.tokens is not None and not pruner.uses_budget:
                 record["note"] = f"method {pruner.name} has no token budget: budget {pruner.budget.label} ignored"
-            record.update(pruner.record(row) if runtime.active else {})
+            record.update(method_fields[row])
             records.append(record)
         return records
 

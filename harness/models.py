@@ -20,6 +20,8 @@ from PIL import Image
 from methods.base import ConfigError
 
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+# The llava-hf configs of LLaVA-1.5-7B/13B (no weights), for FLOP projections and random-weight benchmarks.
+MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -93,6 +95,22 @@ def checkpoint_dir(spec: DictConfig) -> Path:
         f"  Download them once with:  huggingface-cli download {path}\n"
         f"  or point to a local copy:  model.path=/path/to/checkpoint  (a directory with config.json and weights)"
     )
+
+
+def model_config(spec: DictConfig):
+    """The model's `LlavaConfig` without its weights: a tiny model's own, the config.json of a local checkpoint
+    directory, or the shipped copy of a Hub checkpoint's (`model_configs/<repo name>.json`)."""
+    from transformers import LlavaConfig
+
+    if spec.source == "tiny":
+        return build_tiny(spec)[0].config
+    path = Path(os.path.expanduser(spec.path))
+    for candidate in (path / "config.json", MODEL_CONFIGS / f"{path.name}.json"):
+        if candidate.is_file():
+            return LlavaConfig.from_json_file(candidate)
+    shipped = ", ".join(sorted(p.stem for p in MODEL_CONFIGS.glob("*.json")))
+    raise ModelNotAvailable(f"no config for model '{spec.name}' ({spec.path}): not a local checkpoint directory, and "
+                            f"not one of the shipped configs ({shipped})")
 
 
 def load(spec: DictConfig, device: str = "auto") -> LoadedModel:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from harness import flops
 from harness.config import validate
 from harness.evaluate import Evaluation, evaluate
 from harness.lmms import Prunebench, write_record
@@ -24,7 +25,6 @@ from methods.base import ConfigError, TokenPruner
 RESULT, SAMPLES, STARTED = "result.json", "samples.jsonl", "config.json"
 # Keys that change where or whether a run happens, not what it computes.
 NON_RESULT_KEYS = ("force", "output_dir", "wandb")
-FLOPS_FIELDS = ("flops_total", "flops_attention", "flops_vision_attention")  # counted by the FLOPs accounting
 
 
 def result_dir(cfg: DictConfig, pruner: TokenPruner) -> Path:
@@ -166,7 +166,7 @@ def summarize(records: list[dict], evaluation: Evaluation, cfg: DictConfig, prun
             "peak_memory_bytes": max((r["peak_memory_bytes"] for r in records), default=None),
             "kv_cache_bytes": statistics.fmean(r["kv_cache_bytes"] for r in records) if records else None,
             "selection_ms": _median([r["selection_ms"] for r in records]),
-            **dict.fromkeys(FLOPS_FIELDS),
+            **flops.cost_fields(records, cfg.flops),
         },
     }
 

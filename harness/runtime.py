@@ -34,6 +34,13 @@ from methods.base import ConfigError, Probe, Selection, TokenPruner
 
 SUPPORTED_BACKENDS = ("sdpa", "eager")
 _ACTIVE: contextvars.ContextVar[PruningRuntime | None] = contextvars.ContextVar("prunebench_runtime", default=None)
+_METHOD_WORK: contextvars.ContextVar[bool] = contextvars.ContextVar("prunebench_method_work", default=False)
+
+
+def in_method_work() -> bool:
+    """Whether the code running now is the method's own (selection, scoring, probes, edits): FLOP counters put it on
+    its own line."""
+    return _METHOD_WORK.get()
 
 
 @dataclass
@@ -208,22 +215,18 @@ class PruningRuntime:
         return self.lm.rotary_emb(self.lm.embed_tokens.weight[:1], position_ids=positions)
 
     def _timed(self, fn, *args):
+        """Run the method's own code: its time goes to `selection_seconds`, and it is marked as method work."""
         start = time.perf_counter()
+        token = _METHOD_WORK.set(True)
         try:
             return fn(*args)
         finally:
+            _METHOD_WORK.reset(token)
             self.selection_seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------------ pre-LLM feature reduction
     def _probe_vision_attention(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        start = time.perf_counter()
-        shape = (*hidden.shape[:2], -1, module.head_dim)
-        queries = module.q_proj(hidden[:, :1]).view(hidden.shape[0], 1, -1, module.head_dim).transpose(1, 2)
-        keys = module.k_proj(hidden).view(shape).transpose(1, 2)
-        scores = (queries @ keys.transpose(-1, -2)).float() * module.scale
-        self._vision_probe = {"cls_attention": scores.softmax(-1).to(hidden.dtype)[:, :, 0], "keys": keys}
-        self.selection_seconds += time.perf_counter() - start
+        self._vision_probe = self._timed(_cls_attention_and_keys, module, args[0] if args else kwargs["hidden_states"])
 
     def _probe_vision_output(self, module, args, output):
         self._vision_probe["hidden"] = output[0] if isinstance(output, tuple) else output
@@ -296,8 +299,10 @@ class PruningRuntime:
     def _preview(self, layer_module, queries: torch.Tensor) -> torch.Tensor:
         """Softmax rows of `queries` that `layer_module` would compute on the current tokens, in fp32 like PDrop's
         scoring: its input norm, q/k projections and RoPE at the current positions; causal and padding-masked."""
+        return self._timed(self._preview_rows, layer_module, queries)
+
+    def _preview_rows(self, layer_module, queries: torch.Tensor) -> torch.Tensor:
         state, attention = self.state, layer_module.self_attn
-        start = time.perf_counter()
         normed = layer_module.input_layernorm(state.hidden_states)
         batch, n, _ = normed.shape
         rows = torch.arange(batch, device=normed.device)[:, None]
@@ -309,9 +314,7 @@ class PruningRuntime:
         _, key = apply_rotary_pos_emb(key.transpose(1, 2), key.transpose(1, 2), cos, sin)
         scores = (query.float() @ _repeat_kv(key, query).float().transpose(-1, -2)) * attention.scaling
         allowed = (torch.arange(n, device=normed.device)[None, None, :] <= queries[:, :, None]) & state.valid[:, None]
-        probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
-        self.selection_seconds += time.perf_counter() - start
-        return probs
+        return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
 
     def _evict_from_cache(self, module, args, kwargs, output):
         layer = module.self_attn.layer_idx
@@ -402,8 +405,10 @@ class PruningRuntime:
         if not record.changed:
             return None
         mask = kwargs.get("attention_mask")
-        if mask is not None:  # padding: the model's mask is sized from layer 0's cache, so build this layer's own
-            kwargs["attention_mask"] = self._decode_mask(record, mask, args[0] if args else kwargs["hidden_states"])
+        if mask is not None:  # padding or eager: the model's mask is sized from layer 0's cache; build this layer's
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cached = kwargs["past_key_values"].get_seq_length(layer)
+            kwargs["attention_mask"] = self._decode_mask(record, mask, hidden, cached)
         if record.position_shift.any():
             hidden = args[0] if args else kwargs["hidden_states"]
             positions = kwargs["position_ids"].expand(hidden.shape[0], -1) - record.position_shift[:, None]
@@ -411,11 +416,17 @@ class PruningRuntime:
             kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids=positions)
         return args, kwargs
 
-    def _decode_mask(self, record: LayerRecord, model_mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, 1, q, n_l + t) mask of a decode step over this layer's cache: its prefill tokens' padding validity
-        (merged tokens share a valid slot), then the decoded tokens, causal among the q new ones."""
-        mask2d = self._decode_mask2d.bool()
-        queries, decoded = hidden.shape[1], mask2d.shape[1] - self._full_len
+    def _decode_mask(self, record: LayerRecord, model_mask: torch.Tensor, hidden: torch.Tensor,
+                     cached: int) -> torch.Tensor:
+        """(B, 1, q, n_l + t) mask of a decode step over this layer's cache (`cached` entries before this step): its
+        prefill tokens' padding validity (merged tokens share a valid slot), then the decoded tokens, causal among
+        the q new ones. Without a 2-D mask from the caller every token is valid."""
+        queries = hidden.shape[1]
+        decoded = cached + queries - record.orig_index.shape[1]
+        mask2d = self._decode_mask2d
+        if mask2d is None:
+            mask2d = torch.ones(hidden.shape[0], self._full_len + decoded, dtype=torch.bool, device=hidden.device)
+        mask2d = mask2d.bool()
         cached = mask2d.gather(1, record.orig_index)[:, None, None, :].expand(-1, 1, queries, -1)
         causal = torch.ones(queries, decoded, dtype=torch.bool, device=mask2d.device).tril(decoded - queries)
         allowed = torch.cat([cached, mask2d[:, None, None, self._full_len:] & causal], dim=-1)
@@ -436,9 +447,8 @@ class PruningRuntime:
         scaling = kwargs.get("scaling", module.scaling)
         if edit is None:
             output = base_fn(module, query, key, value, attention_mask, **kwargs)
-            start = time.perf_counter()
-            self._store_probe(layer, probe, _softmax_rows(query, keys, attention_mask, scaling, probe.queries), values)
-            self.selection_seconds += time.perf_counter() - start
+            self._timed(lambda: self._store_probe(
+                layer, probe, _softmax_rows(query, keys, attention_mask, scaling, probe.queries), values))
             return output
         # An edited layer is computed explicitly (eager arithmetic); every other layer keeps the model's backend.
         probs = _softmax_rows(query, keys, attention_mask, scaling, rows=None)
@@ -464,6 +474,15 @@ def _repeat_kv(states: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     if groups == 1:
         return states
     return states[:, :, None].expand(batch, kv_heads, groups, n, dim).reshape(batch, -1, n, dim)
+
+
+def _cls_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A CLIP attention layer's softmax row of the CLS query and its keys, from the layer's normed input."""
+    shape = (*hidden.shape[:2], -1, attention.head_dim)
+    queries = attention.q_proj(hidden[:, :1]).view(hidden.shape[0], 1, -1, attention.head_dim).transpose(1, 2)
+    keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
+    scores = (queries @ keys.transpose(-1, -2)).float() * attention.scale
+    return {"cls_attention": scores.softmax(-1).to(hidden.dtype)[:, :, 0], "keys": keys}
 
 
 def _base_attention(base: str):

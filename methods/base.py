@@ -127,6 +127,11 @@ class TokenPruner:
             raise ConfigError(
                 f"budget must be in 1..{num_vision} (the model's vision tokens), got {self.budget.tokens}")
 
+    def vision_schedule(self, num_vision: int, num_layers: int) -> list[int] | None:
+        """Vision tokens entering each decoder layer when that does not depend on the data (for FLOP projections
+        of full-size models without weights); None for data-dependent methods."""
+        return [num_vision] * num_layers if type(self) is TokenPruner else None
+
     def begin(self, state: PruneState) -> None:
         """Called at the start of each prefill, once the vision tokens are located."""
 
@@ -175,6 +180,9 @@ class ScorerPruner(TokenPruner):
     def keep_count(self, num_vision: int, num_layers: int) -> int:
         """Vision tokens kept from layer k on."""
         return self.budget.keep_after(self.k, num_vision, num_layers)
+
+    def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
+        return [num_vision] * self.k + [self.keep_count(num_vision, num_layers)] * (num_layers - self.k)
 
     def score(self, state: PruneState) -> torch.Tensor:
         """(B, V) importance of each current vision token; higher is kept."""

@@ -73,6 +73,10 @@ class PDrop(TokenPruner):
             low, high = (middle, high) if mean_tokens(middle) <= self.budget.tokens else (low, middle)
         return layers, counts(low)
 
+    def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
+        layers, counts = self.schedule(num_vision, num_layers)
+        return [([num_vision, *counts])[sum(layer >= start for start in layers)] for layer in range(num_layers)]
+
     def begin(self, state: PruneState) -> None:
         self.stages = dict(zip(*self.schedule(state.num_vision, state.num_layers), strict=True))
 

@@ -101,6 +101,19 @@ class SparseVLM(TokenPruner):
             raise ConfigError(f"the reference schedules have 3 pruning layers, got {list(self.layers)}")
         scale_layers(list(self.layers), num_layers)
 
+    def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
+        """The counts are fixed by the schedule (the recycled cluster count depends only on how many were deleted)."""
+        entering, current = [], num_vision
+        after = dict(zip(scale_layers(list(self.layers), num_layers), SCHEDULES[self.version][self.budget.tokens],
+                         strict=True))
+        for layer in range(num_layers):
+            entering.append(current)
+            if layer in after:
+                kept = min(after[layer], current - 1)
+                recycled = int((current - kept) * RECYCLED_FRACTION) + 1
+                current = kept + (int(recycled / 10) + 1 if self.recycle and current > kept else 0)
+        return entering
+
     # ------------------------------------------------------------------ per prefill
     def begin(self, state: PruneState) -> None:
         pruning = scale_layers(list(self.layers), state.num_layers)

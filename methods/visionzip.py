@@ -56,6 +56,9 @@ class VisionZip(TokenPruner):
             raise ConfigError(f"dominant ({dominant}) + contextual ({contextual}) must be positive and at most "
                               f"{num_vision}")
 
+    def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
+        return [sum(self.counts())] * num_layers
+
     def reduce_image_features(self, features: torch.Tensor, vision: VisionProbe | None) -> torch.Tensor:
         dominant, contextual = self.counts()
         hidden, keys = vision.hidden, vision.keys.mean(dim=1)  # (images, N, d), (images, N, head_dim)

@@ -232,3 +232,18 @@ def test_batched_methods_give_each_sample_its_own_result(eight_layers, images, m
             tokens, logits = generate(eight_layers.model, alone)
         assert torch.equal(batch_tokens[row, width:], tokens[0, alone["input_ids"].shape[1]:])
         assert (batch_logits[row] - logits[0]).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("make", [lambda: FastV(k=2, budget=Budget(64)), lambda: PDrop(budget=Budget(128)),
+                                  lambda: SparseVLM(budget=Budget(192), layers=(1, 3, 5)),
+                                  lambda: SparseVLM(budget=Budget(64), version="2.0", layers=(1, 3, 5)),
+                                  lambda: VisionZip(budget=Budget(128)), lambda: TokenPruner()],
+                         ids=["fastv", "pdrop", "sparsevlm", "sparsevlm-2.0", "visionzip", "none"])
+def test_declared_vision_schedules_are_what_runs(eight_layers, images, make):
+    """The schedules FLOP projections use for full-size models equal the counts the runtime executes."""
+    inputs = eight_layers.inputs(images[:1], [QUESTION])
+    pruner = make()
+    with prune(eight_layers.model, pruner, sample_ids=["s"]) as runtime:
+        eight_layers.model(**inputs)
+    assert runtime.vision_tokens_per_layer()[0].tolist() == pruner.vision_schedule(576, 8)

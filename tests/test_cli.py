@@ -17,7 +17,9 @@ from methods import Budget, ConfigError, RandomPruner
 from tests.conftest import tiny_model
 
 RESULT_KEYS = {"method", "model", "task", "budget", "n_samples", "config", "metrics", "tokens", "cost"}
-COST_KEYS = {"prefill_ms", "decode_ms_per_token", "peak_memory_bytes", "kv_cache_bytes", "selection_ms"}
+COST_KEYS = {"prefill_ms", "decode_ms_per_token", "peak_memory_bytes", "kv_cache_bytes", "selection_ms", "flops_total",
+             "flops_attention", "flops_vision_attention", "flops_prefill", "flops_decode", "flops_method",
+             "flops_source", "paper_vision_token_flops", "flops"}
 
 
 def harness(*overrides: str) -> subprocess.CompletedProcess:
@@ -37,6 +39,10 @@ def test_run_writes_results_and_a_rerun_is_skipped(tmp_path):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["vision_tokens_per_layer"] for s in samples] == [[64] * 16] * 3
     assert all(s["kv_cache_bytes"] > 0 and s["prefill_ms"] > 0 for s in samples)
+    for s in samples:  # every text token enters every layer
+        assert len({n - v for n, v in zip(s["tokens_per_layer"], s["vision_tokens_per_layer"], strict=True)}) == 1
+    mean_total = sum(s["flops"]["prefill"]["total"] + s["flops"]["decode"]["total"] for s in samples) / 3
+    assert result["cost"]["flops_total"] == pytest.approx(mean_total) and result["cost"]["flops_method"] is None
 
     second = harness(*args)
     assert second.returncode == 0, second.stderr

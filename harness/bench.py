@@ -1,0 +1,215 @@
+"""`python -m harness.bench`: how much of each method's FLOPs saving shows up as prefill speed, on one model.
+
+For every configuration (method × budget), in one process on one model and one prompt:
+
+- **FLOPs ratio** vs dense: the whole prefill (vision tower, projector, language model, lm_head and the method's own
+  work), counted once with `harness.flops.FlopCounter`, untimed;
+- **time ratio** vs dense: median prefill time (`harness.cost.ForwardTimer`, device-synchronised on GPU) of repeated
+  runs after a warm-up round; configurations are interleaved round-robin, rotated each round, so that drift in the
+  machine's speed hits all of them alike;
+- **realisation** = (1 − time ratio) / (1 − FLOPs ratio): 1 when time falls as much as FLOPs, below 1 when part of
+  the saving is lost (to bookkeeping, to kernels that run fewer FLOP/s on fewer tokens, to the unpruned vision tower).
+  The row `(vision + projector)` times the part no method prunes alone, to show its share of time against its share
+  of FLOPs.
+
+Models: `small` (the CPU default) is an 8-layer × 1024-wide LLaVA-1.5-geometry model (576 vision tokens, LLaMA-7B's MLP
+ratio, a 2-layer 64-wide vision tower so that the language model dominates), random weights; `llava7b`/`llava13b`
+(the GPU default: llava7b) are the shipped LLaVA-1.5 configs with random weights (fp16 on GPU). The prompt is built
+from ids: `--text-tokens` text tokens (35 of them before the image, like vicuna_v1's system prompt and "USER:") around
+the image's tokens, random pixels; the prefill is generate()'s (KV cache on, logits of the last position only).
+
+Methods: none; random at k=2 (FastV's pruning point) and at k=0 (before the language model); fastv at its default k
+when it is registered in `methods.METHODS`; budgets exact.
+
+    python -m harness.bench [--model small|llava7b|llava13b] [--budgets 192 128 64] [--repeats 7] [--output PATH]
+        [--threads N] [--clock wall|process]
+
+On a CPU shared with other work, wall-clock ratios swing with the other processes' load (on the 2-core development
+box, realisation read 0.5-0.85 in wall time and 0.97-0.99 in process CPU time on one thread): `--threads 1
+--clock process` gives a stable CPU number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from harness.config import CONF_DIR
+from harness.cost import kv_cache_bytes
+from harness.flops import FlopCounter
+from harness.models import build_tiny, model_config, resolve_device
+from harness.runtime import prune
+from methods import METHODS, Budget, TokenPruner
+
+VISION_ONLY = "(vision + projector)"  # a timed row of its own: the part of every prefill that no method prunes
+TEXT_BEFORE_IMAGE = 35  # vicuna_v1: the system prompt and "USER:" precede the image
+SMALL = dict(name="small", source="tiny", num_layers=8, num_vision_tokens=576, image_size=336, patch_size=14,
+             hidden_size=1024, intermediate_size=2752, num_heads=8, num_kv_heads=8, vision_hidden_size=64,
+             vision_layers=2, seed=0, dtype="float32", attn_implementation="sdpa")
+
+
+def random_model(config, device: torch.device, dtype: torch.dtype):
+    """A model of `config` with random weights (seed 0), initialised directly on `device` in `dtype`."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device(device), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def build(name: str, device: torch.device, dtype: torch.dtype):
+    if name == "small":
+        model, _ = build_tiny(OmegaConf.create(SMALL))
+        return model.to(device, dtype)
+    return random_model(model_config(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")), device, dtype)
+
+
+def prompt_inputs(model, text_tokens: int) -> dict:
+    """One prompt: text ids (never the image id) around the image's placeholder tokens, and random pixels."""
+    config = model.config
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(0, config.text_config.vocab_size - 1, (text_tokens,), generator=generator)
+    text[text >= config.image_token_id] += 1
+    before = min(TEXT_BEFORE_IMAGE, text_tokens)
+    ids = torch.cat([text[:before], torch.full((patches,), config.image_token_id), text[before:]])[None]
+    pixels = torch.randn(1, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
+    return {"input_ids": ids.to(model.device), "attention_mask": torch.ones_like(ids).to(model.device),
+            "pixel_values": pixels.to(model.device, model.dtype)}
+
+
+def configurations(budgets: list[int]) -> dict[str, TokenPruner]:
+    pruners: dict[str, TokenPruner] = {"none": TokenPruner()}
+    for budget in budgets:
+        for k in (2, 0):
+            pruners[f"random k={k} {budget}"] = METHODS["random"](k=k, budget=Budget(budget))
+        if "fastv" in METHODS:
+            fastv = METHODS["fastv"](budget=Budget(budget))
+            pruners[f"fastv k={fastv.k} {budget}"] = fastv
+    return pruners
+
+
+def _timed(device: torch.device, run, clock: Callable[[], float]) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = clock()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return clock() - start
+
+
+def _prefill(model, inputs: dict):
+    return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+def counted(model, inputs: dict, pruner: TokenPruner) -> dict:
+    """A configuration's counted FLOPs and token counts (one untimed prefill)."""
+    with prune(model, pruner, sample_ids=[0]) as runtime, FlopCounter(model, runtime) as counter:
+        output = _prefill(model, inputs)
+    flops = counter.prefill
+    return {"method": pruner.name, "k": getattr(pruner, "k", None), "budget": pruner.budget.tokens,
+            "mean_vision_tokens": statistics.fmean(runtime.vision_tokens_per_layer()[0].tolist()),
+            "flops": flops.total, "method_flops": flops.method, "unpruned_flops": flops.vision + flops.projector,
+            "kv_cache_bytes": kv_cache_bytes(output.past_key_values)}
+
+
+def timed(model, inputs: dict, pruner: TokenPruner | None, clock: Callable[[], float]) -> tuple[float, float]:
+    """(seconds, seconds inside the method's code) of one prefill; None: the vision tower and projector alone."""
+    if pruner is None:
+        vision = model.model.get_image_features
+        return _timed(model.device, lambda: vision(pixel_values=inputs["pixel_values"]), clock), 0
+    with prune(model, pruner, sample_ids=[0]) as runtime:
+        seconds = _timed(model.device, lambda: _prefill(model, inputs), clock)
+    return seconds, runtime.selection_seconds
+
+
+@torch.no_grad()
+def measure(model, inputs: dict, pruners: dict[str, TokenPruner], repeats: int,
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, dict]:
+    """Rows per configuration, plus `VISION_ONLY`: the part no method prunes, timed alone, to show its share."""
+    rows = {name: counted(model, inputs, pruner) for name, pruner in pruners.items()}
+    dense = rows["none"]
+    rows = {"none": dense, VISION_ONLY: {"flops": dense["unpruned_flops"]}, **rows}
+    jobs: dict[str, TokenPruner | None] = {**pruners, VISION_ONLY: None}
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
+    names = list(jobs)
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            seconds = timed(model, inputs, jobs[name], clock)
+            if round_:
+                samples[name].append(seconds)
+    dense_seconds = statistics.median(t for t, _ in samples["none"])
+    for name, row in rows.items():
+        row["times"] = [t for t, _ in samples[name]]
+        row["prefill_ms"] = 1e3 * statistics.median(row["times"])
+        row["selection_ms"] = 1e3 * statistics.median(s for _, s in samples[name])
+        row["flops_ratio"] = row["flops"] / dense["flops"]
+        row["time_ratio"] = statistics.median(row["times"]) / dense_seconds
+        saved = 1 - row["flops_ratio"]
+        row["realisation"] = (1 - row["time_ratio"]) / saved if name != VISION_ONLY and saved > 0 else None
+    return rows
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    lines = [f"{'configuration':20}{'T̄_in':>7}{'FLOPs':>10}{'FLOPs ratio':>12}{'prefill ms':>11}{'time ratio':>11}"
+             f"{'realisation':>12}{'method ms':>10}"]
+    for name, row in rows.items():
+        tokens = f"{row['mean_vision_tokens']:.1f}" if "mean_vision_tokens" in row else "—"
+        realisation = "—" if row["realisation"] is None else f"{row['realisation']:.2f}"
+        lines.append(f"{name:20}{tokens:>7}{row['flops'] / 1e9:>9.1f}G{row['flops_ratio']:>12.3f}"
+                     f"{row['prefill_ms']:>11.1f}{row['time_ratio']:>11.3f}{realisation:>12}{row['selection_ms']:>10.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["small", "llava7b", "llava13b"], default=None,
+                        help="default: llava7b on a GPU, small on CPU")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64])
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds after the warm-up round")
+    parser.add_argument("--text-tokens", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: torch's")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: this process's CPU time instead of wall time for the prefills, for a CPU "
+                             "shared with other work (less sensitive to it; not a latency; the method's own time "
+                             "stays wall-clock, as the runtime measures it)")
+    parser.add_argument("--output", type=Path, default=None, help="default: results/bench/<model>-<device>.json")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    if args.clock == "process" and device.type == "cuda":
+        parser.error("--clock process measures CPU time; GPU kernels run asynchronously, use wall time")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = args.model or ("llava7b" if device.type == "cuda" else "small")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = build(name, device, dtype)
+    inputs = prompt_inputs(model, args.text_tokens)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    rows = measure(model, inputs, configurations(args.budgets), args.repeats, clock)
+    text = model.config.text_config
+    setup = {"model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+             "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+             "layers": text.num_hidden_layers, "hidden": text.hidden_size,
+             "prompt_tokens": inputs["input_ids"].shape[1], "repeats": args.repeats, "clock": args.clock}
+    print(", ".join(f"{k}={v}" for k, v in setup.items()) + "; medians; realisation = (1 - time ratio) / "
+          "(1 - FLOPs ratio), whole prefill")
+    print(format_table(rows))
+    output = args.output or Path("results") / "bench" / f"{name}-{device.type}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({**setup, "rows": rows}, indent=2))
+    print(f"-> {output}")
+
+
+if __name__ == "__main__":
+    main()
