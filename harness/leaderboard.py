@@ -79,7 +79,7 @@ def build(runs: list[dict]) -> tuple[list[dict], list[str], list[str]]:
         groups[(run["model"], run["method"], run["budget_label"])].append(run)
     tasks = sorted({r["task"] for r in runs})
     rows, warnings = [], []
-    for (model, method, budget), group in sorted(groups.items()):
+    for (model, method, budget), group in sorted(groups.items(), key=lambda item: _row_order(*item[0])):
         row = {"model": model, "method": method, "budget": budget}
         ratios, flops, agreements, kls = [], [], [], []
         for run in group:
@@ -108,6 +108,12 @@ def build(runs: list[dict]) -> tuple[list[dict], list[str], list[str]]:
         })
         rows.append(row)
     return rows, tasks, sorted(set(warnings))
+
+
+def _row_order(model: str, method: str, budget: str) -> tuple:
+    """Dense first, then methods by name, budgets from the largest (e.g. 192, 128, 64, then 64-average)."""
+    tokens = budget.split("-")[0]
+    return model, method != "none", method, -int(tokens) if tokens.isdigit() else 0, budget
 
 
 def _mean(values: list) -> float | None:
@@ -145,6 +151,9 @@ def _cell(value) -> str:
 
 
 def write_pareto(rows: list[dict], out: Path) -> Path:
+    """Relative accuracy against the FLOPs ratio, one line per method (points labelled with their budget), one
+    panel per model. Where a model's dense accuracy is 0 (an untrained model) relative accuracy is undefined, and the
+    panel plots the answer agreement with the dense run instead, saying so on its axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,20 +162,29 @@ def write_pareto(rows: list[dict], out: Path) -> Path:
     models = sorted({row["model"] for row in rows})
     use_flops = any(row["flops_ratio"] is not None for row in rows)
     x_key = "flops_ratio" if use_flops else "mean_vision_tokens"
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        by_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for row in rows:
-            if row["model"] == model and row[x_key] is not None and row["relative_accuracy"] is not None:
-                by_method[row["method"]].append((row[x_key], row["relative_accuracy"]))
+        model_rows = [row for row in rows if row["model"] == model and row[x_key] is not None]
+        pruned = [row for row in model_rows if row["method"] != "none"]
+        y_key = "relative_accuracy" if all(r["relative_accuracy"] is not None for r in pruned) else "agreement"
+        by_method: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+        for row in pruned:
+            if row[y_key] is not None:
+                by_method[row["method"]].append((row[x_key], row[y_key], row["budget"]))
         for method, points in sorted(by_method.items()):
-            xs, ys = zip(*sorted(points), strict=True)
-            ax.plot(xs, ys, marker="o", label=method)
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            for x, y, budget in points:
+                ax.annotate(budget, (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
+        if use_flops:
+            ax.plot([1.0], [1.0], marker="*", markersize=12, color="black", linestyle="none", label="dense")
         ax.set_title(model)
         ax.set_xlabel("FLOPs / dense FLOPs" if use_flops else "T̄_in (vision tokens entering a layer, mean)")
-        ax.set_ylabel("accuracy / dense accuracy")
+        ax.set_ylabel("accuracy / dense accuracy" if y_key == "relative_accuracy"
+                      else "answers equal to dense (dense accuracy is 0)")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path = out / "pareto.png"
     fig.savefig(path, dpi=120)
