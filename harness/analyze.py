@@ -144,10 +144,16 @@ def find_sinks(attention: torch.Tensor, norms: torch.Tensor) -> list[torch.Tenso
 
 
 def cosine_drops(probes: dict[int, ProbeResult], vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L,) VisiPruner's largest single-token cosine drop of the last token's attention output, and its token."""
-    scorer = VisiPruner(score_dtype="float32")
-    cosines = torch.stack([scorer.contributions(probes[layer], vision)[0] for layer in sorted(probes)])
-    lowest = cosines.min(dim=-1)
+    """(L,) VisiPruner's largest single-token cosine drop of the last token's attention output, and its token.
+    Computed in float64: where attention is spread thin the drops fall to ~1e-6, float32's resolution near 1 (the
+    method itself computes in the model's dtype)."""
+    scorer = VisiPruner()  # score_dtype "model": the probe's dtype
+    cosines = []
+    for layer in sorted(probes):
+        probe = probes[layer]
+        exact = ProbeResult(probe.queries, probe.attention.double(), probe.values.double())
+        cosines.append(scorer.contributions(exact, vision)[0])
+    lowest = torch.stack(cosines).min(dim=-1)
     return 1 - lowest.values, lowest.indices
 
 
@@ -182,7 +188,7 @@ def analyze(loaded: LoadedModel, request: Request, pruner: TokenPruner | None) -
         input_ids=inputs["input_ids"][0].cpu(), vision_start=int(vision[0]), lens_probs=lens.values.cpu(),
         lens_ids=lens.indices.cpu(), value_probs=value_probs.cpu(), value_ids=value_ids.cpu(),
         vision_attention=attention, value_norms=norms, sinks=find_sinks(attention, norms),
-        cosine_drop=drop.cpu(), drop_token=drop_token.cpu(),
+        cosine_drop=drop.float().cpu(), drop_token=drop_token.cpu(),
     )
     if pruner is not None:
         insight.vision_tokens, insight.kept_patches = method_pass(loaded, inputs, pruner, request.source, vision)
@@ -219,7 +225,7 @@ def report(insight: Insight, loaded: LoadedModel, request: Request, method: dict
         "value_l1_norms": insight.value_norms.tolist(),
         "sinks": {"rule": SINK_RULE, "tokens": [s.tolist() for s in insight.sinks]},
         "cosine_drop": {"max": insight.cosine_drop.tolist(), "token": insight.drop_token.tolist(),
-                        "visipruner_threshold": 1 - VisiPruner.layer_threshold},
+                        "visipruner_layer_threshold": VisiPruner.layer_threshold},
     }
     if method is not None:
         result["pruning"] = {"vision_tokens_per_layer": insight.vision_tokens, "kept_patches": insight.kept_patches}
@@ -257,7 +263,7 @@ def _panel_grid(count: int, width: float, height: float | None = None, cols: int
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     _pyplot().close(fig)
     return path
 

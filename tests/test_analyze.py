@@ -114,7 +114,8 @@ def test_value_output_projects_the_last_prompt_tokens_own_value_per_head(models,
 
 
 def test_cosine_drop_is_measured_on_the_layers_real_attention_output(models, images, insight, reference):
-    """O is what o_proj receives at the last token; c_j from eager attention and v_proj values."""
+    """O is what o_proj receives at the last token; c_j from eager attention and v_proj values (float64 arithmetic:
+    the drops are ~1e-6 on this model, at float32's resolution)."""
     _, eager = models
     forward, _, vision = reference
     received = {}
@@ -128,14 +129,15 @@ def test_cosine_drop_is_measured_on_the_layers_real_attention_output(models, ima
     heads = eager.model.config.text_config.num_attention_heads
     for layer, block in enumerate(blocks):
         with torch.no_grad():
-            values = block.self_attn.v_proj(block.input_layernorm(forward.hidden_states[layer]))[0, vision]
+            values = block.self_attn.v_proj(block.input_layernorm(forward.hidden_states[layer]))[0, vision].double()
         values = values.view(len(vision), 2, 1, -1).expand(-1, -1, heads // 2, -1).reshape(len(vision), heads, -1)
-        weights = forward.attentions[layer][0, :, -1, vision].T  # (V, H)
+        weights = forward.attentions[layer][0, :, -1, vision].T.double()  # (V, H)
         contributions = (weights[..., None] * values).flatten(1)
-        output = received[layer]
-        cosine = F.cosine_similarity(output[None] - contributions, output[None], dim=-1)
-        assert abs(float(insight.cosine_drop[layer]) - float(1 - cosine.min())) <= 1e-6, layer
-        assert int(insight.drop_token[layer]) == int(cosine.argmin()), layer
+        output = received[layer].double()
+        drop = 1 - F.cosine_similarity(output[None] - contributions, output[None], dim=-1)
+        assert 1e-8 < float(drop.max()) < 1e-3, layer  # spread-out attention: no single token matters much
+        assert abs(float(insight.cosine_drop[layer]) / float(drop.max()) - 1) <= 1e-5, layer
+        assert int(insight.drop_token[layer]) == int(drop.argmax()), layer
 
 
 def test_sinks_are_high_attention_low_norm_tokens():
