@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,6 +154,16 @@ def test_pruning_records_fastv_keeping_the_patches_most_attended_in_the_layer_be
     assert list(insight.kept_patches) == [2]
     expected = insight.vision_attention[1].topk(64).indices.sort().values  # FastV's score: layer 1's last-token row
     assert insight.kept_patches[2] == expected.tolist()
+
+
+def test_overlays_are_drawn_on_the_image_the_vision_grid_sees(tiny, images):
+    image = images[0].resize((500, 400))  # not square: resized on its short side, then centre-cropped
+    pixels = tiny.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+    processor = tiny.processor.image_processor
+    mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
+    seen = ((pixels * std + mean) * 255).permute(1, 2, 0)
+    drawn = torch.tensor(np.asarray(analyze.processed_image(tiny, image)), dtype=torch.float32)
+    assert drawn.shape == seen.shape and (drawn - seen).abs().max() <= 1e-3
 
 
 def test_cli_writes_the_figures_and_the_numbers(tmp_path, capsys):
