@@ -24,6 +24,7 @@ written to `<output_dir>/analysis/<model>/<name>/` (PNGs and analysis.json).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -275,8 +276,7 @@ def draw_token_table(ax, rows: list[list[dict]], labels: list[str], title: str) 
     for r, row in enumerate(rows):
         for c, token in enumerate(row):
             ax.text(c, r, f"{token['token']!r}\n{token['p']:.3f}", ha="center", va="center", fontsize=7,
-                    parse_math=False,
-                    color="white" if token["p"] > 0.6 else "black")
+                    parse_math=False, color="white" if token["p"] > 0.6 else "black")
     ax.set_xticks(range(len(rows[0])), [f"top {c + 1}" for c in range(len(rows[0]))], fontsize=7)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.set_title(title, fontsize=9)
@@ -339,9 +339,9 @@ def plot_sinks(insight: Insight, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_stages(insight: Insight, method: str | None, path: Path) -> Path:
+def plot_stages(insight: Insight, method: dict | None, path: Path) -> Path:
     layers = range(len(insight.cosine_drop))
-    panels = 3 if insight.vision_tokens is not None else 2
+    panels = 3 if method is not None else 2
     fig, axes = _pyplot().subplots(panels, 1, figsize=(7, 1.9 * panels + 0.3), sharex=True, layout="constrained")
     axes[0].plot(layers, insight.vision_attention_mass.numpy(), marker="o", ms=3)
     axes[0].set_ylim(0, 1)
@@ -351,10 +351,10 @@ def plot_stages(insight: Insight, method: str | None, path: Path) -> Path:
                     label=f"VisiPruner filter: 1 - {VisiPruner.layer_threshold}")
     axes[1].legend(fontsize=7, loc="best")
     axes[1].set_ylabel("max cosine drop\n1 - min_j cos(O - c_j, O)", fontsize=8)
-    if insight.vision_tokens is not None:
+    if method is not None:
         axes[2].step(layers, insight.vision_tokens, where="mid", color="tab:green", marker="o", ms=3)
         axes[2].set_ylim(0, insight.vision_attention.shape[1] * 1.05)
-        axes[2].set_ylabel(f"vision tokens\nentering ({method})", fontsize=8)
+        axes[2].set_ylabel(f"vision tokens\nentering ({method['name']})", fontsize=8)
     axes[-1].set_xlabel("layer")
     axes[-1].set_xticks(list(layers))
     for ax in axes:
@@ -364,7 +364,7 @@ def plot_stages(insight: Insight, method: str | None, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_pruning(insight: Insight, image: Image.Image, method: str, path: Path) -> Path:
+def plot_pruning(insight: Insight, image: Image.Image, method: dict, path: Path) -> Path:
     side = insight.grid_side
     fig, axes = _panel_grid(len(insight.kept_patches), width=2.6)
     for ax, (layer, patches) in zip(axes, insight.kept_patches.items(), strict=False):
@@ -375,7 +375,7 @@ def plot_pruning(insight: Insight, image: Image.Image, method: str, path: Path) 
         count = insight.vision_tokens[layer]  # merged tokens share their image's last patch
         shown = f", {len(patches)} patches" if len(patches) != count else ""
         ax.set_title(f"layer {layer}: {count} enter{shown}", fontsize=8)
-    fig.suptitle(f"{method}: vision patches kept (clear) and dropped (dark)", fontsize=9)
+    fig.suptitle(f"{method['name']}: vision patches kept (clear) and dropped (dark)", fontsize=9)
     return _save(fig, path)
 
 
@@ -412,8 +412,6 @@ def sample_overrides(own: dict[str, str]) -> list[str]:
 
 def read_sample(task: DictConfig, index: int) -> tuple[Image.Image, str, str]:
     """The image, question and id of question `index` of a local task's data file."""
-    import io
-
     import pyarrow.parquet as pq
 
     if task.source != "local":
@@ -425,7 +423,15 @@ def read_sample(task: DictConfig, index: int) -> tuple[Image.Image, str, str]:
     return Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB"), row["question"], row["question_id"]
 
 
-def request_of(own: dict[str, str], cfg: DictConfig, pruner: TokenPruner) -> Request:
+def method_of(cfg: DictConfig, pruner: TokenPruner) -> dict | None:
+    """The configured method's name and budget label (`none` where it reads no budget); None without a method."""
+    if pruner.name == "none":
+        return None
+    return {"name": cfg.method.get("label", pruner.name),
+            "budget": pruner.budget.label if pruner.uses_budget else "none"}
+
+
+def request_of(own: dict[str, str], cfg: DictConfig, method: dict | None) -> Request:
     if ("image" in own) == ("sample" in own):
         raise ConfigError(f"give either image=PATH (with question=TEXT) or sample=TASK:INDEX\n{USAGE}")
     if "image" in own:
@@ -439,8 +445,8 @@ def request_of(own: dict[str, str], cfg: DictConfig, pruner: TokenPruner) -> Req
         index = int(own["sample"].partition(":")[2])
         image, question, source = read_sample(cfg.task, index)
         question, name = own.get("question") or question, f"{cfg.task.name}-{index}"
-    if pruner.name != "none":
-        name += f"_{cfg.method.get('label', pruner.name)}" + (f"-{pruner.budget.label}" if pruner.uses_budget else "")
+    if method is not None:
+        name += f"_{method['name']}" + (f"-{method['budget']}" if method["budget"] != "none" else "")
     num_layers = cfg.model.num_layers
     try:
         layers = [int(x) for x in own["layers"].split(",")] if "layers" in own else sorted(
@@ -461,13 +467,11 @@ def run(argv: list[str]) -> Path:
     check_overrides(overrides)
     cfg = compose(overrides)
     pruner = validate(cfg)
-    request = request_of(own, cfg, pruner)
+    method = method_of(cfg, pruner)
+    request = request_of(own, cfg, method)
     out = Path(cfg.output_dir) / "analysis" / cfg.model.name / request.name
     loaded = load(cfg.model, cfg.device)
-    with_method = pruner.name != "none"
-    insight = analyze(loaded, request, pruner if with_method else None)
-    method = {"name": cfg.method.get("label", pruner.name), "budget": pruner.budget.label if pruner.uses_budget
-              else "none"} if with_method else None
+    insight = analyze(loaded, request, pruner if method is not None else None)
     result = report(insight, loaded, request, method)
     out.mkdir(parents=True, exist_ok=True)
     image = processed_image(loaded, request.image)
@@ -475,10 +479,10 @@ def run(argv: list[str]) -> Path:
                plot_value_output(result, out / "value_output.png"),
                plot_attention(insight, image, out / "attention_to_image.png"),
                plot_sinks(insight, out / "sinks.png"),
-               plot_stages(insight, method and method["name"], out / "stages.png")]
-    if with_method and insight.kept_patches:
-        figures.append(plot_pruning(insight, image, method["name"], out / "pruning.png"))
-    elif with_method:
+               plot_stages(insight, method, out / "stages.png")]
+    if method is not None and insight.kept_patches:
+        figures.append(plot_pruning(insight, image, method, out / "pruning.png"))
+    elif method is not None:
         result["pruning"]["note"] = ("no patch overlay: the method reduces features before the language model"
                                      if insight.kept_patches is None else "the method kept every vision token")
     result["figures"] = [p.name for p in figures]
