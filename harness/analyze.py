@@ -1,0 +1,509 @@
+"""`python -m harness.analyze`: what one prompt does inside the model, layer by layer, as figures and numbers.
+
+    python -m harness.analyze model=llava7b image=cat.jpg question="What is the cat doing?"
+    python -m harness.analyze model=tiny sample=synthetic:12 method=fastv budget=64 layers=4,8,12
+
+The analyses of the VisiPruner paper's notebooks (`../shared/reference/visipruner.md` §5), on the unpruned model,
+for the last prompt token (the query every importance decision reads), without their bugs:
+
+- logit lens: `lm_head(final_norm(h_l))` of each layer's output h_l, the final norm applied exactly once (HF's last
+  `hidden_states` entry is already normed; the notebook normed it twice and left the one before it unnormed);
+- value-output projection: the token's own value vector of each head through that head's slice of o_proj, then the
+  final norm and lm_head, with the values taken from the prefill (the notebook read the cache after generation, so
+  its last position was a generated token);
+- attention to the image: the token's attention row over the vision grid, averaged over heads, and its total mass;
+- sinks and value norms: each vision token's value L1 norm (per head over head_dim, summed over key/value heads)
+  against the attention it receives; sinks = attention above the layer's 99th percentile and norm below its median;
+- the three stages: per layer the vision attention mass, VisiPruner's largest single-token cosine drop
+  1 - min_j cos(O - c_j, O), and, with `method=...`, the vision tokens entering each layer under that method;
+- pruning explained (with `method=...`): the patches kept at each layer where the method changes the count.
+
+Attention rows and values come from the pruning runtime's probes: the model keeps its sdpa backend. Everything is
+written to `<output_dir>/analysis/<model>/<name>/` (PNGs and analysis.json).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image, ImageOps
+
+from harness.config import check_overrides, compose, validate
+from harness.evaluate import ROOT
+from harness.models import LoadedModel, load
+from harness.runtime import ProbeResult, prune
+from methods import ConfigError, Probe, TokenPruner, VisiPruner
+
+USAGE = """usage: python -m harness.analyze [model=...] (image=PATH question=TEXT | sample=TASK:INDEX [question=TEXT])
+                                  [method=... budget=N ...] [layers=L1,L2,...] [topk=K] [name=NAME]
+Any other key=value is a prunebench config override (model.*, method.*, device, output_dir)."""
+ANALYSIS_KEYS = ("image", "question", "sample", "layers", "topk", "name")
+SINK_ATTENTION_QUANTILE = 0.99  # a sink receives more attention than 99% of the layer's vision tokens ...
+SINK_NORM_QUANTILE = 0.5  # ... while its value L1 norm is below the layer's median
+SINK_RULE = "attention above the layer's 99th percentile of vision attention and value L1 norm below its median"
+
+
+class LastTokenProbe(TokenPruner):
+    """Prunes nothing; records, in every layer, the last prompt token's attention row and the layer's values."""
+
+    def probe(self, layer: int, state) -> Probe:
+        return Probe(queries=state.last_query, values=True)
+
+
+@dataclass
+class Request:
+    image: Image.Image
+    question: str
+    source: str  # the image path or the task sample id
+    name: str  # the output directory's name
+    layers: list[int]  # layers of the value-output projection
+    topk: int
+
+
+@dataclass
+class Insight:
+    """The numbers of one prompt (batch row 0, float32 on the CPU)."""
+
+    input_ids: torch.Tensor  # (n,)
+    vision_start: int  # sequence index of the first vision token
+    lens_probs: torch.Tensor  # (L, k) logit lens: top-k probabilities of the next token after each layer
+    lens_ids: torch.Tensor  # (L, k)
+    value_probs: torch.Tensor  # (len(layers), H, k) value-output projection per head
+    value_ids: torch.Tensor
+    vision_attention: torch.Tensor  # (L, V) the last token's attention on each vision token, mean over heads
+    value_norms: torch.Tensor  # (L, V) L1 norm of each vision token's value vector
+    sinks: list[torch.Tensor]  # per layer, the vision tokens (0..V-1) that are sinks
+    cosine_drop: torch.Tensor  # (L,) 1 - min_j cos(O - c_j, O) over vision tokens j
+    drop_token: torch.Tensor  # (L,) the vision token j of that minimum
+    vision_tokens: list[int] | None = None  # with a method: vision tokens entering each layer
+    kept_patches: dict[int, list[int]] | None = None  # with a method: layer -> kept patches (0..V-1), where it changes
+
+    @property
+    def vision_attention_mass(self) -> torch.Tensor:
+        return self.vision_attention.sum(-1)
+
+    @property
+    def grid_side(self) -> int:
+        return math.isqrt(self.vision_attention.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------- numbers
+def dense_pass(loaded: LoadedModel, inputs: dict) -> tuple[tuple[torch.Tensor, ...], dict[int, ProbeResult]]:
+    """One unpruned prefill: HF's hidden states and every layer's probe of the last prompt token."""
+    with prune(loaded.model, LastTokenProbe()) as runtime:
+        output = loaded.model(**inputs, output_hidden_states=True, logits_to_keep=1)
+    return output.hidden_states, runtime.state.probes
+
+
+def logit_lens(model, hidden_states: tuple[torch.Tensor, ...], topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, k) top-k next-token probabilities and ids from each layer's output at the last prompt token."""
+    outputs = torch.stack([h[0, -1] for h in hidden_states[1:]])  # index 0 holds the embeddings
+    # HF's last entry is the model's final output, already normed: the final norm goes on every other layer, once.
+    normed = torch.cat([model.model.language_model.norm(outputs[:-1]), outputs[-1:]])
+    return model.lm_head(normed).float().softmax(-1).topk(topk)
+
+
+def value_output(model, probes: dict[int, ProbeResult], layers: list[int], topk: int):
+    """(len(layers), H, k) top-k tokens of each head's value of the last prompt token through its o_proj slice."""
+    language_model = model.model.language_model
+    probs, ids = [], []
+    for layer in layers:
+        values = probes[layer].values[0, :, -1]  # (H, D): the last prompt token's own value, per query head
+        o_proj = language_model.layers[layer].self_attn.o_proj.weight  # (d, H*D), head h's slice at h*D:(h+1)*D
+        per_head = torch.einsum("dhk,hk->hd", o_proj.view(o_proj.shape[0], *values.shape), values)
+        top = model.lm_head(language_model.norm(per_head)).float().softmax(-1).topk(topk)
+        probs.append(top.values)
+        ids.append(top.indices)
+    return torch.stack(probs), torch.stack(ids)
+
+
+def vision_attention(probes: dict[int, ProbeResult], vision: torch.Tensor) -> torch.Tensor:
+    """(L, V) the last prompt token's post-softmax attention on each vision token, averaged over heads."""
+    return torch.stack([probes[layer].attention[0, :, -1, vision].float().mean(0) for layer in sorted(probes)])
+
+
+def value_norms(probes: dict[int, ProbeResult], vision: torch.Tensor, kv_groups: int) -> torch.Tensor:
+    """(L, V) L1 norm of each vision token's value: per head over head_dim, summed over the key/value heads (the
+    probe repeats each of them `kv_groups` times for the query heads; they are counted once)."""
+    return torch.stack([probes[layer].values[0, ::kv_groups, vision].float().abs().sum(-1).sum(0)
+                        for layer in sorted(probes)])
+
+
+def find_sinks(attention: torch.Tensor, norms: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the vision tokens that draw attention without carrying value (`SINK_RULE`)."""
+    high = attention > attention.quantile(SINK_ATTENTION_QUANTILE, dim=-1, keepdim=True)
+    low = norms < norms.quantile(SINK_NORM_QUANTILE, dim=-1, keepdim=True)
+    return [row.nonzero()[:, 0] for row in high & low]
+
+
+def cosine_drops(probes: dict[int, ProbeResult], vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L,) VisiPruner's largest single-token cosine drop of the last token's attention output, and its token.
+    Computed in float64: where attention is spread thin the drops fall to ~1e-6, float32's resolution near 1 (the
+    method itself computes in the model's dtype)."""
+    scorer = VisiPruner()  # score_dtype "model": the probe's dtype
+    cosines = []
+    for layer in sorted(probes):
+        probe = probes[layer]
+        exact = ProbeResult(probe.queries, probe.attention.double(), probe.values.double())
+        cosines.append(scorer.contributions(exact, vision)[0])
+    lowest = torch.stack(cosines).min(dim=-1)
+    return 1 - lowest.values, lowest.indices
+
+
+def method_pass(loaded: LoadedModel, inputs: dict, pruner: TokenPruner, sample_id: str, vision: torch.Tensor):
+    """The method's prefill: vision tokens entering each layer, and the patches (0..V-1) kept wherever that count
+    changes; no patches for a pre-LLM reduction, whose tokens are reduced features in the first slots."""
+    with prune(loaded.model, pruner, sample_ids=[sample_id]) as runtime:
+        loaded.model(**inputs)
+    counts = runtime.vision_tokens_per_layer()[0].tolist()
+    if type(pruner).reduce_image_features is not TokenPruner.reduce_image_features:
+        return counts, None
+    kept = {}
+    for layer, count in enumerate(counts):
+        if count != (counts[layer - 1] if layer else len(vision)):
+            index = runtime.layers[layer].orig_index[0]
+            kept[layer] = (index[torch.isin(index, vision)] - vision[0]).unique().tolist()
+    return counts, kept
+
+
+@torch.no_grad()
+def analyze(loaded: LoadedModel, request: Request, pruner: TokenPruner | None) -> Insight:
+    inputs = loaded.inputs([request.image], [request.question])
+    vision = (inputs["input_ids"][0] == loaded.model.config.image_token_id).nonzero()[:, 0]
+    hidden_states, probes = dense_pass(loaded, inputs)
+    text_config = loaded.model.config.text_config
+    lens = logit_lens(loaded.model, hidden_states, request.topk)
+    value_probs, value_ids = value_output(loaded.model, probes, request.layers, request.topk)
+    attention = vision_attention(probes, vision).cpu()
+    norms = value_norms(probes, vision, text_config.num_attention_heads // text_config.num_key_value_heads).cpu()
+    drop, drop_token = cosine_drops(probes, vision)
+    insight = Insight(
+        input_ids=inputs["input_ids"][0].cpu(), vision_start=int(vision[0]), lens_probs=lens.values.cpu(),
+        lens_ids=lens.indices.cpu(), value_probs=value_probs.cpu(), value_ids=value_ids.cpu(),
+        vision_attention=attention, value_norms=norms, sinks=find_sinks(attention, norms),
+        cosine_drop=drop.float().cpu(), drop_token=drop_token.cpu(),
+    )
+    if pruner is not None:
+        insight.vision_tokens, insight.kept_patches = method_pass(loaded, inputs, pruner, request.source, vision)
+    return insight
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def top_tokens(tokenizer, probs: torch.Tensor, ids: torch.Tensor) -> list[dict]:
+    return [{"token": token_text(tokenizer, int(i)), "id": int(i), "p": float(p)}
+            for p, i in zip(probs, ids, strict=True)]
+
+
+def report(insight: Insight, loaded: LoadedModel, request: Request, method: dict | None) -> dict:
+    tokenizer = loaded.processor.tokenizer
+    lens = zip(insight.lens_probs, insight.lens_ids, strict=True)
+    values = zip(request.layers, insight.value_probs, insight.value_ids, strict=True)
+    result = {
+        "model": loaded.name,
+        "input": {"source": request.source, "question": request.question,
+                  "last_token": token_text(tokenizer, int(insight.input_ids[-1])),
+                  "tokens": len(insight.input_ids), "vision_start": insight.vision_start,
+                  "vision_tokens": insight.vision_attention.shape[1], "grid": insight.grid_side},
+        "method": method,
+        "logit_lens": [{"layer": layer, "top": top_tokens(tokenizer, p, i)} for layer, (p, i) in enumerate(lens)],
+        "value_output": [{"layer": layer, "heads": [top_tokens(tokenizer, p, i) for p, i in zip(probs, ids,
+                                                                                                   strict=True)]}
+                         for layer, probs, ids in values],
+        "vision_attention": {"mass": insight.vision_attention_mass.tolist(),
+                             "tokens": insight.vision_attention.tolist()},
+        "value_l1_norms": insight.value_norms.tolist(),
+        "sinks": {"rule": SINK_RULE, "tokens": [s.tolist() for s in insight.sinks]},
+        "cosine_drop": {"max": insight.cosine_drop.tolist(), "token": insight.drop_token.tolist(),
+                        "visipruner_layer_threshold": VisiPruner.layer_threshold},
+    }
+    if method is not None:
+        result["pruning"] = {"vision_tokens_per_layer": insight.vision_tokens, "kept_patches": insight.kept_patches}
+    return result
+
+
+def lens_table(result: dict) -> str:
+    lines = [f"logit lens of the last prompt token {result['input']['last_token']!r}: top next tokens after each "
+             "layer (probability)"]
+    for row in result["logit_lens"]:
+        cells = "  ".join(f"{t['token']!r:>8} {t['p']:.3f}" for t in row["top"])
+        lines.append(f"  layer {row['layer']:>2}  {cells}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _panel_grid(count: int, width: float, height: float | None = None, cols: int | None = None):
+    """A near-square grid of `count` panels (`cols` columns if given); the spare ones hidden."""
+    cols = min(count, cols or math.ceil(math.sqrt(count)))
+    rows = math.ceil(count / cols)
+    fig, axes = _pyplot().subplots(rows, cols, figsize=(width * cols, (height or width) * rows + 0.5), squeeze=False,
+                                   layout="constrained")
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    return fig, axes.flat
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def draw_token_table(ax, rows: list[list[dict]], labels: list[str], title: str) -> None:
+    """Rows of top-k tokens: each cell the token, its shade the probability."""
+    probs = [[t["p"] for t in row] for row in rows]
+    ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for r, row in enumerate(rows):
+        for c, token in enumerate(row):
+            ax.text(c, r, f"{token['token']!r}\n{token['p']:.3f}", ha="center", va="center", fontsize=7,
+                    parse_math=False, color="white" if token["p"] > 0.6 else "black")
+    ax.set_xticks(range(len(rows[0])), [f"top {c + 1}" for c in range(len(rows[0]))], fontsize=7)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.set_title(title, fontsize=9)
+
+
+def plot_logit_lens(result: dict, path: Path) -> Path:
+    rows = [row["top"] for row in result["logit_lens"]]
+    fig, ax = _pyplot().subplots(figsize=(1.1 * len(rows[0]) + 1, 0.35 * len(rows) + 1), layout="constrained")
+    draw_token_table(ax, rows, [f"layer {r['layer']}" for r in result["logit_lens"]],
+                     f"Logit lens: next token after each layer, at {result['input']['last_token']!r}")
+    return _save(fig, path)
+
+
+def plot_value_output(result: dict, path: Path) -> Path:
+    layers = result["value_output"]
+    heads = len(layers[0]["heads"])
+    fig, axes = _panel_grid(len(layers), width=1.1 * len(layers[0]["heads"][0]) + 1, height=0.35 * heads + 0.6, cols=2)
+    for ax, layer in zip(axes, layers, strict=False):
+        draw_token_table(ax, layer["heads"], [f"head {h}" for h in range(heads)],
+                         f"Layer {layer['layer']}: value of the last token through o_proj")
+    return _save(fig, path)
+
+
+def _overlay(ax, image: Image.Image, grid: torch.Tensor, **imshow) -> None:
+    size = image.width
+    ax.imshow(image, extent=(0, size, size, 0))
+    ax.imshow(grid, extent=(0, size, size, 0), interpolation="nearest", **imshow)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_attention(insight: Insight, image: Image.Image, path: Path) -> Path:
+    fig, axes = _panel_grid(len(insight.vision_attention), width=1.6)
+    side = insight.grid_side
+    for layer, (ax, row) in enumerate(zip(axes, insight.vision_attention.numpy(), strict=False)):
+        _overlay(ax, image, row.reshape(side, side), cmap="jet", alpha=0.55, vmin=row.min(), vmax=row.max())
+        ax.set_title(f"layer {layer}: {row.sum():.2f}", fontsize=8)
+    fig.suptitle("Last token's attention on the image, mean over heads\n(colour: each layer's min to max; "
+                 "title: total mass on the image)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_sinks(insight: Insight, path: Path) -> Path:
+    fig, axes = _panel_grid(len(insight.value_norms), width=2.0)
+    for layer, ax in zip(range(len(insight.value_norms)), axes, strict=False):
+        norms, attention = insight.value_norms[layer].numpy(), insight.vision_attention[layer].numpy()
+        sinks = insight.sinks[layer].numpy()
+        ax.scatter(norms, attention, s=3, c="0.6", linewidths=0)
+        ax.scatter(norms[sinks], attention[sinks], s=12, c="red", linewidths=0)
+        ax.axhline(np.quantile(attention, SINK_ATTENTION_QUANTILE), color="red", lw=0.5, ls="--")
+        ax.axvline(np.quantile(norms, SINK_NORM_QUANTILE), color="red", lw=0.5, ls="--")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        ax.locator_params(nbins=4)
+        ax.tick_params(labelsize=6)
+        ax.yaxis.get_offset_text().set_fontsize(6)
+        ax.set_title(f"layer {layer}: {len(sinks)} sinks", fontsize=8)
+    fig.supxlabel("value L1 norm of the vision token", fontsize=9)
+    fig.supylabel("attention it receives from the last token", fontsize=9)
+    fig.suptitle(f"Sinks (red): {SINK_RULE}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_stages(insight: Insight, method: dict | None, path: Path) -> Path:
+    layers = range(len(insight.cosine_drop))
+    panels = 3 if method is not None else 2
+    fig, axes = _pyplot().subplots(panels, 1, figsize=(7, 1.9 * panels + 0.3), sharex=True, layout="constrained")
+    axes[0].plot(layers, insight.vision_attention_mass.numpy(), marker="o", ms=3)
+    axes[0].set_ylim(0, 1)
+    axes[0].set_ylabel("attention mass\non vision", fontsize=8)
+    axes[1].semilogy(layers, insight.cosine_drop.numpy(), marker="o", ms=3, color="tab:orange")
+    axes[1].axhline(1 - VisiPruner.layer_threshold, color="0.4", ls="--", lw=0.8,
+                    label=f"VisiPruner filter: 1 - {VisiPruner.layer_threshold}")
+    axes[1].legend(fontsize=7, loc="best")
+    axes[1].set_ylabel("max cosine drop\n1 - min_j cos(O - c_j, O)", fontsize=8)
+    if method is not None:
+        axes[2].step(layers, insight.vision_tokens, where="mid", color="tab:green", marker="o", ms=3)
+        axes[2].set_ylim(0, insight.vision_attention.shape[1] * 1.05)
+        axes[2].set_ylabel(f"vision tokens\nentering ({method['name']})", fontsize=8)
+    axes[-1].set_xlabel("layer")
+    axes[-1].set_xticks(list(layers))
+    for ax in axes:
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle("The last prompt token, layer by layer", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_pruning(insight: Insight, image: Image.Image, method: dict, path: Path) -> Path:
+    side = insight.grid_side
+    fig, axes = _panel_grid(len(insight.kept_patches), width=2.6)
+    for ax, (layer, patches) in zip(axes, insight.kept_patches.items(), strict=False):
+        dropped = np.ones(side * side)
+        dropped[patches] = 0
+        dropped = dropped.reshape(side, side)
+        _overlay(ax, image, dropped, cmap="gray_r", alpha=0.75 * dropped, vmin=0, vmax=1)
+        count = insight.vision_tokens[layer]  # merged tokens share their image's last patch
+        shown = f", {len(patches)} patches" if len(patches) != count else ""
+        ax.set_title(f"layer {layer}: {count} enter{shown}", fontsize=8)
+    fig.suptitle(f"{method['name']}: vision patches kept (clear) and dropped (dark)", fontsize=9)
+    return _save(fig, path)
+
+
+def processed_image(loaded: LoadedModel, image: Image.Image) -> Image.Image:
+    """The image as the processor crops it (shortest-edge resize, centre crop): what the vision grid covers."""
+    crop = loaded.processor.image_processor.crop_size
+    return ImageOps.fit(image, (crop["width"], crop["height"]))
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split `key=value` arguments into the analysis's own keys and config overrides."""
+    own, overrides = {}, []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value, got {arg!r}\n{USAGE}")
+        if key in ANALYSIS_KEYS:
+            own[key] = value
+        else:
+            overrides.append(arg)
+    return own, overrides
+
+
+def sample_overrides(own: dict[str, str]) -> list[str]:
+    """`sample=TASK:INDEX` selects the task config (so Hydra names the valid tasks)."""
+    if "sample" not in own:
+        return []
+    task, sep, index = own["sample"].partition(":")
+    if not sep or not index.isdigit():
+        raise ConfigError(f"sample must be TASK:INDEX, e.g. sample=synthetic:0; got {own['sample']!r}")
+    return [f"task={task}"]
+
+
+def read_sample(task: DictConfig, index: int) -> tuple[Image.Image, str, str]:
+    """The image, question and id of question `index` of a local task's data file."""
+    import pyarrow.parquet as pq
+
+    if task.source != "local":
+        raise ConfigError(f"sample= reads local tasks only (their data ships in tasks/); {task.name} is a hub task")
+    table = pq.read_table(ROOT / task.data)
+    if not 0 <= index < table.num_rows:
+        raise ConfigError(f"task {task.name} has questions 0..{table.num_rows - 1}; got index {index}")
+    row = table.slice(index, 1).to_pylist()[0]
+    return Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB"), row["question"], row["question_id"]
+
+
+def method_of(cfg: DictConfig, pruner: TokenPruner) -> dict | None:
+    """The configured method's name and budget label (`none` where it reads no budget); None without a method."""
+    if pruner.name == "none":
+        return None
+    return {"name": cfg.method.get("label", pruner.name),
+            "budget": pruner.budget.label if pruner.uses_budget else "none"}
+
+
+def request_of(own: dict[str, str], cfg: DictConfig, method: dict | None) -> Request:
+    if ("image" in own) == ("sample" in own):
+        raise ConfigError(f"give either image=PATH (with question=TEXT) or sample=TASK:INDEX\n{USAGE}")
+    if "image" in own:
+        path = Path(own["image"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"image {path} does not exist")
+        if not own.get("question"):
+            raise ConfigError("image= needs question=TEXT")
+        image, question, source, name = Image.open(path).convert("RGB"), own["question"], str(path), path.stem
+    else:
+        index = int(own["sample"].partition(":")[2])
+        image, question, source = read_sample(cfg.task, index)
+        question, name = own.get("question") or question, f"{cfg.task.name}-{index}"
+    if method is not None:
+        name += f"_{method['name']}" + (f"-{method['budget']}" if method["budget"] != "none" else "")
+    num_layers = cfg.model.num_layers
+    try:
+        layers = [int(x) for x in own["layers"].split(",")] if "layers" in own else sorted(
+            {num_layers // 4, num_layers // 2, 3 * num_layers // 4, num_layers - 1})
+        topk = int(own.get("topk", 5))
+    except ValueError as error:
+        raise ConfigError(f"layers must be comma-separated layer numbers and topk a number: {error}") from None
+    if not all(0 <= layer < num_layers for layer in layers):
+        raise ConfigError(f"layers must be in 0..{num_layers - 1}, got {own['layers']}")
+    if topk < 1:
+        raise ConfigError(f"topk must be at least 1, got {topk}")
+    return Request(image, question, source, own.get("name", name), layers, topk)
+
+
+def run(argv: list[str]) -> Path:
+    own, overrides = parse(argv)
+    overrides += sample_overrides(own)
+    check_overrides(overrides)
+    cfg = compose(overrides)
+    pruner = validate(cfg)
+    method = method_of(cfg, pruner)
+    request = request_of(own, cfg, method)
+    out = Path(cfg.output_dir) / "analysis" / cfg.model.name / request.name
+    loaded = load(cfg.model, cfg.device)
+    insight = analyze(loaded, request, pruner if method is not None else None)
+    result = report(insight, loaded, request, method)
+    out.mkdir(parents=True, exist_ok=True)
+    image = processed_image(loaded, request.image)
+    figures = [plot_logit_lens(result, out / "logit_lens.png"),
+               plot_value_output(result, out / "value_output.png"),
+               plot_attention(insight, image, out / "attention_to_image.png"),
+               plot_sinks(insight, out / "sinks.png"),
+               plot_stages(insight, method, out / "stages.png")]
+    if method is not None and insight.kept_patches:
+        figures.append(plot_pruning(insight, image, method, out / "pruning.png"))
+    elif method is not None:
+        result["pruning"]["note"] = ("no patch overlay: the method reduces features before the language model"
+                                     if insight.kept_patches is None else "the method kept every vision token")
+    result["figures"] = [p.name for p in figures]
+    (out / "analysis.json").write_text(json.dumps(result, indent=1))
+    print(lens_table(result))
+    if "note" in result.get("pruning", {}):
+        print(result["pruning"]["note"])
+    print(f"wrote {', '.join(result['figures'])} and analysis.json to {out}")
+    return out
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(USAGE)
+        return
+    try:
+        run(argv)
+    except ConfigError as error:
+        sys.exit(f"prunebench.analyze: error: {error}")
+
+
+if __name__ == "__main__":
+    main()
