@@ -152,7 +152,7 @@ def cosine_drops(probes: dict[int, ProbeResult], vision: torch.Tensor) -> tuple[
     cosines = []
     for layer in sorted(probes):
         probe = probes[layer]
-        exact = ProbeResult(probe.queries, probe.attention.double(), probe.values.double())
+        exact = ProbeResult(probe.queries, probe.attention.double(), probe.values.double(), probe.output.double())
         cosines.append(scorer.contributions(exact, vision)[0])
     lowest = torch.stack(cosines).min(dim=-1)
     return 1 - lowest.values, lowest.indices

@@ -120,7 +120,9 @@ def load(spec: DictConfig, device: str = "auto") -> LoadedModel:
     dtype = resolve_dtype(spec.dtype, dev)
     if spec.source == "tiny":
         model, processor = build_tiny(spec)
-        model = model.to(dev, dtype)
+        model = model.to(dev)
+        for parameter in model.parameters():  # weights only: RoPE frequencies stay fp32, as from_pretrained keeps them
+            parameter.data = parameter.data.to(dtype)
     else:
         path = checkpoint_dir(spec)
         model = LlavaForConditionalGeneration.from_pretrained(

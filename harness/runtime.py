@@ -48,6 +48,7 @@ class ProbeResult:
     queries: torch.Tensor  # (B, q) current-sequence indices of the probed queries
     attention: torch.Tensor  # (B, H, q, keys) post-softmax probabilities, in the model's dtype
     values: torch.Tensor | None  # (B, H, keys, head_dim), key/value heads repeated to H
+    output: torch.Tensor | None = None  # (B, q, H * head_dim): the layer's own attention output rows, before o_proj
 
 
 @dataclass
@@ -133,15 +134,16 @@ class PruningRuntime:
         self._probe_request: tuple[int, Probe] | None = None
         self._edit = None
         self._handles: list = []
+        self._ended = False  # the pruner's end() ran for this prefill
 
     # ------------------------------------------------------------------ install / remove
     def __enter__(self) -> PruningRuntime:
-        base = self.text_config._attn_implementation or "sdpa"
+        base = self.pruner.attention_backend or self.text_config._attn_implementation or "sdpa"
         if base not in SUPPORTED_BACKENDS:
             raise ConfigError(
                 f"attention backend {base!r} is not supported by the pruning runtime; use one of {SUPPORTED_BACKENDS}"
             )
-        self._base = base
+        self._base, self._model_backend = base, self.text_config._attn_implementation
         self.text_config._attn_implementation = _register_attention(base)
         self._token = _ACTIVE.set(self)
         self._handles.append(self.llava.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
@@ -160,6 +162,8 @@ class PruningRuntime:
                 self._handles.append(encoder_layer.register_forward_hook(self._probe_vision_output))
         for layer in self.lm.layers:
             self._handles.append(layer.register_forward_pre_hook(self._before_layer, with_kwargs=True))
+        if type(self.pruner).end is not TokenPruner.end:
+            self._handles.append(self.lm.layers[-1].register_forward_hook(self._after_last_layer))
         if type(self.pruner).cache_keep is not TokenPruner.cache_keep:
             for layer in self.lm.layers:
                 self._handles.append(layer.register_forward_hook(self._evict_from_cache, with_kwargs=True))
@@ -170,7 +174,7 @@ class PruningRuntime:
             handle.remove()
         self._handles.clear()
         _ACTIVE.reset(self._token)
-        self.text_config._attn_implementation = self._base
+        self.text_config._attn_implementation = self._model_backend
 
     # ------------------------------------------------------------------ prefill start
     def _on_model_call(self, module, args, kwargs):
@@ -183,7 +187,7 @@ class PruningRuntime:
             raise ValueError("the pruning runtime needs input_ids to locate the vision tokens")
         is_vision = input_ids == self.image_token_id
         counts = is_vision.sum(dim=1)
-        self.layers = []
+        self.layers, self._ended = [], False
         self.active = bool(counts.any())
         if self.active and not bool((counts == counts[0]).all()):
             raise ValueError(f"every sample of a batch needs the same number of vision tokens, got {counts.tolist()}")
@@ -316,6 +320,11 @@ class PruningRuntime:
         allowed = (torch.arange(n, device=normed.device)[None, None, :] <= queries[:, :, None]) & state.valid[:, None]
         return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
 
+    def _after_last_layer(self, module, args, output):
+        if self.active and len(self.layers) == len(self.lm.layers) and not self._ended:  # this prefill's last layer
+            self._ended = True
+            self._timed(self.pruner.end, self.state)
+
     def _evict_from_cache(self, module, args, kwargs, output):
         layer = module.self_attn.layer_idx
         cache = kwargs.get("past_key_values")
@@ -402,15 +411,17 @@ class PruningRuntime:
 
     def _decode_inputs(self, layer: int, args, kwargs):
         record = self.layers[layer]
-        if not record.changed:
-            return None
         mask = kwargs.get("attention_mask")
-        if mask is not None:  # padding or eager: the model's mask is sized from layer 0's cache; build this layer's
-            hidden = args[0] if args else kwargs["hidden_states"]
-            cached = kwargs["past_key_values"].get_seq_length(layer)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cached = kwargs["past_key_values"].get_seq_length(layer)
+        # The model sizes its decode mask from layer 0's cache: rebuild it for a changed layer, and for any layer
+        # whose cache length it does not fit (after layer 0 itself was pruned or evicted).
+        rebuild = mask is not None and (record.changed or mask.shape[-1] != cached + hidden.shape[1])
+        if not rebuild and not record.position_shift.any():
+            return None
+        if rebuild:
             kwargs["attention_mask"] = self._decode_mask(record, mask, hidden, cached)
         if record.position_shift.any():
-            hidden = args[0] if args else kwargs["hidden_states"]
             positions = kwargs["position_ids"].expand(hidden.shape[0], -1) - record.position_shift[:, None]
             kwargs["position_ids"] = positions
             kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids=positions)
@@ -446,20 +457,24 @@ class PruningRuntime:
         keys, values = _repeat_kv(key, query), _repeat_kv(value, query)  # views when there are no KV groups
         scaling = kwargs.get("scaling", module.scaling)
         if edit is None:
-            output = base_fn(module, query, key, value, attention_mask, **kwargs)
-            self._timed(lambda: self._store_probe(
-                layer, probe, _softmax_rows(query, keys, attention_mask, scaling, probe.queries), values))
-            return output
+            output, weights = base_fn(module, query, key, value, attention_mask, **kwargs)
+            # Eager hands back its own probabilities: the probe reads them; sdpa does not: the probe computes them.
+            self._timed(lambda: self._store_probe(layer, probe, _rows(weights, probe.queries) if weights is not None
+                                                  else _softmax_rows(query, keys, attention_mask, scaling,
+                                                                     probe.queries), values, output))
+            return output, weights
         # An edited layer is computed explicitly (eager arithmetic); every other layer keeps the model's backend.
-        probs = _softmax_rows(query, keys, attention_mask, scaling, rows=None)
+        probs = self._timed(edit, _softmax_rows(query, keys, attention_mask, scaling, rows=None), self.state)
+        output = (probs @ values).transpose(1, 2).contiguous()
         if probe is not None:
-            rows = probe.queries[:, None, :, None].expand(-1, probs.shape[1], -1, probs.shape[3])
-            self._store_probe(layer, probe, probs.gather(2, rows), values)
-        probs = self._timed(edit, probs, self.state)
-        return (probs @ values).transpose(1, 2).contiguous(), None
+            self._store_probe(layer, probe, _rows(probs, probe.queries), values, output)
+        return output, None
 
-    def _store_probe(self, layer: int, probe: Probe, attention: torch.Tensor, values: torch.Tensor) -> None:
-        self.state.probes[layer] = ProbeResult(probe.queries, attention, values if probe.values else None)
+    def _store_probe(self, layer: int, probe: Probe, attention: torch.Tensor, values: torch.Tensor,
+                     output: torch.Tensor) -> None:
+        batch = torch.arange(output.shape[0], device=output.device)[:, None]
+        rows = output[batch, probe.queries].flatten(2)  # (B, q, H * head_dim)
+        self.state.probes[layer] = ProbeResult(probe.queries, attention, values if probe.values else None, rows)
 
     # ------------------------------------------------------------------ results
     def vision_tokens_per_layer(self) -> torch.Tensor:
@@ -487,6 +502,11 @@ def _cls_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.
 
 def _base_attention(base: str):
     return eager_attention_forward if base == "eager" else AttentionInterface._global_mapping[base]
+
+
+def _rows(probs: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Rows `queries` ((B, q)) of (B, H, n, keys) attention probabilities."""
+    return probs.gather(2, queries[:, None, :, None].expand(-1, probs.shape[1], -1, probs.shape[3]))
 
 
 def _softmax_rows(query, keys, mask, scaling, rows):

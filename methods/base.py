@@ -127,6 +127,11 @@ class TokenPruner:
             raise ConfigError(
                 f"budget must be in 1..{num_vision} (the model's vision tokens), got {self.budget.tokens}")
 
+    @property
+    def attention_backend(self) -> str | None:
+        """The attention backend the method runs the language model with (None: the model's own)."""
+        return None
+
     def vision_schedule(self, num_vision: int, num_layers: int) -> list[int] | None:
         """Vision tokens entering each decoder layer when that does not depend on the data (for FLOP projections
         of full-size models without weights); None for data-dependent methods."""
@@ -149,6 +154,9 @@ class TokenPruner:
 
     def attention_edit(self, layer: int, state: PruneState) -> AttentionEdit | None:
         return None
+
+    def end(self, state: PruneState) -> None:
+        """Called once the last decoder layer has run its prefill (its probes are in `state.probes`)."""
 
     def cache_keep(self, layer: int, state: PruneState) -> torch.Tensor | None:
         """After layer `layer` ran its prefill: (B, k) indices of its current tokens whose K/V stay in that layer's

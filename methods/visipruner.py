@@ -48,7 +48,7 @@ class VisiPruner(TokenPruner):
     """Options: `mode` (subset of shallow/middle/deep), `shallow_mid_layer` S, `layer_threshold`,
     `tokens_threshold`, `exit_threshold` (the code's hidden 0.999), `exit_after` (its hidden 2), `layer0_rule`
     (`auto`: 13b for a 40-layer model, else 7b), `variant` (code|paper), `score_dtype` (model|float32|float16),
-    `seed` (paper variant's random sink)."""
+    `attention` (eager, as the reference, or the model's own backend), `seed` (paper variant's random sink)."""
 
     name: ClassVar[str] = "visipruner"
     supports_batching: ClassVar[bool] = False  # f, the kept set and the exit layer differ per sample
@@ -63,6 +63,7 @@ class VisiPruner(TokenPruner):
     layer0_rule: str = "auto"
     variant: str = "code"
     score_dtype: str = "model"
+    attention: str = "eager"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,7 +75,7 @@ class VisiPruner(TokenPruner):
             if not 0 < getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be in (0, 1), got {getattr(self, key)}")
         choices = {"layer0_rule": ("auto", "7b", "13b"), "variant": ("code", "paper"),
-                   "score_dtype": ("model", *DTYPES)}
+                   "score_dtype": ("model", *DTYPES), "attention": ("eager", "model")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {getattr(self, key)!r}")
@@ -85,6 +86,10 @@ class VisiPruner(TokenPruner):
         super().validate(num_vision, num_layers)
         if not 1 <= self.shallow_mid_layer < num_layers:
             raise ConfigError(f"shallow_mid_layer must be in 1..{num_layers - 1}, got {self.shallow_mid_layer}")
+
+    @property
+    def attention_backend(self) -> str | None:
+        return "eager" if self.attention == "eager" else None
 
     # ------------------------------------------------------------------ per prefill
     def begin(self, state: PruneState) -> None:
@@ -104,6 +109,12 @@ class VisiPruner(TokenPruner):
 
     def record(self, row: int) -> dict:
         return {"filter_layer": self.filter_layer, "kept_tokens": self.kept, "exit_layer": self.exit_layer}
+
+    def end(self, state: PruneState) -> None:
+        """The reference also tests the last layer: a filtering layer found there is recorded (nothing is left to
+        prune); an exit needs a following layer, so none is recorded."""
+        if self.filter_layer is None:
+            self.select(state.num_layers, state)
 
     # ------------------------------------------------------------------ stage 1: shallow edits
     def attention_edit(self, layer: int, state: PruneState) -> AttentionEdit | None:
@@ -156,9 +167,10 @@ class VisiPruner(TokenPruner):
     def contributions(self, probe: ProbeResult, vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos(O - c_j, O) and ||(O - c_j) - O|| for each vision token j, for the last prompt token (batch row 0)."""
         weights, values = probe.attention[0, :, -1], probe.values[0]  # (H, n), (H, n, D)
+        output = probe.output[0, -1]  # O: the layer's own output row, heads concatenated, before o_proj
         if self.score_dtype != "model":
-            weights, values = weights.to(DTYPES[self.score_dtype]), values.to(DTYPES[self.score_dtype])
-        output = (weights[:, None, :] @ values)[:, 0].flatten()  # O: heads concatenated, before o_proj
+            dtype = DTYPES[self.score_dtype]
+            weights, values, output = weights.to(dtype), values.to(dtype), output.to(dtype)
         contribution = (weights[:, vision, None] * values[:, vision]).transpose(0, 1).flatten(1)  # (V, H*D)
         without = output[None] - contribution
         return F.cosine_similarity(without, output[None], dim=-1), (without - output[None]).norm(dim=-1)

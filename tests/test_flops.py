@@ -92,15 +92,17 @@ def test_counter_equals_projection_with_eager_attention(images):
 
 
 def test_visipruner_method_work_is_counted_on_its_own_line(tiny, images):
-    """Probes, explicitly computed edited layers and a layer-0 cache eviction (paper variant)."""
-    pruner = VisiPruner(layer_threshold=0.9999999, tokens_threshold=0.001, exit_threshold=0.5, shallow_mid_layer=1,
-                        variant="paper")
-    (prefill, decode), (projected_prefill, projected_decode) = counted_and_projected(
-        tiny, pruner, images[:1], QUESTIONS[:1])
-    assert pruner.filter_layer is not None, "the thresholds must reach the middle stage"
-    assert_equal_flops(prefill, projected_prefill)
-    assert_equal_flops(decode, projected_decode)
-    assert prefill.method > 0 and projected_prefill.method == 0 and decode.method == 0
+    """Probes, explicitly computed edited layers and a layer-0 cache eviction (paper variant). On the model's sdpa
+    the probes compute attention rows (method work); on eager, VisiPruner's default, they read the layer's own."""
+    for attention, method_flops in (("model", True), ("eager", False)):
+        pruner = VisiPruner(layer_threshold=0.9999999, tokens_threshold=0.001, exit_threshold=0.5,
+                            shallow_mid_layer=1, variant="paper", attention=attention)
+        (prefill, decode), (projected_prefill, projected_decode) = counted_and_projected(
+            tiny, pruner, images[:1], QUESTIONS[:1])
+        assert pruner.filter_layer is not None, "the thresholds must reach the middle stage"
+        assert_equal_flops(prefill, projected_prefill)
+        assert_equal_flops(decode, projected_decode)
+        assert (prefill.method > 0) == method_flops and projected_prefill.method == 0 and decode.method == 0
 
 
 def test_vision_attention_is_zero_after_all_vision_tokens_are_dropped(tiny, images):

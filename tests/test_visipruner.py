@@ -73,7 +73,8 @@ def probe_with(contributions: torch.Tensor, rest: torch.Tensor) -> ProbeResult:
     values[0, 0, V0:V1] = contributions / 0.5
     weights[0, 0, 0, 0] = 1.0
     values[0, 0, 0] = rest
-    return ProbeResult(torch.tensor([[N - 1]]), weights, values)
+    output = (weights[:, :, 0] @ values)[:, None].flatten(2)  # the attention output row the layer would produce
+    return ProbeResult(torch.tensor([[N - 1]]), weights, values, output)
 
 
 def test_middle_stage_keeps_exactly_the_tokens_with_large_contributions():
@@ -173,7 +174,9 @@ def mask_hook(pruner: MaskedVisiPruner):
         visible = torch.ones(1, kv, dtype=torch.bool)
         visible[:, : hidden.shape[1]] = ~hidden
         causal = torch.arange(kv)[None, :] <= (past + torch.arange(h.shape[1]))[:, None]
-        kwargs["attention_mask"] = causal[None, None] & visible[:, None, None, :]
+        allowed = causal[None, None] & visible[:, None, None, :]
+        # VisiPruner runs eager attention, whose masks are additive
+        kwargs["attention_mask"] = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
         return args, kwargs
 
     return hook
@@ -216,6 +219,34 @@ def test_run_equals_its_attention_mask_reference(deep_tiny, images):
 
 
 @torch.no_grad()
+def test_end_records_a_filtering_layer_found_at_the_last_layer():
+    pruner, st = begun()
+    big = torch.full((V1 - V0, 2), 0.01)
+    big[2] = torch.tensor([0.5, -0.3])
+    st.probes[31] = probe_with(big, torch.tensor([1.0, 1.0]))
+    pruner.end(st)
+    assert (pruner.filter_layer, pruner.kept, pruner.exit_layer) == (31, 1, None)
+
+
+@torch.no_grad()
+def test_probes_carry_the_layers_own_attention_output(deep_tiny, images):
+    """O is the layer's own output row (pre-o_proj), not a recomputation: scoring matches the reference bit for bit."""
+    model = deep_tiny.model
+    inputs = deep_tiny.inputs(images[:1], ["What is in the image?"])
+    captured = {}
+    o_proj = model.model.language_model.layers[3].self_attn.o_proj
+    handle = o_proj.register_forward_pre_hook(lambda module, args: captured.setdefault("o_input", args[0]))
+    pruner = VisiPruner(**{**OPTIONS, "mode": ("middle",), "layer_threshold": 1e-9})  # probes every layer > S
+    try:
+        with prune(model, pruner) as runtime:
+            model(**inputs)
+            assert model.config.text_config._attn_implementation == "prunebench_eager"
+    finally:
+        handle.remove()
+    assert torch.equal(runtime.state.probes[3].output[0, -1], captured["o_input"][0, -1])
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
 def test_paper_variant_removes_shallow_vision_from_the_cache(deep_tiny, images):
     model = deep_tiny.model
     inputs = deep_tiny.inputs(images[:1], ["What is in the image?"])
