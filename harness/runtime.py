@@ -66,7 +66,6 @@ class PruneState:
 
     num_layers: int
     sample_ids: list
-    layer: int = 0
     hidden_states: torch.Tensor | None = None  # input of the current layer (B, n, d)
     orig_index: torch.Tensor | None = None  # (B, n) original sequence index (merged tokens: their image's last slot)
     is_vision: torch.Tensor | None = None  # (B, n)
@@ -270,7 +269,6 @@ class PruningRuntime:
             return self._decode_inputs(layer, args, kwargs)
 
         state = self.state
-        state.layer = layer
         hidden = args[0] if args else kwargs.pop("hidden_states")
         state.hidden_states = hidden
         state.attention_preview = functools.partial(self._preview, module)

@@ -9,10 +9,13 @@ During one prefill the runtime calls, for each decoder layer `l` in order:
 2. `probe(l, state)`: a `Probe` (attention rows of chosen queries, optionally the values) to record in layer `l`;
 3. `attention_edit(l, state)`: a function applied to layer `l`'s post-softmax attention probabilities, or None.
 
-Pre-LLM methods may also implement `reduce_image_features`, called on the vision features before the projector, and a
-method may evict tokens from a layer's KV cache once that layer's prefill is done (`cache_keep`).
-Nothing is called during decoding: every method here prunes at prefill only (the KV-cache semantics of each reference
-fast path).
+`begin(state)` opens each prefill and `end(state)` closes it (after the last layer). Pre-LLM methods may implement
+`reduce_image_features`, called on the vision features before the projector; a method may evict tokens from a
+layer's KV cache once that layer's prefill is done (`cache_keep`), ask for a different attention backend
+(`attention_backend`), and declare the vision tokens entering each layer when they do not depend on the data
+(`vision_schedule`, for FLOP projections). Nothing is called during decoding: every method here prunes at prefill
+only (the KV-cache semantics of each reference fast path). During a prefill, `state.attention_preview(queries)` gives
+the attention rows the current layer would compute before it runs, and `state.rotary(positions)` the model's RoPE.
 """
 
 from __future__ import annotations
