@@ -102,6 +102,8 @@ class Prunebench(lmms):
                 torch.cuda.reset_peak_memory_stats(self.loaded.device)
         loaded, pruner = self.loaded, self.pruner
         _, _, _, gen_kwargs, visuals, _ = batch[0]
+        if any(len(visual) > 1 for *_, visual, _ in batch):
+            raise NotImplementedError("samples with several images are not supported yet (LLaVA-1.5 takes one)")
         images = [visual[0] for *_, visual, _ in batch] if visuals else None
         inputs = loaded.inputs(images, [context for _, _, context, *_ in batch])
         sampling = bool(gen_kwargs.get("do_sample")) and gen_kwargs.get("temperature", 0) > 0
