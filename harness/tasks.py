@@ -1,9 +1,16 @@
 """The synthetic visual-question task: a deterministic generator, its scoring, and its lmms-eval data file.
 
-Scenes are drawn deterministically from a seed: 336x336 images of a few coloured shapes, with one-word questions
-about them (the colour of a named shape, whether a shape is present, how many shapes there are). The test split
-ships as `tasks/synthetic_vqa/test.parquet` (`python -m harness.tasks` rebuilds it) and runs through lmms-eval like
-every other task.
+Each scene is drawn from a seed with PIL only: a 336x336 image of 3-6 objects (shape, colour, size, position; no two
+alike in shape, colour and size) and 1-2 short printed words. Every question has a one-word answer and falls into one
+of five categories, in equal numbers, that need different visual evidence:
+- `color`: the colour of a named object (one object's patches);
+- `count`: how many objects of a colour or a shape (evidence scattered over the image);
+- `exist`: whether an object of a colour and shape is present (anywhere, possibly small);
+- `relation`: whether one object is left of / above another (two objects and their positions);
+- `read`: the printed word (small text, a few patches).
+Small objects and words cover few of the 576 patches, so pruning to 64 tokens should hurt `read`, `count` and the
+small-object questions most. The test split ships as `tasks/synthetic_vqa/test.parquet` (`python -m harness.tasks`
+rebuilds it) and runs through lmms-eval like every other task.
 """
 
 from __future__ import annotations
@@ -13,12 +20,31 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
+SIZE = 336
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 140, 30)}
 SHAPES = ("square", "circle", "triangle")
-NUMBERS = ("zero", "one", "two", "three")
+SIZES = {"small": (26, 36), "large": (62, 84)}  # side lengths in pixels: about 2x2 and 5x5 patches of 14 px
+WORDS = ("cat", "dog", "sun", "box", "car", "hat", "pen", "cup")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
+CATEGORIES = ("color", "count", "exist", "relation", "read")
+
+
+@dataclass
+class SceneObject:
+    shape: str
+    color: str
+    size: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+    def name(self, with_size: bool = False) -> str:
+        return f"{self.size + ' ' if with_size else ''}{self.color} {self.shape}"
 
 
 @dataclass
@@ -40,17 +66,41 @@ def score(output: str, answer: str) -> float:
     return float(normalize(output) == normalize(answer))
 
 
-def _scene(rng: random.Random) -> tuple[Image.Image, list[tuple[str, str]]]:
-    image = Image.new("RGB", (336, 336), (245, 245, 240))
+def _free_box(rng: random.Random, side_w: int, side_h: int, taken: list[tuple[int, int, int, int]]):
+    """A box of the given size that keeps 8 px away from every taken box, or None after 200 tries."""
+    for _ in range(200):
+        x0, y0 = rng.randint(8, SIZE - side_w - 8), rng.randint(8, SIZE - side_h - 8)
+        box = (x0, y0, x0 + side_w, y0 + side_h)
+        if all(box[2] + 8 <= t[0] or t[2] + 8 <= box[0] or box[3] + 8 <= t[1] or t[3] + 8 <= box[1] for t in taken):
+            return box
+    return None
+
+
+def draw_scene(rng: random.Random) -> tuple[Image.Image, list[SceneObject], list[tuple[str, tuple]]]:
+    """An image, its objects, and its printed words with their boxes."""
+    image = Image.new("RGB", (SIZE, SIZE), (245, 245, 240))
     draw = ImageDraw.Draw(image)
-    count = rng.randint(1, 3)
-    shapes = rng.sample(SHAPES, count)
-    colors = rng.sample(sorted(COLORS), count)
-    for i, (shape, color) in enumerate(zip(shapes, colors, strict=True)):
-        size = rng.randint(40, 90)
-        x0 = 10 + i * 110 + rng.randint(0, 100 - min(size, 100) // 2)
-        y0 = rng.randint(10, 336 - size - 10)
-        box = (x0, y0, min(x0 + size, 330), y0 + size)
+    taken: list[tuple[int, int, int, int]] = []
+    font = ImageFont.load_default(size=26)
+    words = []
+    for word in rng.sample(WORDS, rng.randint(1, 2)):
+        left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
+        box = _free_box(rng, right - left, bottom - top, taken)
+        if box is not None:
+            draw.text((box[0] - left, box[1] - top), word, fill=(20, 20, 20), font=font)
+            taken.append(box)
+            words.append((word, box))
+    objects: list[SceneObject] = []
+    for _ in range(rng.randint(3, 6)):
+        shape, color, size = rng.choice(SHAPES), rng.choice(sorted(COLORS)), rng.choice(sorted(SIZES))
+        if any((o.shape, o.color, o.size) == (shape, color, size) for o in objects):
+            continue
+        side = rng.randint(*SIZES[size])
+        box = _free_box(rng, side, side, taken)
+        if box is None:
+            continue
+        taken.append(box)
+        objects.append(SceneObject(shape, color, size, box))
         fill = COLORS[color]
         if shape == "square":
             draw.rectangle(box, fill=fill)
@@ -58,25 +108,74 @@ def _scene(rng: random.Random) -> tuple[Image.Image, list[tuple[str, str]]]:
             draw.ellipse(box, fill=fill)
         else:
             draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=fill)
-    return image, list(zip(shapes, colors, strict=True))
+    return image, objects, words
+
+
+def ask(category: str, objects: list[SceneObject], words: list[tuple[str, tuple]],
+        rng: random.Random) -> tuple[str, str] | None:
+    """A question of `category` about the scene and its one-word answer; None when the scene cannot answer one
+    unambiguously (the caller draws another scene)."""
+    if category == "color":
+        by_shape = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
+        by_size = [o for o in objects if sum((p.shape, p.size) == (o.shape, o.size) for p in objects) == 1]
+        if not by_shape and not by_size:
+            return None
+        target = rng.choice(by_shape or by_size)
+        named = target.shape if target in by_shape else f"{target.size} {target.shape}"
+        return f"What color is the {named}? Answer with one word.", target.color
+    if category == "count":
+        if rng.random() < 0.5:
+            color = rng.choice(sorted(COLORS))
+            return (f"How many {color} objects are there? Answer with a number word.",
+                    NUMBERS[sum(o.color == color for o in objects)])
+        shape = rng.choice(SHAPES)
+        return (f"How many {shape}s are there? Answer with a number word.",
+                NUMBERS[sum(o.shape == shape for o in objects)])
+    if category == "exist":
+        if rng.random() < 0.5:  # half the questions name an object that is there
+            target = rng.choice(objects)
+            shape, color = target.shape, target.color
+        else:
+            shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
+        present = any(o.shape == shape and o.color == color for o in objects)
+        return f"Is there a {color} {shape}? Answer yes or no.", "yes" if present else "no"
+    if category == "relation":
+        unique = [o for o in objects if sum((p.color, p.shape) == (o.color, o.shape) for p in objects) == 1]
+        if len(unique) < 2:
+            return None
+        first, second = rng.sample(unique, 2)
+        horizontal = rng.random() < 0.5
+        axis = 0 if horizontal else 1
+        if abs(first.center[axis] - second.center[axis]) < 20:  # too close to call
+            return None
+        answer = "yes" if first.center[axis] < second.center[axis] else "no"
+        relation = "left of" if horizontal else "above"
+        return f"Is the {first.name()} {relation} the {second.name()}? Answer yes or no.", answer
+    if len(words) == 1:
+        return "What word is written in the image? Answer with the word.", words[0][0]
+    (word_a, box_a), (word_b, box_b) = words
+    dx, dy = (box_b[0] + box_b[2] - box_a[0] - box_a[2]) / 2, (box_b[1] + box_b[3] - box_a[1] - box_a[3]) / 2
+    if abs(dx) >= abs(dy):
+        side = rng.choice(("left", "right"))
+        word = word_a if (dx > 0) == (side == "left") else word_b
+        return f"Which word is written further {side}? Answer with the word.", word
+    side = rng.choice(("higher", "lower"))
+    word = word_a if (dy > 0) == (side == "higher") else word_b
+    return f"Which word is written {side} in the image? Answer with the word.", word
 
 
 def synthetic_samples(num_samples: int, seed: int) -> list[Sample]:
+    """`num_samples` questions, the categories in turn, each on its own scene; the same seed gives the same data."""
     rng = random.Random(seed)
     samples = []
     for i in range(num_samples):
-        image, objects = _scene(rng)
-        kind = ("color", "exist", "count")[i % 3]
-        if kind == "color":
-            shape, color = rng.choice(objects)
-            question, answer = f"What color is the {shape}? Answer with one word.", color
-        elif kind == "exist":
-            shape = rng.choice(SHAPES)
-            present = any(s == shape for s, _ in objects)
-            question, answer = f"Is there a {shape}? Answer yes or no.", "yes" if present else "no"
-        else:
-            question, answer = "How many shapes are there? Answer with one word.", NUMBERS[len(objects)]
-        samples.append(Sample(f"synthetic-{seed}-{i}", image, question, answer, kind))
+        category = CATEGORIES[i % len(CATEGORIES)]
+        asked = None
+        while asked is None:
+            image, objects, words = draw_scene(rng)
+            if len(objects) >= 2 and words:
+                asked = ask(category, objects, words, rng)
+        samples.append(Sample(f"synthetic-{seed}-{i}", image, *asked, category))
     return samples
 
 

@@ -61,3 +61,46 @@ def test_cli_reports_bad_input_fast_and_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert time.perf_counter() - start < 60
     assert not any(tmp_path.iterdir()), "nothing may be written for a refused run"
+
+
+def test_the_synthetic_generator_is_deterministic_and_consistent():
+    from harness.tasks import CATEGORIES, synthetic_samples
+
+    first, again, other = synthetic_samples(25, 7), synthetic_samples(25, 7), synthetic_samples(25, 8)
+    assert [(s.question, s.answer) for s in first] == [(s.question, s.answer) for s in again]
+    assert all(a.image.tobytes() == b.image.tobytes() for a, b in zip(first, again, strict=True))
+    assert [s.image.tobytes() for s in first] != [s.image.tobytes() for s in other]
+    assert [s.category for s in first] == list(CATEGORIES) * 5
+    assert all(s.image.size == (336, 336) and len(s.answer.split()) == 1 for s in first)
+
+
+def test_questions_are_answered_from_the_scene():
+    import random
+    import re
+
+    from harness.tasks import SceneObject, ask
+
+    objects = [SceneObject("circle", "red", "large", (10, 10, 80, 80)),
+               SceneObject("square", "blue", "small", (200, 150, 230, 180)),
+               SceneObject("square", "green", "large", (100, 250, 170, 320))]
+    centers = {o.name(): o.center for o in objects}
+    words = [("cat", (250, 20, 290, 40))]
+    rng = random.Random(0)
+    counts = {"red objects": "one", "blue objects": "one", "green objects": "one", "squares": "two",
+              "circles": "one", "triangles": "zero"}
+    for _ in range(30):
+        question, answer = ask("color", objects, words, rng)
+        named = question.removeprefix("What color is the ").split("?")[0]
+        assert answer == {"circle": "red", "small square": "blue", "large square": "green"}[named]
+        question, answer = ask("relation", objects, words, rng)
+        first, relation, second = re.match(r"Is the (.+) (left of|above) the (.+)\?", question).groups()
+        axis = 0 if relation == "left of" else 1
+        assert answer == ("yes" if centers[first][axis] < centers[second][axis] else "no")
+        question, answer = ask("count", objects, words, rng)
+        key = question.removeprefix("How many ").split(" are there")[0]
+        assert answer == counts.get(key, "zero")
+    assert ask("read", objects, words, rng) == ("What word is written in the image? Answer with the word.", "cat")
+    same = [SceneObject("square", "red", "large", (0, 0, 60, 60)),
+            SceneObject("square", "blue", "large", (100, 0, 160, 60))]
+    assert ask("color", same, words, rng) is None  # "the large square" would be ambiguous
+    assert ask("relation", same[:1] + same[:1], words, rng) is None  # two red squares: no unique pair
