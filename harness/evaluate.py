@@ -8,6 +8,7 @@ lmms-eval's own, whose datasets must already be in the Hugging Face cache: runs 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -40,9 +41,16 @@ def quiet_lmms_eval() -> None:
 
 
 def task_manager(task: DictConfig):
+    return _task_manager(task.source)
+
+
+@functools.cache
+def _task_manager(source: str):
+    """One TaskManager per process and source: indexing lmms-eval's own tasks takes seconds, and checking a task and
+    then running it (or a sweep's jobs) reuse it."""
     from lmms_eval.tasks import TaskManager
 
-    if task.source == "local":
+    if source == "local":
         return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     return TaskManager(include_defaults=True)
 
