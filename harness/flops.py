@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from harness.results import SAMPLES, read_samples
 from harness.runtime import PruningRuntime, in_method_work
 from methods.base import ConfigError, TokenPruner
 
@@ -438,8 +439,6 @@ def projection(arch: Architecture, vision: list[list[int]], text_tokens: int, de
 
 def recorded_vision(results_dir: Path, num_layers: int) -> list[list[int]]:
     """Each image sample's vision tokens entering each layer, from a run's samples.jsonl."""
-    from harness.run import SAMPLES, read_samples
-
     path = results_dir / SAMPLES
     if not path.exists():
         raise ConfigError(f"results_dir={results_dir} has no {SAMPLES}")

@@ -23,9 +23,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from harness.results import RESULT, SAMPLES, read_samples
 from harness.tracking import log_leaderboard
-
-RESULT, SAMPLES = "result.json", "samples.jsonl"
 
 
 def load_runs(results_dir: Path) -> list[dict]:
@@ -40,9 +39,8 @@ def load_runs(results_dir: Path) -> list[dict]:
     return runs
 
 
-def read_samples(run_dir: Path) -> dict[str, dict]:
-    with open(run_dir / SAMPLES) as f:
-        return {record["id"]: record for record in map(json.loads, f)}
+def samples_by_id(run_dir: Path) -> dict[str, dict]:
+    return {record["id"]: record for record in read_samples(run_dir / SAMPLES)}
 
 
 def first_token_kl(dense: dict, run: dict) -> float:
@@ -58,7 +56,7 @@ def first_token_kl(dense: dict, run: dict) -> float:
 
 def loyalty(dense_dir: Path, run_dir: Path) -> tuple[float, float]:
     """(answer agreement, mean first-token KL) of a run against the dense run, over their common samples."""
-    dense, run = read_samples(dense_dir), read_samples(run_dir)
+    dense, run = samples_by_id(dense_dir), samples_by_id(run_dir)
     common = [i for i in run if i in dense]
     agreement = statistics.fmean(run[i]["output"] == dense[i]["output"] for i in common)
     kl = statistics.fmean(first_token_kl(dense[i]["first_token_top"], run[i]["first_token_top"]) for i in common)

@@ -9,7 +9,6 @@ e.g. `method.k=3`); the package declares the `lmms_eval.models` entry point for 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -178,17 +177,6 @@ def _cut(text: str, until) -> str:
 def _result(record: dict) -> GenerationResult:
     return GenerationResult(text=record["output"], token_counts=TokenCounts(
         input_tokens=record.get("input_tokens"), output_tokens=record.get("output_tokens")))
-
-
-def write_record(handle) -> Callable[[dict], None]:
-    """A sink appending one JSON line per record and syncing it, so a killed run loses no finished sample."""
-
-    def sink(record: dict) -> None:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-    return sink
 
 
 manifest = ModelManifest(model_id="prunebench", simple_class_path="harness.lmms.Prunebench")

@@ -18,11 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from harness import flops
 from harness.config import validate
 from harness.evaluate import Evaluation, evaluate
-from harness.lmms import Prunebench, write_record
+from harness.lmms import Prunebench
+from harness.results import RESULT, SAMPLES, STARTED, read_samples, write_json_atomic, write_record
 from harness.tracking import log_run
 from methods.base import ConfigError, TokenPruner
 
-RESULT, SAMPLES, STARTED = "result.json", "samples.jsonl", "config.json"
 # Keys that change where or whether a run happens, not what it computes.
 NON_RESULT_KEYS = ("force", "output_dir", "wandb")
 
@@ -36,33 +36,6 @@ def result_dir(cfg: DictConfig, pruner: TokenPruner) -> Path:
 def config_key(config: dict) -> str:
     defining = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_samples(path: Path, repair: bool = False) -> list[dict]:
-    """Complete lines of a samples file; a line cut short by a killed run is dropped (and redone). `repair` rewrites
-    the file without it, so that appends stay line-aligned (only for the file this process appends to)."""
-    if not path.exists():
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    if repair:
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-    return records
 
 
 def run(cfg: DictConfig) -> Path:

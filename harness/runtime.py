@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
 
 from methods.base import ConfigError, Probe, Selection, TokenPruner
 
@@ -314,7 +314,8 @@ class PruningRuntime:
         query, _ = apply_rotary_pos_emb(query.transpose(1, 2), query.transpose(1, 2), cos[rows, queries],
                                         sin[rows, queries])
         _, key = apply_rotary_pos_emb(key.transpose(1, 2), key.transpose(1, 2), cos, sin)
-        scores = (query.float() @ _repeat_kv(key, query).float().transpose(-1, -2)) * attention.scaling
+        keys = repeat_kv(key, query.shape[1] // key.shape[1])
+        scores = (query.float() @ keys.float().transpose(-1, -2)) * attention.scaling
         allowed = (torch.arange(n, device=normed.device)[None, None, :] <= queries[:, :, None]) & state.valid[:, None]
         return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
 
@@ -452,7 +453,8 @@ class PruningRuntime:
         base_fn = _base_attention(base)
         if (probe is None and edit is None) or query.shape[2] != key.shape[2]:
             return base_fn(module, query, key, value, attention_mask, **kwargs)
-        keys, values = _repeat_kv(key, query), _repeat_kv(value, query)  # views when there are no KV groups
+        groups = query.shape[1] // key.shape[1]
+        keys, values = repeat_kv(key, groups), repeat_kv(value, groups)  # no copy without KV groups
         scaling = kwargs.get("scaling", module.scaling)
         if edit is None:
             output, weights = base_fn(module, query, key, value, attention_mask, **kwargs)
@@ -478,15 +480,6 @@ class PruningRuntime:
     def vision_tokens_per_layer(self) -> torch.Tensor:
         """(B, L) vision tokens entering each decoder layer in the last prefill."""
         return torch.stack([record.vision_tokens for record in self.layers], dim=1)
-
-
-def _repeat_kv(states: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """Key/value heads (B, H_kv, n, d) repeated to the query heads; without KV groups, the tensor itself (no copy)."""
-    batch, kv_heads, n, dim = states.shape
-    groups = query.shape[1] // kv_heads
-    if groups == 1:
-        return states
-    return states[:, :, None].expand(batch, kv_heads, groups, n, dim).reshape(batch, -1, n, dim)
 
 
 def _cls_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
