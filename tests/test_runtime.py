@@ -22,12 +22,14 @@ def generate(model, inputs, **kw):
 
 
 @contextlib.contextmanager
-def hide_keys_from(model, hidden_per_layer: list[torch.Tensor | None]):
+def hide_keys_from(model, hidden_per_layer):
     """The attention-mask reference: in layer l, keys at original indices `hidden_per_layer[l]` ((B, N) bool; None:
-    none) are invisible to every query, prefill and decode; positions and everything else unchanged."""
+    none) are invisible to every query, prefill and decode; positions and everything else unchanged.
+    `hidden_per_layer` may also be a function of the layer, for decisions made during the same forward."""
+    hidden_at = hidden_per_layer if callable(hidden_per_layer) else hidden_per_layer.__getitem__
 
     def hook(module, args, kwargs):
-        hidden = hidden_per_layer[module.self_attn.layer_idx]
+        hidden = hidden_at(module.self_attn.layer_idx)
         if hidden is None:
             return None
         h = args[0] if args else kwargs["hidden_states"]
@@ -40,8 +42,10 @@ def hide_keys_from(model, hidden_per_layer: list[torch.Tensor | None]):
         causal = torch.arange(kv)[None, :] <= (past + torch.arange(q))[:, None]
         given = kwargs.get("attention_mask")
         mask = causal[None, None] & visible[:, None, None, :]
-        if given is not None:
+        if given is not None and given.dtype == torch.bool:
             mask = mask & given
+        if model.config.text_config._attn_implementation.endswith("eager"):  # eager masks are additive
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
         kwargs["attention_mask"] = mask
         return args, kwargs
 

@@ -10,6 +10,7 @@ import torch
 from harness.runtime import ProbeResult, PruneState, prune
 from methods import ConfigError, VisiPruner
 from tests.conftest import tiny_model
+from tests.test_runtime import hide_keys_from
 
 # ---------------------------------------------------------------------- hand-built tensors
 N, V0, V1 = 10, 2, 6  # a 10-token sequence with vision tokens at 2..5 and text after them
@@ -162,26 +163,6 @@ class MaskedVisiPruner(VisiPruner):
         return None
 
 
-def mask_hook(pruner: MaskedVisiPruner):
-    def hook(module, args, kwargs):
-        hidden = pruner.hidden_at[module.self_attn.layer_idx]
-        if not hidden.any():
-            return None
-        h = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length(module.self_attn.layer_idx) if cache is not None else 0
-        kv = past + h.shape[1]
-        visible = torch.ones(1, kv, dtype=torch.bool)
-        visible[:, : hidden.shape[1]] = ~hidden
-        causal = torch.arange(kv)[None, :] <= (past + torch.arange(h.shape[1]))[:, None]
-        allowed = causal[None, None] & visible[:, None, None, :]
-        # VisiPruner runs eager attention, whose masks are additive
-        kwargs["attention_mask"] = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-        return args, kwargs
-
-    return hook
-
-
 @pytest.fixture(scope="module")
 def deep_tiny():
     return tiny_model(num_layers=8)
@@ -204,15 +185,10 @@ def test_run_equals_its_attention_mask_reference(deep_tiny, images):
     survivors = runtime.layers[-1].orig_index[0]
 
     reference_pruner = MaskedVisiPruner(**OPTIONS)
-    with prune(model, reference_pruner, sample_ids=["s"]):
-        handles = [layer.register_forward_pre_hook(mask_hook(reference_pruner), with_kwargs=True)
-                   for layer in model.model.language_model.layers]
-        try:
-            reference = model(**inputs).logits
-            reference_tokens = model.generate(**inputs, max_new_tokens=20, min_new_tokens=20, do_sample=False)
-        finally:
-            for handle in handles:
-                handle.remove()
+    with prune(model, reference_pruner, sample_ids=["s"]), hide_keys_from(
+            model, lambda layer: reference_pruner.hidden_at.get(layer)):  # begin() makes a new dict per prefill
+        reference = model(**inputs).logits
+        reference_tokens = model.generate(**inputs, max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert (reference_pruner.filter_layer, reference_pruner.kept, reference_pruner.exit_layer) == (f, kept, exit_layer)
     assert (out.logits[0] - reference[0, survivors]).abs().max() <= 1e-4
     assert torch.equal(tokens, reference_tokens)
