@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageOps
 
-from harness.config import check_overrides, compose, validate
+from harness.config import CONF_DIR, check_overrides, compose, validate
 from harness.evaluate import ROOT
 from harness.models import LoadedModel, load
 from harness.runtime import ProbeResult, prune
@@ -407,6 +407,9 @@ def sample_overrides(own: dict[str, str]) -> list[str]:
     task, sep, index = own["sample"].partition(":")
     if not sep or not index.isdigit():
         raise ConfigError(f"sample must be TASK:INDEX, e.g. sample=synthetic:0; got {own['sample']!r}")
+    spec = CONF_DIR / "task" / f"{task}.yaml"
+    if spec.is_file() and OmegaConf.load(spec).get("source") != "local":  # before the task check looks for its data
+        raise ConfigError(f"sample= reads local tasks only (their data ships in tasks/); {task} is a hub task")
     return [f"task={task}"]
 
 
@@ -414,8 +417,6 @@ def read_sample(task: DictConfig, index: int) -> tuple[Image.Image, str, str]:
     """The image, question and id of question `index` of a local task's data file."""
     import pyarrow.parquet as pq
 
-    if task.source != "local":
-        raise ConfigError(f"sample= reads local tasks only (their data ships in tasks/); {task.name} is a hub task")
     table = pq.read_table(ROOT / task.data)
     if not 0 <= index < table.num_rows:
         raise ConfigError(f"task {task.name} has questions 0..{table.num_rows - 1}; got index {index}")

@@ -1,10 +1,11 @@
 """LLaVA-1.5 on `transformers`' `LlavaForConditionalGeneration`: loading, the vicuna_v1 prompt, batched inputs.
 
 Two sources:
-- `hf`: a real checkpoint (`llava-hf/llava-1.5-7b-hf`, a local directory, or the Hub cache). Nothing is downloaded
-  here: a missing checkpoint stops the run before anything loads, saying what to download or which path to set.
+- `hf`: a real checkpoint (`llava-hf/llava-1.5-7b-hf`, a local directory, or the Hub cache), or the trained tiny
+  model shipped in `checkpoints/tiny_trained` (`python -m harness.train_tiny`). Nothing is downloaded here: a missing
+  checkpoint stops the run before anything loads, saying what to download or which path to set.
 - `tiny`: a LLaVA-1.5-geometry model built offline from a config (336 px / patch 14 -> 576 vision tokens, tiny
-  widths, random weights from a seed, a byte-level tokenizer made in code). The tests run on it.
+  widths, random weights from a seed, a byte-level tokenizer made in code). Most tests run on it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from PIL import Image
 from methods.base import ConfigError
 
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+ROOT = Path(__file__).resolve().parent.parent
 # The llava-hf configs of LLaVA-1.5-7B/13B (no weights), for FLOP projections and random-weight benchmarks.
-MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+MODEL_CONFIGS = ROOT / "harness" / "model_configs"
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -78,6 +80,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def checkpoint_dir(spec: DictConfig) -> Path:
     """The local directory of an `hf` model's checkpoint, or ModelNotAvailable saying how to get it."""
     path = os.path.expanduser(spec.path)
+    if (ROOT / path).is_dir():  # a checkpoint shipped in the repository (tiny_trained), whatever the working dir
+        path = str(ROOT / path)
     if path.startswith((os.sep, ".")) and not os.path.isdir(path):
         raise ModelNotAvailable(f"model.path={path} does not exist; the weights of model '{spec.name}' are not on "
                                 f"this machine. Point model.path at a local checkpoint directory.")
@@ -135,9 +139,36 @@ def load(spec: DictConfig, device: str = "auto") -> LoadedModel:
     return LoadedModel(spec.name, model.eval(), processor, dev)
 
 
-def build_tiny(spec: DictConfig):
-    """A LLaVA-1.5-geometry model with tiny widths, random weights from `spec.seed`, and an in-code tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+TOKENIZER_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0-4 in every tiny tokenizer
+
+
+def byte_tokenizer():
+    """One token per byte, no merges: a tokenizer that needs no training (the random-weight tiny model's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(TOKENIZER_SPECIALS)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    return fast_tokenizer(Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")))
+
+
+def fast_tokenizer(backend):
+    """A byte-level `tokenizers` model wrapped as a LLaMA-style tokenizer: `<s>` first, `</s>` ends an answer."""
+    from tokenizers import decoders, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=["<image>"],
+    )
+
+
+def build_tiny(spec: DictConfig, tokenizer=None):
+    """A LLaVA-1.5-geometry model with tiny widths, random weights from `spec.seed`, and `tokenizer` (default: the
+    byte tokenizer)."""
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
@@ -145,21 +176,9 @@ def build_tiny(spec: DictConfig):
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        PreTrainedTokenizerFast,
     )
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    vocab = {token: i for i, token in enumerate(specials)}
-    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):  # one token per byte, no merges
-        vocab[char] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        additional_special_tokens=["<image>"],
-    )
+    tokenizer = tokenizer or byte_tokenizer()
     size = spec.image_size
     image_processor = CLIPImageProcessorPil(  # the PIL backend: no torchvision
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},

@@ -84,7 +84,7 @@ def run(cfg: DictConfig) -> Path:
     result = summarize(records, evaluation, cfg, pruner, config, key)
     write_json_atomic(finished, result)
     log_run(result, cfg, out)
-    print(summary_line(result, out))
+    print(summary_table(result, out))
     return out
 
 
@@ -144,10 +144,20 @@ def summarize(records: list[dict], evaluation: Evaluation, cfg: DictConfig, prun
     }
 
 
-def summary_line(result: dict, out: Path) -> str:
+def summary_table(result: dict, out: Path) -> str:
+    """What a finished run printed: accuracy overall and per category, T̄_in, FLOPs and prefill latency."""
     metrics, tokens, cost = result["metrics"], result["tokens"], result["cost"]
-    categories = "  ".join(f"{c}={v:.3f}" for c, v in metrics["by_category"].items())
     primary = result["primary_metric"]
-    return (f"{result['method']} {result['model']} {result['task']} budget={out.name}: "
-            f"{primary}={metrics[primary]:.3f}{f' ({categories})' if categories else ''}  "
-            f"T̄_in={tokens['mean_vision_tokens']:.1f}  prefill={cost['prefill_ms']:.1f} ms  -> {out}")
+    columns = {primary: metrics[primary], **metrics["by_category"]}
+    widths = [max(len(name), 6) for name in columns]
+    budget = result["budget"]["tokens"] if result["budget"]["used"] else "none"
+    flops_total = cost["flops_total"]
+    return "\n".join([
+        f"{result['method']} on {result['model']} / {result['task']} (budget {budget}), {result['n_samples']} samples",
+        "  " + "  ".join(name.rjust(w) for name, w in zip(columns, widths, strict=True)),
+        "  " + "  ".join(f"{value:.3f}".rjust(w) for value, w in zip(columns.values(), widths, strict=True)),
+        f"  T̄_in {tokens['mean_vision_tokens']:.1f} vision tokens per layer  |  "
+        f"{flops_total / 1e9:.3f} GFLOPs per sample ({cost['flops_prefill'] / 1e9:.3f} prefill)  |  "
+        f"prefill {cost['prefill_ms']:.1f} ms (median)",
+        f"  -> {out}",
+    ])

@@ -1,6 +1,7 @@
 """VisiPruner (Fan et al., EMNLP 2025, arXiv 2510.17205), as its reference code (`EIT-NLP/VisiPruner`) behaves.
 
-Three stages over the decoder layers of one prefill (layer indices 0-based, S = `shallow_mid_layer`):
+Three stages over the decoder layers of one prefill (layer indices 0-based, S = `shallow_mid_layer`: the reference's 6
+on LLaVA-1.5-7B/13B, the same relative depth on other depths, e.g. 2 on the 8-layer tiny_trained model):
 
 1. **Shallow** (layers < S): post-softmax edits, no renormalisation. Layer 0, 7B rule: each text query's attention
    mass on the image moves onto the first image patch (the sink) and all attention to vision keys from the image
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 
-from methods.base import AttentionEdit, ConfigError, Probe, Selection, TokenPruner
+from methods.base import AttentionEdit, ConfigError, Probe, Selection, TokenPruner, scale_layers
 from methods.random import sample_seed
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class VisiPruner(TokenPruner):
     record_keys: ClassVar[tuple[str, ...]] = ("filter_layer", "kept_tokens", "exit_layer")
 
     mode: tuple[str, ...] = STAGES
-    shallow_mid_layer: int = 6
+    shallow_mid_layer: int | None = None
     layer_threshold: float = 0.995
     tokens_threshold: float = 0.2
     exit_threshold: float = 0.999
@@ -84,8 +85,18 @@ class VisiPruner(TokenPruner):
 
     def validate(self, num_vision: int, num_layers: int) -> None:
         super().validate(num_vision, num_layers)
-        if not 1 <= self.shallow_mid_layer < num_layers:
-            raise ConfigError(f"shallow_mid_layer must be in 1..{num_layers - 1}, got {self.shallow_mid_layer}")
+        layer = self.shallow_mid_layer
+        if layer is not None and (not isinstance(layer, int) or not 1 <= layer < num_layers):
+            raise ConfigError(f"shallow_mid_layer must be null or in 1..{num_layers - 1}, got {layer!r}")
+        self.mid_layer(num_layers)  # a depth that has no room for S stops here
+
+    def mid_layer(self, num_layers: int) -> int:
+        """S: as set, else the reference's 6 on LLaVA-1.5-7B/13B (32/40 layers), placed at the same relative depth
+        of 32 layers on other depths (the reference has no other depth; S = 6 would leave an 8-layer model two
+        layers that see the image)."""
+        if self.shallow_mid_layer is not None:
+            return self.shallow_mid_layer
+        return 6 if num_layers in (32, 40) else scale_layers([6], num_layers)[0]
 
     @property
     def attention_backend(self) -> str | None:
@@ -96,6 +107,7 @@ class VisiPruner(TokenPruner):
         vision = state.vision_index[0]
         self.vision_start, self.vision_end = int(vision[0]), int(vision[-1]) + 1
         self.num_vision = vision.numel()
+        self.shallow_end = self.mid_layer(state.num_layers)
         self.rule = self.layer0_rule if self.layer0_rule != "auto" else ("13b" if state.num_layers == 40 else "7b")
         if self.variant == "paper":  # the paper's random sink patch, reproducible per sample
             generator = torch.Generator().manual_seed(sample_seed(self.seed, state.sample_ids[0]))
@@ -118,7 +130,7 @@ class VisiPruner(TokenPruner):
 
     # ------------------------------------------------------------------ stage 1: shallow edits
     def attention_edit(self, layer: int, state: PruneState) -> AttentionEdit | None:
-        if "shallow" not in self.mode or layer >= self.shallow_mid_layer:
+        if "shallow" not in self.mode or layer >= self.shallow_end:
             return None
         return lambda probs, state: self._shallow_edit(layer, probs)
 
@@ -140,7 +152,7 @@ class VisiPruner(TokenPruner):
 
     # ------------------------------------------------------------------ stages 2 and 3: probes and drops
     def probe(self, layer: int, state: PruneState) -> Probe | None:
-        middle = "middle" in self.mode and self.filter_layer is None and layer > self.shallow_mid_layer
+        middle = "middle" in self.mode and self.filter_layer is None and layer > self.shallow_end
         deep = "deep" in self.mode and self.filter_layer is not None and self.exit_layer is None
         return Probe(queries=state.last_query, values=True) if middle or deep else None
 
@@ -176,6 +188,6 @@ class VisiPruner(TokenPruner):
         return F.cosine_similarity(without, output[None], dim=-1), (without - output[None]).norm(dim=-1)
 
     def cache_keep(self, layer: int, state: PruneState) -> torch.Tensor | None:
-        if self.variant != "paper" or "shallow" not in self.mode or layer >= self.shallow_mid_layer:
+        if self.variant != "paper" or "shallow" not in self.mode or layer >= self.shallow_end:
             return None
         return (~state.is_vision[0]).nonzero()[:, 0][None]  # the paper excludes shallow vision K/V from the cache

@@ -192,6 +192,7 @@ def test_cli_writes_the_figures_and_the_numbers(tmp_path, capsys):
     (["sample=synthetic:300"], "task synthetic has questions 0..299; got index 300"),
     (["sample=synthetic-3"], "sample must be TASK:INDEX"),
     (["sample=nope:1"], "unknown task 'nope'"),
+    (["sample=gqa:1"], "sample= reads local tasks only (their data ships in tasks/); gqa is a hub task"),
     (["question=Why?"], "give either image=PATH"),
     (["sample=synthetic:0", "layers=16"], "layers must be in 0..15"),
 ])

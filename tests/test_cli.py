@@ -27,7 +27,7 @@ def harness(*overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_run_writes_results_and_a_rerun_is_skipped(tmp_path):
-    args = ("method=random", "budget=64", "task.limit=3", f"output_dir={tmp_path}")
+    args = ("model=tiny", "method=random", "budget=64", "task.limit=3", f"output_dir={tmp_path}")
     first = harness(*args)
     assert first.returncode == 0, first.stderr
     out = tmp_path / "tiny" / "synthetic" / "random" / "64"
@@ -52,7 +52,7 @@ def test_run_writes_results_and_a_rerun_is_skipped(tmp_path):
 
 def config(tmp_path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"output_dir={tmp_path}", "task.limit=4", *overrides])
+        return compose("config", overrides=[f"output_dir={tmp_path}", "model=tiny", "task.limit=4", *overrides])
 
 
 def test_a_killed_run_resumes_without_redoing_finished_samples(tmp_path, monkeypatch):

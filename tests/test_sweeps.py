@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SWEEP = ["-m", "method=none,random", "budget=64,128", "task.limit=3"]
+SWEEP = ["-m", "model=tiny", "method=none,random", "budget=64,128", "task.limit=3"]
 
 
 def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -61,7 +61,7 @@ def test_the_lmms_eval_cli_runs_prunebench(tmp_path):
 
 def test_wandb_offline_keeps_the_metrics_and_the_table(tmp_path):
     env_free = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
-    proc = subprocess.run([sys.executable, "-m", "harness", "method=random", "budget=64", "task.limit=2",
+    proc = subprocess.run([sys.executable, "-m", "harness", "model=tiny", "method=random", "budget=64", "task.limit=2",
                            f"output_dir={tmp_path}", "wandb.mode=offline"], capture_output=True, text=True,
                           timeout=600, cwd=ROOT, env=env_free)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -69,7 +69,7 @@ def test_wandb_offline_keeps_the_metrics_and_the_table(tmp_path):
     data = log.read_bytes()  # wandb's protobuf log stores the keys verbatim
     for key in (b"metrics/exact_match", b"tokens/mean_vision_tokens", b"cost/prefill_ms", b"cost/kv_cache_bytes"):
         assert key in data, key
-    run("-m", "harness", "method=none", "task.limit=2", f"output_dir={tmp_path}")
+    run("-m", "harness", "model=tiny", "method=none", "task.limit=2", f"output_dir={tmp_path}")
     run("-m", "harness.leaderboard", str(tmp_path), "--wandb", "offline")
     (table,) = (tmp_path / "wandb").rglob("leaderboard_*.table.json")
     content = json.loads(table.read_text())
@@ -81,7 +81,7 @@ def lines(path: Path) -> int:
 
 
 def test_a_killed_sweep_restarts_without_redoing_finished_samples(tmp_path):
-    args = [sys.executable, "-m", "harness", "-m", "method=random", "budget=64,128", "task.limit=6",
+    args = [sys.executable, "-m", "harness", "-m", "model=tiny", "method=random", "budget=64,128", "task.limit=6",
             f"output_dir={tmp_path}"]
     first = tmp_path / "tiny" / "synthetic" / "random" / "64"
     second = first.parent / "128"

@@ -65,6 +65,17 @@ def test_layer0_13b_rule_and_later_shallow_layers():
     assert (paper.attention_edit(3, st)(probs, st)[:, :, V0:V1, V0:V1] == 0).all()  # paper: removed as well
 
 
+def test_shallow_mid_layer_is_the_references_6_on_llava_depths_and_scaled_elsewhere():
+    assert [VisiPruner().mid_layer(n) for n in (32, 40, 16, 8)] == [6, 6, 3, 2]
+    assert VisiPruner(shallow_mid_layer=5).mid_layer(8) == 5  # a set S is used as set
+    pruner, st = begun()
+    assert pruner.shallow_end == 6 and pruner.attention_edit(5, st) is not None
+    pruner.begin(state(8))
+    assert pruner.shallow_end == 2 and pruner.attention_edit(1, st) is not None and pruner.attention_edit(2, st) is None
+    with pytest.raises(ConfigError, match="shallow_mid_layer"):
+        VisiPruner(shallow_mid_layer=8).validate(num_vision=576, num_layers=8)
+
+
 def probe_with(contributions: torch.Tensor, rest: torch.Tensor) -> ProbeResult:
     """A last-query probe whose weight x value per vision token is `contributions` (V, D) for one head, with the
     non-vision keys contributing `rest` (D,) in total."""
