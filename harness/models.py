@@ -1,9 +1,10 @@
 """LLaVA-1.5 on `transformers`' `LlavaForConditionalGeneration`: loading, the vicuna_v1 prompt, batched inputs.
 
 Two sources:
-- `hf`: a real checkpoint (`llava-hf/llava-1.5-7b-hf`, a local directory, or the Hub cache), or the trained tiny
-  model shipped in `checkpoints/tiny_trained` (`python -m harness.train_tiny`). Nothing is downloaded here: a missing
-  checkpoint stops the run before anything loads, saying what to download or which path to set.
+- `hf`: a real checkpoint (`llava-hf/llava-1.5-7b-hf`, a local directory, or the Hub cache), or one that
+  `python -m harness.train_tiny` wrote (a directory, absolute or relative to the repository root). Nothing is
+  downloaded here: a missing checkpoint stops the run before anything loads, saying what to download or which path
+  to set.
 - `tiny`: a LLaVA-1.5-geometry model built offline from a config (336 px / patch 14 -> 576 vision tokens, tiny
   widths, random weights from a seed, a byte-level tokenizer made in code). Most tests run on it.
 """
@@ -18,10 +19,10 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from harness.evaluate import ROOT
 from methods.base import ConfigError
 
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
-ROOT = Path(__file__).resolve().parent.parent
 # The llava-hf configs of LLaVA-1.5-7B/13B (no weights), for FLOP projections and random-weight benchmarks.
 MODEL_CONFIGS = ROOT / "harness" / "model_configs"
 VICUNA_V1_SYSTEM = (
@@ -80,7 +81,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def checkpoint_dir(spec: DictConfig) -> Path:
     """The local directory of an `hf` model's checkpoint, or ModelNotAvailable saying how to get it."""
     path = os.path.expanduser(spec.path)
-    if (ROOT / path).is_dir():  # a checkpoint shipped in the repository (tiny_trained), whatever the working dir
+    if (ROOT / path).is_dir():  # a directory under the repository root, whatever the working directory
         path = str(ROOT / path)
     if path.startswith((os.sep, ".")) and not os.path.isdir(path):
         raise ModelNotAvailable(f"model.path={path} does not exist; the weights of model '{spec.name}' are not on "

@@ -145,19 +145,18 @@ def summarize(records: list[dict], evaluation: Evaluation, cfg: DictConfig, prun
 
 
 def summary_table(result: dict, out: Path) -> str:
-    """What a finished run printed: accuracy overall and per category, T̄_in, FLOPs and prefill latency."""
+    """What a finished run prints: accuracy overall and per category, T̄_in, FLOPs and prefill latency."""
     metrics, tokens, cost = result["metrics"], result["tokens"], result["cost"]
     primary = result["primary_metric"]
     columns = {primary: metrics[primary], **metrics["by_category"]}
     widths = [max(len(name), 6) for name in columns]
     budget = result["budget"]["tokens"] if result["budget"]["used"] else "none"
-    flops_total = cost["flops_total"]
     return "\n".join([
         f"{result['method']} on {result['model']} / {result['task']} (budget {budget}), {result['n_samples']} samples",
         "  " + "  ".join(name.rjust(w) for name, w in zip(columns, widths, strict=True)),
         "  " + "  ".join(f"{value:.3f}".rjust(w) for value, w in zip(columns.values(), widths, strict=True)),
         f"  T̄_in {tokens['mean_vision_tokens']:.1f} vision tokens per layer  |  "
-        f"{flops_total / 1e9:.3f} GFLOPs per sample ({cost['flops_prefill'] / 1e9:.3f} prefill)  |  "
+        f"{cost['flops_total'] / 1e9:.3f} GFLOPs per sample ({cost['flops_prefill'] / 1e9:.3f} prefill)  |  "
         f"prefill {cost['prefill_ms']:.1f} ms (median)",
         f"  -> {out}",
     ])

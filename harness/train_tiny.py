@@ -27,11 +27,11 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from harness.evaluate import ROOT
 from harness.models import TOKENIZER_SPECIALS, build_tiny, fast_tokenizer, vicuna_v1_prompt
 from harness.results import write_json_atomic
 from harness.tasks import CATEGORIES, ask, draw_scene, score, synthetic_samples
 
-ROOT = Path(__file__).resolve().parent.parent
 ARCHITECTURE = dict(  # LLaVA-1.5 geometry; widths small enough for a CPU, depth enough for layer-wise dynamics
     name="tiny_trained", source="tiny", image_size=336, patch_size=14, num_vision_tokens=576,
     num_layers=8, hidden_size=128, intermediate_size=384, num_heads=4, num_kv_heads=4,
@@ -40,6 +40,7 @@ ARCHITECTURE = dict(  # LLaVA-1.5 geometry; widths small enough for a CPU, depth
 VOCAB_SIZE = 512
 VALIDATION_SEED = 2  # the shipped test split is seed 1; training scenes come from their own string-seeded streams
 IGNORE = -100
+DEFINING = ("seed", "steps", "batch_size", "lr", "warmup")  # settings a resumed run must share
 
 
 def train_tokenizer(seed: int):
@@ -156,8 +157,11 @@ def main(argv: list[str] | None = None) -> Path:
     start = 0
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
-        if state["log"]["settings"]["seed"] != args.seed or state["log"]["settings"]["steps"] != args.steps:
-            raise SystemExit(f"{state_path} belongs to another run (seed/steps differ); delete it to start afresh")
+        saved = state["log"]["settings"]
+        differ = [key for key in DEFINING if saved[key] != getattr(args, key)]
+        if differ:
+            raise SystemExit(f"{state_path} belongs to another run ({', '.join(differ)} differ); delete it to start "
+                             "afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, log = state["step"], state["log"]

@@ -1,7 +1,7 @@
 """VisiPruner (Fan et al., EMNLP 2025, arXiv 2510.17205), as its reference code (`EIT-NLP/VisiPruner`) behaves.
 
 Three stages over the decoder layers of one prefill (layer indices 0-based, S = `shallow_mid_layer`: the reference's 6
-on LLaVA-1.5-7B/13B, the same relative depth on other depths, e.g. 2 on the 8-layer tiny_trained model):
+on LLaVA-1.5-7B/13B, the same relative depth on other depths, e.g. 2 on an 8-layer model):
 
 1. **Shallow** (layers < S): post-softmax edits, no renormalisation. Layer 0, 7B rule: each text query's attention
    mass on the image moves onto the first image patch (the sink) and all attention to vision keys from the image
