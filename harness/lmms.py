@@ -4,7 +4,7 @@ The harness hands `simple_evaluate` an instance (`Prunebench.for_run`), which ap
 (output, vision tokens per layer, latency, KV bytes, first-token distribution) to the run's samples.jsonl and
 returns stored outputs for samples a killed run already finished. lmms-eval's own CLI builds it from
 `--model prunebench --model_args model=llava7b,method=fastv,budget=128` (any other `key=value` is a Hydra override,
-e.g. `method.k=3`); the package declares the `lmms_eval.models` entry point for that.
+e.g. `method.k=3`); the package declares the `lmms_eval.models` entry point for that (`harness.lmms_entry`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
 
 from harness import flops, models
@@ -178,5 +177,3 @@ def _result(record: dict) -> GenerationResult:
     return GenerationResult(text=record["output"], token_counts=TokenCounts(
         input_tokens=record.get("input_tokens"), output_tokens=record.get("output_tokens")))
 
-
-manifest = ModelManifest(model_id="prunebench", simple_class_path="harness.lmms.Prunebench")
