@@ -84,8 +84,9 @@ def checkpoint_dir(spec: DictConfig) -> Path:
     if (ROOT / path).is_dir():  # a directory under the repository root, whatever the working directory
         path = str(ROOT / path)
     if path.startswith((os.sep, ".")) and not os.path.isdir(path):
+        made_by = f" Make it with: {spec.made_by}, or point" if spec.get("made_by") else " Point"
         raise ModelNotAvailable(f"model.path={path} does not exist; the weights of model '{spec.name}' are not on "
-                                f"this machine. Point model.path at a local checkpoint directory.")
+                                f"this machine.{made_by} model.path at a local checkpoint directory.")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelNotAvailable(f"model.path={path} has no config.json: it is not a Hugging Face checkpoint")

@@ -23,6 +23,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 SIZE = 336
+BACKGROUND = (245, 245, 240)
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 140, 30)}
 SHAPES = ("square", "circle", "triangle")
@@ -76,14 +77,24 @@ def _free_box(rng: random.Random, side_w: int, side_h: int, taken: list[tuple[in
     return None
 
 
-def draw_scene(rng: random.Random) -> tuple[Image.Image, list[SceneObject], list[tuple[str, tuple]]]:
-    """An image, its objects, and its printed words with their boxes."""
-    image = Image.new("RGB", (SIZE, SIZE), (245, 245, 240))
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=fill)
+
+
+def draw_scene(rng: random.Random, num_words: tuple[int, int] = (1, 2)
+               ) -> tuple[Image.Image, list[SceneObject], list[tuple[str, tuple]]]:
+    """An image, its objects, and its printed words (`num_words` bounds how many are tried) with their boxes."""
+    image = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
     draw = ImageDraw.Draw(image)
     taken: list[tuple[int, int, int, int]] = []
     font = ImageFont.load_default(size=26)
     words = []
-    for word in rng.sample(WORDS, rng.randint(1, 2)):
+    for word in rng.sample(WORDS, rng.randint(*num_words)):
         left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
         box = _free_box(rng, right - left, bottom - top, taken)
         if box is not None:
@@ -101,20 +112,15 @@ def draw_scene(rng: random.Random) -> tuple[Image.Image, list[SceneObject], list
             continue
         taken.append(box)
         objects.append(SceneObject(shape, color, size, box))
-        fill = COLORS[color]
-        if shape == "square":
-            draw.rectangle(box, fill=fill)
-        elif shape == "circle":
-            draw.ellipse(box, fill=fill)
-        else:
-            draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=fill)
+        draw_shape(draw, shape, box, COLORS[color])
     return image, objects, words
 
 
 def ask(category: str, objects: list[SceneObject], words: list[tuple[str, tuple]],
-        rng: random.Random) -> tuple[str, str] | None:
-    """A question of `category` about the scene and its one-word answer; None when the scene cannot answer one
-    unambiguously (the caller draws another scene)."""
+        rng: random.Random) -> tuple[str, str, list] | None:
+    """A question of `category` about the scene, its one-word answer, and its evidence (the objects and words the
+    answer rests on: what a model should look at); None when the scene cannot answer one unambiguously (the caller
+    draws another scene)."""
     if category == "color":
         by_shape = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
         by_size = [o for o in objects if sum((p.shape, p.size) == (o.shape, o.size) for p in objects) == 1]
@@ -122,23 +128,23 @@ def ask(category: str, objects: list[SceneObject], words: list[tuple[str, tuple]
             return None
         target = rng.choice(by_shape or by_size)
         named = target.shape if target in by_shape else f"{target.size} {target.shape}"
-        return f"What color is the {named}? Answer with one word.", target.color
+        return f"What color is the {named}? Answer with one word.", target.color, [target]
     if category == "count":
         if rng.random() < 0.5:
             color = rng.choice(sorted(COLORS))
-            return (f"How many {color} objects are there? Answer with a number word.",
-                    NUMBERS[sum(o.color == color for o in objects)])
+            counted = [o for o in objects if o.color == color]
+            return f"How many {color} objects are there? Answer with a number word.", NUMBERS[len(counted)], counted
         shape = rng.choice(SHAPES)
-        return (f"How many {shape}s are there? Answer with a number word.",
-                NUMBERS[sum(o.shape == shape for o in objects)])
+        counted = [o for o in objects if o.shape == shape]
+        return f"How many {shape}s are there? Answer with a number word.", NUMBERS[len(counted)], counted
     if category == "exist":
         if rng.random() < 0.5:  # half the questions name an object that is there
             target = rng.choice(objects)
             shape, color = target.shape, target.color
         else:
             shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
-        present = any(o.shape == shape and o.color == color for o in objects)
-        return f"Is there a {color} {shape}? Answer yes or no.", "yes" if present else "no"
+        present = [o for o in objects if o.shape == shape and o.color == color]
+        return f"Is there a {color} {shape}? Answer yes or no.", "yes" if present else "no", present
     if category == "relation":
         unique = [o for o in objects if sum((p.color, p.shape) == (o.color, o.shape) for p in objects) == 1]
         if len(unique) < 2:
@@ -150,18 +156,18 @@ def ask(category: str, objects: list[SceneObject], words: list[tuple[str, tuple]
             return None
         answer = "yes" if first.center[axis] < second.center[axis] else "no"
         relation = "left of" if horizontal else "above"
-        return f"Is the {first.name()} {relation} the {second.name()}? Answer yes or no.", answer
+        return f"Is the {first.name()} {relation} the {second.name()}? Answer yes or no.", answer, [first, second]
     if len(words) == 1:
-        return "What word is written in the image? Answer with the word.", words[0][0]
+        return "What word is written in the image? Answer with the word.", words[0][0], words
     (word_a, box_a), (word_b, box_b) = words
     dx, dy = (box_b[0] + box_b[2] - box_a[0] - box_a[2]) / 2, (box_b[1] + box_b[3] - box_a[1] - box_a[3]) / 2
     if abs(dx) >= abs(dy):
         side = rng.choice(("left", "right"))
         word = word_a if (dx > 0) == (side == "left") else word_b
-        return f"Which word is written further {side}? Answer with the word.", word
+        return f"Which word is written further {side}? Answer with the word.", word, words
     side = rng.choice(("higher", "lower"))
     word = word_a if (dy > 0) == (side == "higher") else word_b
-    return f"Which word is written {side} in the image? Answer with the word.", word
+    return f"Which word is written {side} in the image? Answer with the word.", word, words
 
 
 def synthetic_samples(num_samples: int, seed: int) -> list[Sample]:
@@ -175,7 +181,8 @@ def synthetic_samples(num_samples: int, seed: int) -> list[Sample]:
             image, objects, words = draw_scene(rng)
             if len(objects) >= 2 and words:
                 asked = ask(category, objects, words, rng)
-        samples.append(Sample(f"synthetic-{seed}-{i}", image, *asked, category))
+        question, answer, _ = asked
+        samples.append(Sample(f"synthetic-{seed}-{i}", image, question, answer, category))
     return samples
 
 

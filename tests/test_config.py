@@ -36,6 +36,7 @@ CASES = [
     (["batch_size=0"], "batch_size must be a positive whole number"),
     (["model=llava7b"], "huggingface-cli download llava-hf/llava-1.5-7b-hf"),
     (["model=llava13b", "model.path=/nonexistent/dir"], "are not on this machine"),
+    (["model=tiny_trained", "model.path=./no/such/dir"], "Make it with: python -m harness.train_tiny"),
 ]
 
 
@@ -88,18 +89,26 @@ def test_questions_are_answered_from_the_scene():
     rng = random.Random(0)
     counts = {"red objects": "one", "blue objects": "one", "green objects": "one", "squares": "two",
               "circles": "one", "triangles": "zero"}
-    for _ in range(30):
-        question, answer = ask("color", objects, words, rng)
+    numbers = ("zero", "one", "two", "three")
+    for _ in range(30):  # every answer, and the evidence it rests on
+        question, answer, evidence = ask("color", objects, words, rng)
         named = question.removeprefix("What color is the ").split("?")[0]
         assert answer == {"circle": "red", "small square": "blue", "large square": "green"}[named]
-        question, answer = ask("relation", objects, words, rng)
+        assert [o.color for o in evidence] == [answer]
+        question, answer, evidence = ask("relation", objects, words, rng)
         first, relation, second = re.match(r"Is the (.+) (left of|above) the (.+)\?", question).groups()
         axis = 0 if relation == "left of" else 1
         assert answer == ("yes" if centers[first][axis] < centers[second][axis] else "no")
-        question, answer = ask("count", objects, words, rng)
+        assert [o.name() for o in evidence] == [first, second]
+        question, answer, evidence = ask("count", objects, words, rng)
         key = question.removeprefix("How many ").split(" are there")[0]
-        assert answer == counts.get(key, "zero")
-    assert ask("read", objects, words, rng) == ("What word is written in the image? Answer with the word.", "cat")
+        assert answer == counts.get(key, "zero") == numbers[len(evidence)]
+        assert all(key in (f"{o.color} objects", f"{o.shape}s") for o in evidence)
+        question, answer, evidence = ask("exist", objects, words, rng)
+        assert answer == ("yes" if evidence else "no")
+        assert all(question == f"Is there a {o.color} {o.shape}? Answer yes or no." for o in evidence)
+    assert ask("read", objects, words, rng) == ("What word is written in the image? Answer with the word.", "cat",
+                                                words)
     same = [SceneObject("square", "red", "large", (0, 0, 60, 60)),
             SceneObject("square", "blue", "large", (100, 0, 160, 60))]
     assert ask("color", same, words, rng) is None  # "the large square" would be ambiguous
