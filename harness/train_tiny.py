@@ -81,7 +81,8 @@ def train_tokenizer(seed: int):
 
 
 # Stage 1 ("seeing"): per-patch targets for the vision tower, read off the scene's geometry.
-PATCHES_PER_SIDE = 24
+PATCHES_PER_SIDE = ARCHITECTURE["image_size"] // ARCHITECTURE["patch_size"]  # 24
+PATCH = ARCHITECTURE["patch_size"]
 VISION_TARGETS = {  # name: classes (0 = background or not applicable, except for row and column)
     "color": len(COLORS) + 2,  # the object's colour, or the last class for printed text
     "shape": len(SHAPES) + 1, "size": len(SIZES) + 1, "word": len(WORDS) + 1,  # of the object / word under the patch
@@ -90,6 +91,12 @@ VISION_TARGETS = {  # name: classes (0 = background or not applicable, except fo
 }
 FOREGROUND_ONLY = ("shape", "size", "word")  # scored only on patches that show an object / a word
 MIN_COVER = 30  # pixels of the 196 in a patch that an item must cover to label the patch
+
+
+def per_patch(pixels: torch.Tensor) -> torch.Tensor:
+    """(576, 196): a 336x336 image plane cut into its patches, row by row."""
+    side = PATCHES_PER_SIDE
+    return pixels.reshape(side, PATCH, side, PATCH).transpose(1, 2).reshape(side * side, PATCH * PATCH)
 
 
 def item_map(objects, words) -> torch.Tensor:
@@ -101,10 +108,8 @@ def item_map(objects, words) -> torch.Tensor:
         draw.rectangle(box, fill=number)
     for number, item in enumerate(objects, start=len(words) + 1):
         draw_shape(draw, item.shape, item.box, number)
-    side, patch = PATCHES_PER_SIDE, SIZE // PATCHES_PER_SIDE
-    pixels = torch.tensor(np.asarray(index), dtype=torch.long).reshape(side, patch, side, patch).transpose(1, 2)
-    cover = torch.nn.functional.one_hot(pixels.reshape(side * side, patch * patch), 1 + len(words) + len(objects))
-    cover = cover.sum(1)
+    pixels = per_patch(torch.tensor(np.asarray(index), dtype=torch.long))
+    cover = torch.nn.functional.one_hot(pixels, 1 + len(words) + len(objects)).sum(1)
     cover[:, 0] = 0
     return torch.where(cover.amax(1) >= MIN_COVER, cover.argmax(1), 0)
 
@@ -112,14 +117,14 @@ def item_map(objects, words) -> torch.Tensor:
 def patch_targets(objects, words) -> dict[str, torch.Tensor]:
     """The VISION_TARGETS of a scene's 576 patches: each patch labelled by the item covering most of it."""
     dominant = item_map(objects, words)
-    side, patch = PATCHES_PER_SIDE, SIZE // PATCHES_PER_SIDE
+    side = PATCHES_PER_SIDE
     targets = {name: torch.zeros(side * side, dtype=torch.long) for name in VISION_TARGETS}
     targets["row"], targets["column"] = torch.arange(side * side) // side, torch.arange(side * side) % side
     colors = sorted(COLORS)
     for number, item in enumerate([*words, *objects], start=1):
         on = dominant == number
         box = item[1] if number <= len(words) else item.box
-        targets["center"][int((box[1] + box[3]) / 2 // patch) * side + int((box[0] + box[2]) / 2 // patch)] = 1
+        targets["center"][int((box[1] + box[3]) / 2 // PATCH) * side + int((box[0] + box[2]) / 2 // PATCH)] = 1
         if number <= len(words):
             targets["color"][on], targets["word"][on] = len(COLORS) + 1, WORDS.index(item[0]) + 1
         else:
@@ -199,9 +204,7 @@ def encode(processor, image, turns) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def foreground_patches(image: Image.Image) -> torch.Tensor:
     """Which of the 576 patches show anything but the plain background."""
-    side, patch = PATCHES_PER_SIDE, SIZE // PATCHES_PER_SIDE
-    drawn = torch.tensor((np.asarray(image) != BACKGROUND).any(-1))
-    return drawn.reshape(side, patch, side, patch).any(3).any(1).reshape(-1)
+    return per_patch(torch.tensor((np.asarray(image) != BACKGROUND).any(-1))).any(1)
 
 
 def training_batch(processor, seed: int, step: int, batch_size: int, rounds: int) -> dict[str, torch.Tensor]:
@@ -285,8 +288,10 @@ def start_projector_from(head: torch.nn.Linear, model) -> None:
 
 def learning_rate(step: int, args) -> float:
     """Per stage: linear warm-up, then cosine decay to a tenth."""
-    peak, steps = (args.vision_lr, args.vision_steps) if step < args.vision_steps else (args.lr, args.steps)
-    step -= 0 if step < args.vision_steps else args.vision_steps
+    if step < args.vision_steps:
+        peak, steps = args.vision_lr, args.vision_steps
+    else:
+        peak, steps, step = args.lr, args.steps, step - args.vision_steps
     if step < args.warmup:
         return peak * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, steps - args.warmup)
