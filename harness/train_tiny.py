@@ -247,7 +247,7 @@ def answer_loss(model, batch: dict[str, torch.Tensor], background_kept: float, g
     embeds = llava.get_input_embeddings()(ids).masked_scatter(is_image[..., None], image.to(model.dtype))
     drawn = batch["foreground"] | (torch.rand(batch["foreground"].shape, generator=generator) < background_kept)
     keep = batch["attention_mask"].bool() & ~is_image
-    keep[is_image] = drawn.reshape(-1) & batch["attention_mask"].bool()[is_image]
+    keep[is_image] = drawn.reshape(-1)  # image tokens are never padding: padding only ends a row
     order = torch.argsort((~keep).int(), dim=1, stable=True)[:, : int(keep.sum(1).max())]  # kept first, in order
     kept = keep.gather(1, order)
     embeds = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))
