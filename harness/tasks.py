@@ -204,7 +204,7 @@ if __name__ == "__main__":  # python -m harness.tasks: rebuild tasks/synthetic_v
     import argparse
 
     parser = argparse.ArgumentParser(description="Write the synthetic task's test split (deterministic).")
-    parser.add_argument("--num-samples", type=int, default=300)
+    parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tasks" / "synthetic_vqa"
                         / "test.parquet")

@@ -8,17 +8,18 @@ that already sees:
 1. seeing (`--vision-steps`): the vision tower alone, with a linear read-out of every patch's colour, shape, size,
    word, row, column and whether it holds an item's centre (targets from the scene's geometry);
 2. answering (`--steps`): the tower frozen, the projector (its first layer started as stage 1's read-out) and the
-   language model learn vicuna_v1 conversations of several questions per scene, the first turn exactly the prompt
-   the harness evaluates; only answer tokens are scored. Most plain-background image tokens are left out of the input
-   to save time (positions kept), except in the last `--full-steps`. Optionally a grounding loss teaches one layer's
-   attention, from the token that predicts an answer, to look at the answer's evidence (`harness.tasks.ask`).
+   language model learn the questions, each exactly the prompt the harness evaluates. A pool of scenes holds the
+   tower's features (a few replaced every step), and each scene's questions share one computation of the prompt up
+   to the image (`training_batch`). Besides the answer, every question token is asked for the answer too (an
+   "early answer": the token that names the object can look it up in one hop). Most plain-background image tokens
+   are left out of the input to save time (positions kept), except in the last `--full-steps`.
 
 Deterministic from `--seed`: the weights are initialised from it and step `s` always trains on the same scenes, so a
 resumed run (the state is saved every `--save-every` steps; rerun the same command) equals an uninterrupted one. The
 result is a `from_pretrained` checkpoint (safetensors, config, tokenizer, processor) that the harness loads like a
 downloaded one (`model=tiny_trained`, or `model.path=<out>`), plus `training.json` (settings, losses, validation
-accuracy per category). No trained model ships yet: stage 1 learns to see, but stage 2 has not yet got past the
-answer priors within the time allowed (README, "Training the tiny model").
+accuracy per category). The shipped `checkpoints/tiny_trained` was made by the defaults (README, "Training the tiny
+model", has its measured accuracy).
 """
 
 from __future__ import annotations
@@ -62,8 +63,11 @@ ARCHITECTURE = dict(  # LLaVA-1.5 geometry; widths small enough for a CPU, depth
 VOCAB_SIZE = 512
 VALIDATION_SEED = 2  # the shipped test split is seed 1; training scenes come from their own string-seeded streams
 IGNORE = -100
-DEFINING = ("seed", "vision_steps", "vision_batch_size", "vision_lr", "steps", "batch_size", "rounds", "lr", "warmup",
-            "background_kept", "full_steps", "grounded_layer", "grounding_weight")  # settings a resumed run must share
+# Settings a resumed run must share: those of stage 1 always, those of stage 2 once it has begun (so stage 2 can be
+# rerun with other settings from a finished stage 1).
+STAGE1_SETTINGS = ("seed", "vision_steps", "vision_batch_size", "vision_lr", "warmup")
+STAGE2_SETTINGS = ("steps", "batch_size", "rounds", "lr", "pool", "refresh", "early_weight", "background_kept",
+                   "full_steps")
 
 
 def train_tokenizer(seed: int):
@@ -161,45 +165,45 @@ def vision_loss(model, head, pixel_values, targets) -> tuple[torch.Tensor, dict[
 
 
 # Stage 2 ("answering"): the projector and the language model learn the questions; the tower is frozen.
-def scene_conversation(rng: random.Random, rounds: int):
-    """A scene and up to `rounds` questions of every category about it (no question twice), in random order:
-    the image and [(question, answer, evidence patches)]."""
+def pool_scene(seed: int, index: int):
+    """Scene `index` of stage 2's stream: an image, its objects and its words (as the test split draws them)."""
+    rng = random.Random(f"scene-{seed}-{index}")
     while True:
         image, objects, words = draw_scene(rng)
-        if len(objects) < 2 or not words:
-            continue
-        asked: dict[str, tuple[str, list]] = {}
-        for _ in range(rounds):
-            for category in CATEGORIES:
-                if found := ask(category, objects, words, rng):
-                    asked.setdefault(found[0], found[1:])
-        if not asked:
-            continue
-        items, dominant = [*words, *objects], item_map(objects, words)
-        turns = [(question, answer, torch.isin(dominant, torch.tensor([items.index(e) + 1 for e in evidence])))
-                 for question, (answer, evidence) in asked.items()]
-        rng.shuffle(turns)
-        return image, turns
+        if len(objects) >= 2 and words:
+            return image, objects, words
 
 
-def encode(processor, image, turns) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """input_ids, pixel_values and labels of one conversation: the vicuna_v1 prompt (image expanded to its 576 tokens)
-    then `answer</s>USER: question ASSISTANT:` per later turn; only answers and their `</s>` are labelled. Also the
-    position of the token before each answer (the one that predicts it)."""
-    tokenizer = processor.tokenizer
-    first = processor(images=[image], text=[vicuna_v1_prompt(turns[0][0])], return_tensors="pt")
-    ids, labels = first["input_ids"][0].tolist(), [IGNORE] * first["input_ids"].shape[1]
-    answering = []
-    for index, (_, answer, _) in enumerate(turns):
-        answer_ids = tokenizer(f" {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        answering.append(len(ids) - 1)
-        ids += answer_ids
-        labels += answer_ids
-        if index + 1 < len(turns):
-            question_ids = tokenizer(f"USER: {turns[index + 1][0]} ASSISTANT:", add_special_tokens=False)["input_ids"]
-            ids += question_ids
-            labels += [IGNORE] * len(question_ids)
-    return torch.tensor(ids), first["pixel_values"][0], torch.tensor(labels), answering
+class ScenePool:
+    """`size` scenes with the frozen tower's features, so that a step costs only the language model: step `s`
+    holds scenes s*refresh .. s*refresh+size-1 of the stream (scene k in slot k % size), i.e. each step replaces the
+    `refresh` oldest. The pool of a step depends on (seed, step) alone, so a resumed run rebuilds it exactly."""
+
+    def __init__(self, model, processor, seed: int, size: int, refresh: int, step: int):
+        self.model, self.processor, self.seed, self.size, self.refresh = model, processor, seed, size, refresh
+        self.features = torch.zeros(size, PATCHES_PER_SIDE ** 2, model.config.vision_config.hidden_size)
+        self.foreground = torch.zeros(size, PATCHES_PER_SIDE ** 2, dtype=torch.bool)
+        self.scenes: list = [None] * size
+        first = step * refresh
+        for begin in tqdm(range(first, first + size, 64), desc="scene pool", unit="x64", leave=False):
+            self.draw(range(begin, min(begin + 64, first + size)))
+        self.step = step
+
+    @torch.no_grad()
+    def draw(self, indices: range) -> None:
+        scenes = [pool_scene(self.seed, k) for k in indices]
+        pixel_values = self.processor.image_processor([image for image, _, _ in scenes], return_tensors="pt")
+        features = vision_features(self.model, pixel_values["pixel_values"].to(self.model.dtype))
+        for k, (image, objects, words), feature in zip(indices, scenes, features, strict=True):
+            slot = k % self.size
+            self.features[slot], self.foreground[slot] = feature, foreground_patches(image)
+            self.scenes[slot] = (objects, words)
+
+    def advance(self) -> None:
+        """To the next step: the `refresh` oldest scenes make way for new ones."""
+        first = self.step * self.refresh + self.size
+        self.draw(range(first, first + self.refresh))
+        self.step += 1
 
 
 def foreground_patches(image: Image.Image) -> torch.Tensor:
@@ -207,79 +211,101 @@ def foreground_patches(image: Image.Image) -> torch.Tensor:
     return per_patch(torch.tensor((np.asarray(image) != BACKGROUND).any(-1))).any(1)
 
 
-def training_batch(processor, seed: int, step: int, batch_size: int, rounds: int) -> dict[str, torch.Tensor]:
-    """The stage-2 conversations of step `step`, right-padded: the same for every run with this seed, resumed or
-    not. `answering` ((B, turns), -1: none) and `evidence` ((B, turns, 576)): where each answer is predicted, and the
-    patches of the objects or words it rests on."""
+def prompt_ids(tokenizer, question: str, image_token: int) -> tuple[list[int], list[int]]:
+    """The evaluated prompt's token ids before and after its image (which the processor expands to 576 tokens)."""
+    ids = tokenizer(vicuna_v1_prompt(question))["input_ids"]
+    at = ids.index(image_token)
+    return ids[:at], ids[at + 1:]
+
+
+def training_batch(pool: ScenePool, tokenizer, image_token: int, seed: int, step: int, batch_size: int, rounds: int,
+                   background_kept: float) -> dict[str, torch.Tensor]:
+    """Stage 2's batch of step `step`: one row per scene of the pool (drawn without replacement), laid out as a
+    shared prefix (the prompt up to and including the image) followed by several question branches, up to `rounds`
+    questions of each category, each `question ASSISTANT: answer</s>` exactly as the evaluated prompt continues.
+    A branch attends to the prefix and to itself only, at the positions of the evaluated prompt, so it is that prompt
+    computed once for all its questions. Image tokens of plain background enter with probability `background_kept`
+    (original positions kept: a shorter sequence that looks the same to rotary attention).
+
+    Returns right-padded `input_ids`, `position_ids`, `segments` (0: prefix, j: branch j, -1: padding), `labels`
+    (the next token, at the position that predicts it; -100 elsewhere), `early_labels` (the answer's first token at
+    every question token after the branch's newline but the last, which `labels` covers), `features` (the kept image
+    tokens' tower features, in row order) and `slots` (each row's scene in the pool)."""
     rng = random.Random(f"train-{seed}-{step}")
-    scenes = [scene_conversation(rng, rounds) for _ in range(batch_size)]
-    encoded = [encode(processor, image, turns) for image, turns in scenes]
-    length, most_turns = max(len(ids) for ids, *_ in encoded), max(len(turns) for _, turns in scenes)
-    input_ids = torch.full((batch_size, length), processor.tokenizer.pad_token_id)
-    labels = torch.full((batch_size, length), IGNORE)
-    attention_mask = torch.zeros(batch_size, length, dtype=torch.long)
-    answering = torch.full((batch_size, most_turns), -1)
-    evidence = torch.zeros(batch_size, most_turns, PATCHES_PER_SIDE ** 2, dtype=torch.bool)
-    for row, ((ids, _, row_labels, positions), (_, turns)) in enumerate(zip(encoded, scenes, strict=True)):
-        input_ids[row, : len(ids)], labels[row, : len(ids)], attention_mask[row, : len(ids)] = ids, row_labels, 1
-        answering[row, : len(turns)] = torch.tensor(positions)
-        evidence[row, : len(turns)] = torch.stack([patches for _, _, patches in turns])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "pixel_values": torch.stack([pixels for _, pixels, *_ in encoded]),
-            "foreground": torch.stack([foreground_patches(image) for image, _ in scenes]),
-            "answering": answering, "evidence": evidence}
+    prefix = prompt_ids(tokenizer, "", image_token)[0]  # the same for every question
+    rows, slots = [], rng.sample(range(pool.size), batch_size)
+    for slot in slots:
+        objects, words = pool.scenes[slot]
+        asked: dict[str, str] = {}
+        for _ in range(rounds):
+            for category in CATEGORIES:
+                if found := ask(category, objects, words, rng):
+                    asked.setdefault(found[0], found[1])
+        drawn = torch.rand(PATCHES_PER_SIDE ** 2, generator=torch.Generator().manual_seed(rng.getrandbits(62)))
+        kept = (pool.foreground[slot] | (drawn < background_kept)).nonzero()[:, 0]
+        branches = [(prompt_ids(tokenizer, question, image_token)[1],
+                     tokenizer(f" {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+                    for question, answer in asked.items()]
+        ids, positions = [*prefix, *[image_token] * len(kept)], [*range(len(prefix)), *(len(prefix) + kept).tolist()]
+        segments, labels, early = [0] * len(ids), [IGNORE] * len(ids), [IGNORE] * len(ids)
+        after_image = len(prefix) + PATCHES_PER_SIDE ** 2
+        for branch, (suffix, answer) in enumerate(branches, start=1):
+            tokens = suffix + answer
+            ids += tokens
+            positions += range(after_image, after_image + len(tokens))
+            segments += [branch] * len(tokens)
+            labels += [IGNORE] * (len(suffix) - 1) + answer + [IGNORE]
+            early += [IGNORE] + [answer[0]] * (len(suffix) - 2) + [IGNORE] * (len(answer) + 1)
+        rows.append((ids, positions, segments, labels, early, pool.features[slot, kept]))
+    length = max(len(ids) for ids, *_ in rows)
+    batch = {"input_ids": torch.full((batch_size, length), tokenizer.pad_token_id),
+             "position_ids": torch.zeros(batch_size, length, dtype=torch.long),
+             "segments": torch.full((batch_size, length), -1), "labels": torch.full((batch_size, length), IGNORE),
+             "early_labels": torch.full((batch_size, length), IGNORE)}
+    for row, values in enumerate(rows):
+        for key, value in zip(("input_ids", "position_ids", "segments", "labels", "early_labels"), values[:5],
+                              strict=True):
+            batch[key][row, : len(value)] = torch.tensor(value)
+    batch["features"] = torch.cat([features for *_, features in rows])
+    batch["slots"] = torch.tensor(slots)
+    return batch
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor], background_kept: float, generator: torch.Generator,
-                grounded_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The answers' next-token loss with the tower frozen, and the grounding loss: -log of the attention (mean over
-    heads, layer `grounded_layer`) that the token predicting an answer pays to the answer's evidence patches, averaged
-    over the answers that have evidence (0 without a grounded layer). Image tokens of plain background enter the
-    language model only with probability `background_kept` (1: the full sequence, what the model is evaluated on);
-    the tokens that do keep their original positions, so fewer tokens cost less but look the same to rotary
-    attention."""
-    llava, image_token = model.model, model.config.image_token_id
-    with torch.no_grad():
-        features = vision_features(model, batch["pixel_values"])
-    image = llava.multi_modal_projector(features)
+def branch_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) boolean attention mask of a branched batch: causal, every token sees the prefix, a branch sees
+    itself, padding sees only itself (so that no row is empty)."""
+    query, key = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool).tril()
+    visible = causal & (query >= 0) & ((key == 0) | (key == query))
+    return (visible | torch.eye(segments.shape[1], dtype=torch.bool))[:, None]
+
+
+def final_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The language model's last hidden states (normed) on a `training_batch`, the tower's features projected as
+    LLaVA projects them."""
+    llava = model.model
     ids = batch["input_ids"]
-    is_image = ids == image_token
-    embeds = llava.get_input_embeddings()(ids).masked_scatter(is_image[..., None], image.to(model.dtype))
-    drawn = batch["foreground"] | (torch.rand(batch["foreground"].shape, generator=generator) < background_kept)
-    keep = batch["attention_mask"].bool() & ~is_image
-    keep[is_image] = drawn.reshape(-1)  # image tokens are never padding: padding only ends a row
-    order = torch.argsort((~keep).int(), dim=1, stable=True)[:, : int(keep.sum(1).max())]  # kept first, in order
-    kept = keep.gather(1, order)
-    embeds = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))
-    labels = batch["labels"].gather(1, order).masked_fill(~kept, IGNORE)
-    backend = llava.language_model.config._attn_implementation
-    if grounded_layer is not None:  # sdpa hands back no attention probabilities
-        llava.language_model.set_attn_implementation("eager")
-    try:
-        out = llava.language_model(inputs_embeds=embeds, attention_mask=kept.long(), position_ids=order,
-                                   output_attentions=grounded_layer is not None)
-    finally:
-        llava.language_model.set_attn_implementation(backend)
-    logits = model.lm_head(out.last_hidden_state[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
-    if grounded_layer is None:
-        return loss, loss.new_zeros(())
-    attention = out.attentions[grounded_layer].mean(1)  # (B, kept, kept)
-    new_index = keep.long().cumsum(1) - 1  # where each kept original position sits in the kept sequence
-    rows, turns = ((batch["answering"] >= 0) & batch["evidence"].any(-1)).nonzero(as_tuple=True)
-    queries = new_index[rows, batch["answering"][rows, turns]]
-    image_positions = is_image.nonzero()[:, 1].view(len(ids), -1)[rows]  # (n, 576) original positions
-    image_attention = attention[rows, queries].gather(1, new_index[rows].gather(1, image_positions))
-    # A patch under a word's box may hold no ink: left out with the background, it is no evidence either.
-    evidence = batch["evidence"][rows, turns] & keep[rows].gather(1, image_positions)
-    mass = (image_attention * evidence).sum(-1)
-    return loss, -(mass + 1e-6).log().mean()
+    image = llava.multi_modal_projector(batch["features"].to(model.dtype))
+    embeds = llava.get_input_embeddings()(ids).masked_scatter((ids == model.config.image_token_id)[..., None], image)
+    return llava.language_model(inputs_embeds=embeds, attention_mask=branch_mask(batch["segments"]),
+                                position_ids=batch["position_ids"]).last_hidden_state
+
+
+def answer_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the answers (`labels`) and of the early answers (`early_labels`): every question token is
+    also asked for the answer's first token. That loss reaches the token that names the object directly: it can look
+    its object up in the image in one attention hop, and each later token can copy from the one before it. Without
+    it, only the last token is asked, which must first find the object's name and then the object (two hops with no
+    signal until both exist): measured, a plateau at the answer priors (README)."""
+    hidden = final_hidden_states(model, batch)
+    return tuple(torch.nn.functional.cross_entropy(model.lm_head(hidden[batch[key] != IGNORE]),
+                                                   batch[key][batch[key] != IGNORE])
+                 for key in ("labels", "early_labels"))
 
 
 def start_projector_from(head: torch.nn.Linear, model) -> None:
     """Stage 2 starts the projector's first layer as stage 1's read-out (in its first units), so that the language
-    model receives each patch's colour, shape, word and position as separate directions from the first step. Measured
-    (README): with it the grounding loss trains; from a random projector it did not move in 130 steps."""
+    model receives each patch's colour, shape, word and position as separate directions from the first step."""
     first = model.model.multi_modal_projector.linear_1
     with torch.no_grad():
         first.weight[: head.out_features] = head.weight
@@ -329,29 +355,30 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1: steps of the vision tower alone")
     parser.add_argument("--vision-batch-size", type=int, default=32, help="stage 1: images per step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=600, help="stage 2: steps of projector and language model")
+    parser.add_argument("--steps", type=int, default=2000, help="stage 2: steps of projector and language model")
     parser.add_argument("--batch-size", type=int, default=16, help="stage 2: scenes per step")
-    parser.add_argument("--rounds", type=int, default=3, help="stage 2: questions of each category per scene, at most")
+    parser.add_argument("--rounds", type=int, default=2, help="stage 2: questions of each category per scene, at most")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=30, help="warm-up steps of each stage")
+    parser.add_argument("--pool", type=int, default=1000, help="stage 2: scenes whose tower features are held")
+    parser.add_argument("--refresh", type=int, default=2, help="stage 2: pool scenes replaced by new ones each step")
+    parser.add_argument("--early-weight", type=float, default=0.5,
+                        help="stage 2: weight of the early-answer loss at every question token (0: off)")
     parser.add_argument("--background-kept", type=float, default=0.1,
                         help="stage 2: share of plain-background image tokens kept, but in the last --full-steps")
     parser.add_argument("--full-steps", type=int, default=100, help="stage 2: final steps on all 576 image tokens")
-    parser.add_argument("--grounded-layer", type=lambda v: None if v == "none" else int(v), default=3,
-                        help="stage 2: the decoder layer whose attention is taught to look at the evidence (none: "
-                             "no grounding loss)")
-    parser.add_argument("--grounding-weight", type=float, default=1.0, help="stage 2: weight of the grounding loss")
     parser.add_argument("--save-every", type=int, default=25, help="steps between saves of the training state")
-    parser.add_argument("--validate-every", type=int, default=150,
+    parser.add_argument("--validate-every", type=int, default=500,
                         help="stage-2 steps between validations (0: at the end only)")
     parser.add_argument("--validation-samples", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    if args.grounded_layer is not None and not 0 <= args.grounded_layer < ARCHITECTURE["num_layers"]:
-        parser.error(f"--grounded-layer must be in 0..{ARCHITECTURE['num_layers'] - 1} or none")
+    if args.batch_size > args.pool:
+        parser.error("--batch-size must not exceed --pool (a step draws its scenes from the pool)")
     if args.threads:
         torch.set_num_threads(args.threads)
     state_path = args.state or args.out.with_name(args.out.name + ".train-state.pt")
+    state_path.parent.mkdir(parents=True, exist_ok=True)
 
     tokenizer = train_tokenizer(args.seed)
     model, processor = build_tiny(OmegaConf.create({**ARCHITECTURE, "seed": args.seed}), tokenizer)
@@ -362,23 +389,26 @@ def main(argv: list[str] | None = None) -> Path:
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)
     log: dict = {"settings": {**vars(args), "out": str(args.out), "state": str(state_path)},
-                 "architecture": ARCHITECTURE, "vision": [], "loss": [], "grounding": [], "validation": [],
+                 "architecture": ARCHITECTURE, "vision": [], "loss": [], "early_loss": [],
+                 "validation": [],
                  "seconds": 0.0}
     start = 0
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
         saved = state["log"]["settings"]
-        differ = [key for key in DEFINING if saved.get(key) != getattr(args, key)]
+        defining = STAGE1_SETTINGS + (STAGE2_SETTINGS if state["step"] > args.vision_steps else ())
+        differ = [key for key in defining if saved.get(key) != getattr(args, key)]
         if differ:
             raise SystemExit(f"{state_path} belongs to another run ({', '.join(differ)} differ); delete it to start "
                              "afresh")
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
-        start, log = state["step"], state["log"]
+        start, log = state["step"], {**log, **state["log"], "settings": log["settings"]}
         print(f"resuming from step {start} ({state_path})")
     model.train()
     began = time.monotonic() - log["seconds"]
+    pool = None  # stage 2's scenes, built when stage 2 starts or resumes
     total = args.vision_steps + args.steps
     with tqdm(range(start, total), initial=start, total=total, desc="train_tiny", unit="step") as bar:
         for step in bar:
@@ -394,20 +424,23 @@ def main(argv: list[str] | None = None) -> Path:
                 stage_step = step - args.vision_steps
                 if stage_step == 0:
                     start_projector_from(head, model)
-                batch = training_batch(processor, args.seed, stage_step, args.batch_size, args.rounds)
+                if pool is None:
+                    pool = ScenePool(model, processor, args.seed, args.pool, args.refresh, stage_step)
                 full = stage_step >= args.steps - args.full_steps
-                generator = torch.Generator().manual_seed(args.seed * 1_000_003 + stage_step)
-                answering, grounding = answer_loss(model, batch, 1.0 if full else args.background_kept, generator,
-                                                   args.grounded_layer)
-                loss = answering + args.grounding_weight * grounding
+                batch = training_batch(pool, processor.tokenizer, model.config.image_token_id, args.seed, stage_step,
+                                       args.batch_size, args.rounds, 1.0 if full else args.background_kept)
+                answering, early = answer_losses(model, batch)
+                loss = answering + args.early_weight * early
                 log["loss"].append(round(answering.item(), 5))
-                log["grounding"].append(round(grounding.item(), 5))
+                log["early_loss"].append(round(early.item(), 5))
                 bar.set_description("train_tiny (answering)")
             loss.backward()
             trained = [p for p in [*model.parameters(), *head.parameters()] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if not seeing:
+                pool.advance()
             bar.set_postfix(loss=f"{loss.item():.3f}")
             done = step + 1
             if (not seeing and args.validate_every and (done - args.vision_steps) % args.validate_every == 0

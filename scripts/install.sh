@@ -11,11 +11,11 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip -q --disable-pip-version-check)
 CONSTRAINTS=.venv/constraints.txt
-if command -v nvidia-smi >/dev/null 2>&1; then
-  : > "$CONSTRAINTS"
-else
-  echo "torch==${TORCH_VERSION:-2.13.0}" > "$CONSTRAINTS"
-  "${PIP[@]}" install "torch==${TORCH_VERSION:-2.13.0}"
+# lmms-eval 0.7.3 imports filelock._api, which filelock 4 no longer has.
+echo "filelock<4" > "$CONSTRAINTS"
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  echo "torch==${TORCH_VERSION:-2.13.0}" >> "$CONSTRAINTS"
+  "${PIP[@]}" install -c "$CONSTRAINTS" "torch==${TORCH_VERSION:-2.13.0}"
 fi
 "${PIP[@]}" install -c "$CONSTRAINTS" -e '.[test]' \
   accelerate loguru sacrebleu evaluate pytz tenacity datasets pytablewriter

@@ -189,12 +189,12 @@ def test_cli_writes_the_figures_and_the_numbers(tmp_path, capsys):
     (["model=nope", "sample=synthetic:0"], "unknown model 'nope'; valid choices: llava13b, llava7b, tiny"),
     (["method=nope", "sample=synthetic:0"], "unknown method 'nope'"),
     (["image=/no/such.png", "question=Why?"], "image /no/such.png does not exist"),
-    (["sample=synthetic:300"], "task synthetic has questions 0..299; got index 300"),
+    (["sample=synthetic:1000"], "task synthetic has questions 0..999; got index 1000"),
     (["sample=synthetic-3"], "sample must be TASK:INDEX"),
     (["sample=nope:1"], "unknown task 'nope'"),
     (["sample=gqa:1"], "sample= reads local tasks only (their data ships in tasks/); gqa is a hub task"),
     (["question=Why?"], "give either image=PATH"),
-    (["sample=synthetic:0", "layers=16"], "layers must be in 0..15"),
+    (["sample=synthetic:0", "layers=8"], "layers must be in 0..7"),  # the default model, tiny_trained, has 8
 ])
 def test_bad_input_fails_before_loading_with_a_clear_message(monkeypatch, args, message):
     monkeypatch.setattr(analyze, "load", lambda *a: pytest.fail("the model must not load"))

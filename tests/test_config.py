@@ -29,7 +29,7 @@ CASES = [
     (["method=random", "budget=abc"], "budget must be a whole number"),
     (["method=random", "budget=64", "budget_convention=median"], "budget_convention must be one of exact, average"),
     (["method=random"], "method random needs a budget"),
-    (["method=random", "budget=64", "method.k=16"], "k must be in 0..15"),
+    (["method=random", "budget=64", "method.k=8"], "k must be in 0..7"),  # the default model has 8 layers
     (["method=random", "budget=64", "method.k=two"], "method random option k must be int"),
     (["method=random", "budget=64", "method.positions=shuffled"], "positions must be 'original' or 'compact'"),
     (["method=random", "budget=192", "budget_convention=average", "method.k=7"], "unreachable"),
@@ -50,7 +50,8 @@ def test_bad_input_is_refused_with_the_valid_choices(overrides, message):
 def test_good_input_passes():
     check_overrides(["method=random", "budget=192", "method.k=1", "budget_convention=average"])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        assert compose("config").method.name == "none"
+        default = compose("config")
+    assert (default.method.name, default.model.name, default.task.name) == ("visipruner", "tiny_trained", "synthetic")
 
 
 def test_cli_reports_bad_input_fast_and_without_a_traceback(tmp_path):

@@ -12,22 +12,22 @@ from safetensors.torch import load_file
 
 from harness import train_tiny
 from harness.config import compose
-from harness.models import build_tiny, load
+from harness.models import build_tiny, load, vicuna_v1_prompt
 from harness.tasks import BACKGROUND, SceneObject
 
 
 def test_a_resumed_training_equals_an_uninterrupted_one_and_loads_like_a_real_checkpoint(tmp_path, monkeypatch):
     settings = ["--vision-steps", "2", "--vision-batch-size", "2", "--steps", "2", "--batch-size", "2",
-                "--full-steps", "1", "--warmup", "1", "--save-every", "1", "--validate-every", "0",
+                "--full-steps", "1", "--warmup", "1", "--pool", "3", "--save-every", "1", "--validate-every", "0",
                 "--validation-samples", "5"]
     straight = train_tiny.main([*settings, "--out", str(tmp_path / "straight")])
 
     original = train_tiny.training_batch
 
-    def dies_in_the_second_stage(processor, seed, step, batch_size, rounds):
+    def dies_in_the_second_stage(pool, tokenizer, image_token, seed, step, *args):
         if step == 1:
             raise KeyboardInterrupt
-        return original(processor, seed, step, batch_size, rounds)
+        return original(pool, tokenizer, image_token, seed, step, *args)
 
     monkeypatch.setattr(train_tiny, "training_batch", dies_in_the_second_stage)
     with pytest.raises(KeyboardInterrupt):
@@ -83,27 +83,41 @@ def test_foreground_patches_are_those_with_any_drawn_pixel():
     assert grid(train_tiny.foreground_patches(image).long()) == {(2, 1): 1, (0, 23): 1}
 
 
-def test_leaving_background_tokens_out_equals_masking_them_in_the_full_sequence():
+def test_a_branched_batch_equals_each_question_asked_alone_through_the_model():
     tokenizer = train_tiny.train_tokenizer(0)
     model, processor = build_tiny(OmegaConf.create({**train_tiny.ARCHITECTURE, "num_layers": 2, "seed": 0}),
                                   tokenizer)
-    batch = train_tiny.training_batch(processor, seed=0, step=0, batch_size=2, rounds=1)
-    full = {key: batch[key] for key in ("input_ids", "attention_mask", "labels", "pixel_values")}
-    is_image = batch["input_ids"] == model.config.image_token_id
-    masked = batch["attention_mask"].clone()
-    masked[is_image] = batch["foreground"].reshape(-1).long()  # rotary positions stay those of the full sequence
-    assert 0 < batch["foreground"].sum() < batch["foreground"].numel()
-
-    for kept, attention_mask in ((1.0, full["attention_mask"]), (0.0, masked)):
-        loss, grounding = train_tiny.answer_loss(model, batch, kept, torch.Generator().manual_seed(0), 1)
-        model.model.language_model.set_attn_implementation("eager")
-        reference = model(**{**full, "attention_mask": attention_mask}, output_attentions=True)
-        model.model.language_model.set_attn_implementation("sdpa")
-        assert loss.item() == pytest.approx(reference.loss.item(), abs=1e-5)
-        attention = reference.attentions[1].mean(1)  # layer 1, mean over heads
-        masses = [attention[row, batch["answering"][row, turn]][is_image[row]][batch["evidence"][row, turn]].sum()
-                  for row in range(2) for turn in range(batch["answering"].shape[1])
-                  if batch["answering"][row, turn] >= 0 and batch["evidence"][row, turn].any()]
-        assert len(masses) >= 2 and 0 < min(masses)
-        assert grounding.item() == pytest.approx(-torch.stack(masses).add(1e-6).log().mean().item(), abs=1e-5)
-    assert model.model.language_model.config._attn_implementation == "sdpa"
+    image_token = model.config.image_token_id
+    pool = train_tiny.ScenePool(model, processor, seed=0, size=3, refresh=1, step=1)  # scenes 1, 2, 3
+    assert [pool.scenes[k % 3] for k in (1, 2, 3)] == [train_tiny.pool_scene(0, k)[1:] for k in (1, 2, 3)]
+    for kept in (1.0, 0.0):
+        batch = train_tiny.training_batch(pool, tokenizer, image_token, seed=0, step=0, batch_size=2, rounds=1,
+                                          background_kept=kept)
+        logits = model.lm_head(train_tiny.final_hidden_states(model, batch)[batch["labels"] != -100])
+        expected, asked = [], 0
+        for row, slot in enumerate(batch["slots"].tolist()):
+            image = train_tiny.pool_scene(0, next(k for k in (1, 2, 3) if k % 3 == slot))[0]
+            foreground = train_tiny.foreground_patches(image)
+            segments, ids = batch["segments"][row], batch["input_ids"][row]
+            prefix = ids[(segments == 0) & (ids != image_token)].tolist()
+            assert (ids == image_token).sum() == (576 if kept else foreground.sum())
+            for branch in range(1, int(segments.max()) + 1):
+                tokens = ids[segments == branch].tolist()
+                question = tokenizer.decode(tokens).split(" ASSISTANT:")[0].strip()
+                prompt = processor(images=[image], text=[vicuna_v1_prompt(question)], return_tensors="pt")
+                question_length = prompt["input_ids"].shape[1] - len(prefix) - 576
+                assert prompt["input_ids"][0].tolist() == prefix + [image_token] * 576 + tokens[:question_length]
+                input_ids = torch.tensor([prefix + [image_token] * 576 + tokens])
+                mask = torch.ones_like(input_ids)
+                mask[0, len(prefix): len(prefix) + 576] = 1 if kept else foreground.long()  # same positions
+                out = model(input_ids=input_ids, pixel_values=prompt["pixel_values"], attention_mask=mask)
+                labelled = batch["labels"][row][segments == branch] != -100
+                assert labelled.nonzero()[0, 0] == question_length - 1  # the prompt's last token predicts the answer
+                early = batch["early_labels"][row][segments == branch]  # every question token after the newline
+                first_answer_token = batch["labels"][row][segments == branch][labelled][0]
+                assert early[0] == -100 and (early[1: question_length - 1] == first_answer_token).all()
+                assert (early[question_length - 1:] == -100).all()
+                expected.append(out.logits[0, -len(tokens):][labelled])
+                asked += 1
+        assert asked >= 4 and batch["labels"][batch["labels"] != -100].numel() == logits.shape[0]
+        torch.testing.assert_close(logits, torch.cat(expected), atol=1e-4, rtol=1e-4)
