@@ -42,7 +42,7 @@ import torch
 from omegaconf import OmegaConf
 
 from harness.config import CONF_DIR
-from harness.cost import kv_cache_bytes
+from harness.cost import kv_cache_bytes, returned_cache
 from harness.flops import FlopCounter
 from harness.models import build_tiny, model_config, resolve_device
 from harness.runtime import prune
@@ -120,7 +120,7 @@ def counted(model, inputs: dict, pruner: TokenPruner) -> dict:
     return {"method": pruner.name, "k": getattr(pruner, "k", None), "budget": pruner.budget.tokens,
             "mean_vision_tokens": statistics.fmean(runtime.vision_tokens_per_layer()[0].tolist()),
             "flops": flops.total, "method_flops": flops.method, "unpruned_flops": flops.vision + flops.projector,
-            "kv_cache_bytes": kv_cache_bytes(output.past_key_values)}
+            "kv_cache_bytes": kv_cache_bytes(returned_cache(output))}
 
 
 def timed(model, inputs: dict, pruner: TokenPruner | None, clock: Callable[[], float]) -> tuple[float, float]:

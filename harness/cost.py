@@ -10,6 +10,18 @@ from dataclasses import dataclass
 import torch
 
 
+def forward_cache(kwargs: dict):
+    """The KV cache a model or decoder-layer forward was called with, or None (transformers 5.24 renamed the
+    `past_key_values` argument to `cache`; both are read so that every supported version works)."""
+    return next((kwargs[name] for name in ("cache", "past_key_values") if kwargs.get(name) is not None), None)
+
+
+def returned_cache(output):
+    """The KV cache a model forward returned (`cache` from transformers 5.24 on, `past_key_values` before), or None."""
+    return next((value for name in ("cache", "past_key_values") if (value := getattr(output, name, None)) is not None),
+                None)
+
+
 def kv_cache_bytes(cache) -> int:
     """Bytes of every key and value tensor the cache holds (layers may differ in length)."""
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
@@ -49,7 +61,7 @@ class ForwardTimer:
             torch.cuda.synchronize(self.model.device)
 
     def _start(self, module, args, kwargs) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = forward_cache(kwargs)
         self._prefill = cache is None or cache.get_seq_length() == 0
         self._sync()
         self._t0 = time.perf_counter()
@@ -59,8 +71,8 @@ class ForwardTimer:
         elapsed = time.perf_counter() - self._t0
         if self._prefill:
             self.prefill_seconds = elapsed
-            if output.past_key_values is not None:
-                self.kv_bytes = kv_cache_bytes(output.past_key_values)
+            if (cache := returned_cache(output)) is not None:
+                self.kv_bytes = kv_cache_bytes(cache)
         else:
             self.decode_seconds += elapsed
             self.decode_steps += 1

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from harness.cost import forward_cache
 from harness.results import SAMPLES, read_samples
 from harness.runtime import PruningRuntime, in_method_work
 from methods.base import ConfigError, TokenPruner
@@ -306,7 +307,7 @@ class FlopCounter(FlopCounterMode):
         self._scopes.pop()
 
     def _start_forward(self, module, args, kwargs) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = forward_cache(kwargs)
         self._decoding = cache is not None and cache.get_seq_length() > 0
         if not self._decoding:
             self._cache_vision = {}
@@ -317,7 +318,7 @@ class FlopCounter(FlopCounterMode):
     def _attention_scope(self, index: int):
         def enter(module, args, kwargs) -> None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            cache = kwargs.get("past_key_values")
+            cache = forward_cache(kwargs)
             queries = hidden.shape[1]
             past = cache.get_seq_length(index) if cache is not None else 0
             keys = past + queries

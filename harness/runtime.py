@@ -30,6 +30,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
 
+from harness.cost import forward_cache
 from methods.base import ConfigError, Probe, Selection, TokenPruner
 
 SUPPORTED_BACKENDS = ("sdpa", "eager")
@@ -177,7 +178,7 @@ class PruningRuntime:
 
     # ------------------------------------------------------------------ prefill start
     def _on_model_call(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = forward_cache(kwargs)
         if cache is not None and cache.get_seq_length() > 0:  # decode step: keep the 2-D mask for `_decode_inputs`
             self._decode_mask2d = kwargs.get("attention_mask")
             return None
@@ -261,7 +262,7 @@ class PruningRuntime:
     # ------------------------------------------------------------------ per layer
     def _before_layer(self, module, args, kwargs):
         layer = module.self_attn.layer_idx
-        cache = kwargs.get("past_key_values")
+        cache = forward_cache(kwargs)
         prefill = cache is None or cache.get_seq_length(layer) == 0
         if not self.active:
             return None
@@ -326,7 +327,7 @@ class PruningRuntime:
 
     def _evict_from_cache(self, module, args, kwargs, output):
         layer = module.self_attn.layer_idx
-        cache = kwargs.get("past_key_values")
+        cache = forward_cache(kwargs)
         if not self.active or cache is None or len(self.layers) != layer + 1:  # not this prefill's layer
             return None
         keep = self._timed(self.pruner.cache_keep, layer, self.state)
@@ -412,7 +413,7 @@ class PruningRuntime:
         record = self.layers[layer]
         mask = kwargs.get("attention_mask")
         hidden = args[0] if args else kwargs["hidden_states"]
-        cached = kwargs["past_key_values"].get_seq_length(layer)
+        cached = forward_cache(kwargs).get_seq_length(layer)
         # The model sizes its decode mask from layer 0's cache: rebuild it for a changed layer, and for any layer
         # whose cache length it does not fit (after layer 0 itself was pruned or evicted).
         rebuild = mask is not None and (record.changed or mask.shape[-1] != cached + hidden.shape[1])

@@ -11,8 +11,10 @@ that already sees:
    language model learn the questions, each exactly the prompt the harness evaluates. A pool of scenes holds the
    tower's features (a few replaced every step), and each scene's questions share one computation of the prompt up
    to the image (`training_batch`). Besides the answer, every question token is asked for the answer too (an
-   "early answer": the token that names the object can look it up in one hop). Most plain-background image tokens
-   are left out of the input to save time (positions kept), except in the last `--full-steps`.
+   "early answer": the token that names the object can look it up in one hop). The image enters first as one token
+   per item, the patch at its centre (`--centre-steps`), then the item's other tokens and a share of the plain
+   background come in (`--ramp-steps`, `--background-kept`; positions always kept), and the last `--full-steps` see
+   all 576 (`image_tokens_kept`). `--device auto` trains on a GPU when there is one.
 
 Deterministic from `--seed`: the weights are initialised from it and step `s` always trains on the same scenes, so a
 resumed run (the state is saved every `--save-every` steps; rerun the same command) equals an uninterrupted one. The
@@ -38,7 +40,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from harness.evaluate import ROOT
-from harness.models import TOKENIZER_SPECIALS, build_tiny, fast_tokenizer, vicuna_v1_prompt
+from harness.models import TOKENIZER_SPECIALS, build_tiny, fast_tokenizer, resolve_device, vicuna_v1_prompt
 from harness.results import write_json_atomic
 from harness.tasks import (
     BACKGROUND,
@@ -66,8 +68,8 @@ IGNORE = -100
 # Settings a resumed run must share: those of stage 1 always, those of stage 2 once it has begun (so stage 2 can be
 # rerun with other settings from a finished stage 1).
 STAGE1_SETTINGS = ("seed", "vision_steps", "vision_batch_size", "vision_lr", "warmup")
-STAGE2_SETTINGS = ("steps", "batch_size", "rounds", "lr", "pool", "refresh", "early_weight", "background_kept",
-                   "full_steps")
+STAGE2_SETTINGS = ("steps", "batch_size", "rounds", "lr", "pool", "refresh", "early_weight", "centre_steps",
+                   "ramp_steps", "background_kept", "full_steps")
 
 
 def train_tokenizer(seed: int):
@@ -118,6 +120,12 @@ def item_map(objects, words) -> torch.Tensor:
     return torch.where(cover.amax(1) >= MIN_COVER, cover.argmax(1), 0)
 
 
+def centre_patches(objects, words) -> list[int]:
+    """The patch that holds each item's centre (words, then objects): one patch per item."""
+    return [int((box[1] + box[3]) / 2 // PATCH) * PATCHES_PER_SIDE + int((box[0] + box[2]) / 2 // PATCH)
+            for box in [box for _, box in words] + [item.box for item in objects]]
+
+
 def patch_targets(objects, words) -> dict[str, torch.Tensor]:
     """The VISION_TARGETS of a scene's 576 patches: each patch labelled by the item covering most of it."""
     dominant = item_map(objects, words)
@@ -125,10 +133,9 @@ def patch_targets(objects, words) -> dict[str, torch.Tensor]:
     targets = {name: torch.zeros(side * side, dtype=torch.long) for name in VISION_TARGETS}
     targets["row"], targets["column"] = torch.arange(side * side) // side, torch.arange(side * side) % side
     colors = sorted(COLORS)
+    targets["center"][centre_patches(objects, words)] = 1
     for number, item in enumerate([*words, *objects], start=1):
         on = dominant == number
-        box = item[1] if number <= len(words) else item.box
-        targets["center"][int((box[1] + box[3]) / 2 // PATCH) * side + int((box[0] + box[2]) / 2 // PATCH)] = 1
         if number <= len(words):
             targets["color"][on], targets["word"][on] = len(COLORS) + 1, WORDS.index(item[0]) + 1
         else:
@@ -137,14 +144,16 @@ def patch_targets(objects, words) -> dict[str, torch.Tensor]:
     return targets
 
 
-def vision_batch(processor, seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def vision_batch(processor, seed: int, step: int, batch_size: int, device: torch.device
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Stage-1 images of step `step` (more words per scene than the task draws: reading is the slowest to learn) and
-    their patch targets."""
+    their patch targets, on `device`."""
     rng = random.Random(f"see-{seed}-{step}")
     scenes = [draw_scene(rng, num_words=(2, 4)) for _ in range(batch_size)]
     pixel_values = processor.image_processor([image for image, _, _ in scenes], return_tensors="pt")["pixel_values"]
     targets = [patch_targets(objects, words) for _, objects, words in scenes]
-    return pixel_values, {name: torch.stack([t[name] for t in targets]) for name in VISION_TARGETS}
+    stacked = {name: torch.stack([t[name] for t in targets]).to(device) for name in VISION_TARGETS}
+    return pixel_values.to(device), stacked
 
 
 def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -193,7 +202,7 @@ class ScenePool:
     def draw(self, indices: range) -> None:
         scenes = [pool_scene(self.seed, k) for k in indices]
         pixel_values = self.processor.image_processor([image for image, _, _ in scenes], return_tensors="pt")
-        features = vision_features(self.model, pixel_values["pixel_values"].to(self.model.dtype))
+        features = vision_features(self.model, pixel_values["pixel_values"].to(self.model.device, self.model.dtype))
         for k, (image, objects, words), feature in zip(indices, scenes, features, strict=True):
             slot = k % self.size
             self.features[slot], self.foreground[slot] = feature, foreground_patches(image)
@@ -219,13 +228,14 @@ def prompt_ids(tokenizer, question: str, image_token: int) -> tuple[list[int], l
 
 
 def training_batch(pool: ScenePool, tokenizer, image_token: int, seed: int, step: int, batch_size: int, rounds: int,
-                   background_kept: float) -> dict[str, torch.Tensor]:
+                   object_kept: float, background_kept: float) -> dict[str, torch.Tensor]:
     """Stage 2's batch of step `step`: one row per scene of the pool (drawn without replacement), laid out as a
     shared prefix (the prompt up to and including the image) followed by several question branches, up to `rounds`
     questions of each category, each `question ASSISTANT: answer</s>` exactly as the evaluated prompt continues.
     A branch attends to the prefix and to itself only, at the positions of the evaluated prompt, so it is that prompt
-    computed once for all its questions. Image tokens of plain background enter with probability `background_kept`
-    (original positions kept: a shorter sequence that looks the same to rotary attention).
+    computed once for all its questions. The image token at each item's centre always enters; the other image
+    tokens that show an item enter with probability `object_kept`, those of plain background with probability
+    `background_kept` (original positions kept: a shorter sequence that looks the same to rotary attention).
 
     Returns right-padded `input_ids`, `position_ids`, `segments` (0: prefix, j: branch j, -1: padding), `labels`
     (the next token, at the position that predicts it; -100 elsewhere), `early_labels` (the answer's first token at
@@ -242,7 +252,9 @@ def training_batch(pool: ScenePool, tokenizer, image_token: int, seed: int, step
                 if found := ask(category, objects, words, rng):
                     asked.setdefault(found[0], found[1])
         drawn = torch.rand(PATCHES_PER_SIDE ** 2, generator=torch.Generator().manual_seed(rng.getrandbits(62)))
-        kept = (pool.foreground[slot] | (drawn < background_kept)).nonzero()[:, 0]
+        foreground, centre = pool.foreground[slot], torch.zeros_like(pool.foreground[slot])
+        centre[centre_patches(objects, words)] = True
+        kept = (centre | torch.where(foreground, drawn < object_kept, drawn < background_kept)).nonzero()[:, 0]
         branches = [(prompt_ids(tokenizer, question, image_token)[1],
                      tokenizer(f" {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
                     for question, answer in asked.items()]
@@ -312,6 +324,16 @@ def start_projector_from(head: torch.nn.Linear, model) -> None:
         first.bias[: head.out_features] = head.bias
 
 
+def image_tokens_kept(stage_step: int, args) -> tuple[float, float]:
+    """Stage 2's share of non-centre item tokens and of background tokens at a step: none for `--centre-steps`
+    (a step then costs a fraction, and each object is one token to pick among a few), rising linearly over
+    `--ramp-steps` to all item tokens and `--background-kept`, and every token in the last `--full-steps`."""
+    if stage_step >= args.steps - args.full_steps:
+        return 1.0, 1.0
+    ramp = min(1.0, max(0, stage_step - args.centre_steps + 1) / max(1, args.ramp_steps))
+    return ramp, ramp * args.background_kept
+
+
 def learning_rate(step: int, args) -> float:
     """Per stage: linear warm-up, then cosine decay to a tenth."""
     if step < args.vision_steps:
@@ -335,7 +357,7 @@ def validate(model, processor, num_samples: int, batch_size: int = 16) -> dict[s
         chunk = samples[start: start + batch_size]
         inputs = processor(images=[s.image for s in chunk], text=[vicuna_v1_prompt(s.question) for s in chunk],
                            padding=True, return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        out = model.generate(**inputs.to(model.device), max_new_tokens=4, do_sample=False)
         texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         for sample, text in zip(chunk, texts, strict=True):
             correct[sample.category].append(score(text, sample.answer))
@@ -355,36 +377,43 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1: steps of the vision tower alone")
     parser.add_argument("--vision-batch-size", type=int, default=32, help="stage 1: images per step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=2000, help="stage 2: steps of projector and language model")
-    parser.add_argument("--batch-size", type=int, default=16, help="stage 2: scenes per step")
+    parser.add_argument("--steps", type=int, default=1000, help="stage 2: steps of projector and language model")
+    parser.add_argument("--batch-size", type=int, default=32, help="stage 2: scenes per step")
     parser.add_argument("--rounds", type=int, default=2, help="stage 2: questions of each category per scene, at most")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=30, help="warm-up steps of each stage")
     parser.add_argument("--pool", type=int, default=1000, help="stage 2: scenes whose tower features are held")
-    parser.add_argument("--refresh", type=int, default=2, help="stage 2: pool scenes replaced by new ones each step")
+    parser.add_argument("--refresh", type=int, default=4, help="stage 2: pool scenes replaced by new ones each step")
     parser.add_argument("--early-weight", type=float, default=0.5,
                         help="stage 2: weight of the early-answer loss at every question token (0: off)")
+    parser.add_argument("--centre-steps", type=int, default=500,
+                        help="stage 2: first steps that see only the image token at each item's centre")
+    parser.add_argument("--ramp-steps", type=int, default=200,
+                        help="stage 2: steps after those over which the other image tokens come in")
     parser.add_argument("--background-kept", type=float, default=0.1,
                         help="stage 2: share of plain-background image tokens kept, but in the last --full-steps")
-    parser.add_argument("--full-steps", type=int, default=100, help="stage 2: final steps on all 576 image tokens")
+    parser.add_argument("--full-steps", type=int, default=50, help="stage 2: final steps on all 576 image tokens")
     parser.add_argument("--save-every", type=int, default=25, help="steps between saves of the training state")
-    parser.add_argument("--validate-every", type=int, default=500,
+    parser.add_argument("--validate-every", type=int, default=250,
                         help="stage-2 steps between validations (0: at the end only)")
     parser.add_argument("--validation-samples", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one, else the CPU), cpu, cuda, ...")
     args = parser.parse_args(argv)
     if args.batch_size > args.pool:
         parser.error("--batch-size must not exceed --pool (a step draws its scenes from the pool)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     state_path = args.state or args.out.with_name(args.out.name + ".train-state.pt")
     state_path.parent.mkdir(parents=True, exist_ok=True)
 
     tokenizer = train_tokenizer(args.seed)
     model, processor = build_tiny(OmegaConf.create({**ARCHITECTURE, "seed": args.seed}), tokenizer)
+    model.to(device)
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
-        head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(VISION_TARGETS.values()))
+        head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(VISION_TARGETS.values())).to(device)
     # One optimiser for both stages: AdamW leaves alone the parameters that a stage gives no gradient.
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)
@@ -394,7 +423,7 @@ def main(argv: list[str] | None = None) -> Path:
                  "seconds": 0.0}
     start = 0
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=device)
         saved = state["log"]["settings"]
         defining = STAGE1_SETTINGS + (STAGE2_SETTINGS if state["step"] > args.vision_steps else ())
         differ = [key for key in defining if saved.get(key) != getattr(args, key)]
@@ -417,7 +446,7 @@ def main(argv: list[str] | None = None) -> Path:
             seeing = step < args.vision_steps
             if seeing:
                 loss, accuracy = vision_loss(model, head, *vision_batch(processor, args.seed, step,
-                                                                         args.vision_batch_size))
+                                                                         args.vision_batch_size, device))
                 log["vision"].append({"loss": round(loss.item(), 4), **{k: round(v, 3) for k, v in accuracy.items()}})
                 bar.set_description(f"train_tiny (seeing: shape {accuracy['shape']:.2f} word {accuracy['word']:.2f})")
             else:
@@ -426,10 +455,9 @@ def main(argv: list[str] | None = None) -> Path:
                     start_projector_from(head, model)
                 if pool is None:
                     pool = ScenePool(model, processor, args.seed, args.pool, args.refresh, stage_step)
-                full = stage_step >= args.steps - args.full_steps
                 batch = training_batch(pool, processor.tokenizer, model.config.image_token_id, args.seed, stage_step,
-                                       args.batch_size, args.rounds, 1.0 if full else args.background_kept)
-                answering, early = answer_losses(model, batch)
+                                       args.batch_size, args.rounds, *image_tokens_kept(stage_step, args))
+                answering, early = answer_losses(model, {key: value.to(device) for key, value in batch.items()})
                 loss = answering + args.early_weight * early
                 log["loss"].append(round(answering.item(), 5))
                 log["early_loss"].append(round(early.item(), 5))
@@ -439,7 +467,7 @@ def main(argv: list[str] | None = None) -> Path:
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if not seeing:
+            if not seeing and step + 1 < total:  # the last step draws no scenes it would not use
                 pool.advance()
             bar.set_postfix(loss=f"{loss.item():.3f}")
             done = step + 1

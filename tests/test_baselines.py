@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 
+from harness.cost import returned_cache
 from harness.runtime import ProbeResult, PruneState, VisionProbe, prune
 from methods import Budget, ConfigError, FastV, PDrop, Probe, SparseVLM, TokenPruner, VisionZip
 from methods.sparsevlm import density_peak_merge
@@ -164,7 +165,7 @@ def test_drop_only_methods_equal_their_attention_mask_reference(eight_layers, im
         out = model(**inputs, use_cache=True)
         tokens, _ = generate(model, inputs)
     kept = [record.orig_index[0] for record in runtime.layers]
-    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [k.numel() for k in kept]
+    assert [layer.keys.shape[2] for layer in returned_cache(out).layers] == [k.numel() for k in kept]
     assert len({k.numel() for k in kept}) > 1, "the method must drop something"
     hidden = [torch.ones(1, n, dtype=torch.bool).index_fill_(1, k, False) for k in kept]
     with hide_keys_from(model, hidden):
@@ -184,7 +185,7 @@ def test_merging_and_compacting_methods_generate_with_the_kv_cache(eight_layers,
         out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                              return_dict_in_generate=True)
     per_layer = runtime.vision_tokens_per_layer()[0].tolist()
-    cache = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    cache = [layer.keys.shape[2] for layer in returned_cache(out).layers]
     text = inputs["input_ids"].shape[1] - 576
     assert cache == [text + v + NEW_TOKENS - 1 for v in per_layer]
     assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + NEW_TOKENS

@@ -12,7 +12,7 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from harness import bench
-from harness.cost import ForwardTimer, kv_cache_bytes
+from harness.cost import ForwardTimer, kv_cache_bytes, returned_cache
 from harness.flops import (
     COMPONENTS,
     Architecture,
@@ -119,7 +119,7 @@ def test_kv_cache_bytes_equal_the_cached_tensors(tiny, images):
     n = inputs["input_ids"].shape[1]
     with torch.no_grad(), prune(tiny.model, RandomPruner(k=2, budget=Budget(64)), sample_ids=[0]) as runtime, \
             ForwardTimer(tiny.model) as timer:
-        cache = tiny.model(**inputs, use_cache=True).past_key_values
+        cache = returned_cache(tiny.model(**inputs, use_cache=True))
     held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     assert [layer.keys.shape[2] for layer in cache.layers] == [n, n, n - 512, n - 512]
     assert kv_cache_bytes(cache) == held == timer.kv_bytes

@@ -7,6 +7,7 @@ import contextlib
 import pytest
 import torch
 
+from harness.cost import forward_cache, returned_cache
 from harness.runtime import prune
 from methods import Budget, Probe, RandomPruner, Selection, TokenPruner
 from tests.conftest import tiny_model
@@ -34,7 +35,7 @@ def hide_keys_from(model, hidden_per_layer):
             return None
         h = args[0] if args else kwargs["hidden_states"]
         q = h.shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = forward_cache(kwargs)
         past = cache.get_seq_length(module.self_attn.layer_idx) if cache is not None else 0
         kv = past + q
         visible = torch.ones(h.shape[0], kv, dtype=torch.bool)
@@ -108,7 +109,7 @@ def test_kv_cache_lengths_and_mean_vision_tokens(tiny, images):
     n = inputs["input_ids"].shape[1]
     with prune(tiny.model, RandomPruner(k=2, budget=Budget(64))) as runtime:
         out = tiny.model(**inputs, use_cache=True)
-    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    lengths = [layer.keys.shape[2] for layer in returned_cache(out).layers]
     assert lengths == [n, n, n - 512, n - 512]
     per_layer = runtime.vision_tokens_per_layer()[0].tolist()
     assert per_layer == [576, 576, 64, 64]
@@ -123,7 +124,7 @@ def test_kv_cache_lengths_and_mean_vision_tokens(tiny, images):
     with prune(tiny.model, RandomPruner(k=1, budget=Budget(64))) as runtime:
         out = tiny.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                                   return_dict_in_generate=True)
-    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    lengths = [layer.keys.shape[2] for layer in returned_cache(out).layers]
     assert lengths == [n + 2, n - 512 + 2, n - 512 + 2, n - 512 + 2]  # the last new token is not fed back
 
 
@@ -227,7 +228,7 @@ def test_merged_tokens_are_cached_and_batched(tiny, images):
         out = tiny.model(**inputs, use_cache=True)
         batch_tokens, _ = generate(tiny.model, inputs)
     assert runtime.vision_tokens_per_layer().tolist() == [[576, 576, 101, 101]] * 2
-    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [n, n, n - 475, n - 475]
+    assert [layer.keys.shape[2] for layer in returned_cache(out).layers] == [n, n, n - 475, n - 475]
     for row in range(2):
         alone = tiny.inputs(images[row: row + 1], questions[row: row + 1])
         with prune(tiny.model, MergeRest(positions="compact")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -90,17 +91,21 @@ def test_a_branched_batch_equals_each_question_asked_alone_through_the_model():
     image_token = model.config.image_token_id
     pool = train_tiny.ScenePool(model, processor, seed=0, size=3, refresh=1, step=1)  # scenes 1, 2, 3
     assert [pool.scenes[k % 3] for k in (1, 2, 3)] == [train_tiny.pool_scene(0, k)[1:] for k in (1, 2, 3)]
-    for kept in (1.0, 0.0):
+    for object_kept, background_kept in ((1.0, 1.0), (1.0, 0.0), (0.0, 0.0)):  # all, every item token, centres
         batch = train_tiny.training_batch(pool, tokenizer, image_token, seed=0, step=0, batch_size=2, rounds=1,
-                                          background_kept=kept)
+                                          object_kept=object_kept, background_kept=background_kept)
         logits = model.lm_head(train_tiny.final_hidden_states(model, batch)[batch["labels"] != -100])
         expected, asked = [], 0
         for row, slot in enumerate(batch["slots"].tolist()):
             image = train_tiny.pool_scene(0, next(k for k in (1, 2, 3) if k % 3 == slot))[0]
-            foreground = train_tiny.foreground_patches(image)
+            centre = torch.zeros(576, dtype=torch.bool)
+            centre[train_tiny.centre_patches(*pool.scenes[slot])] = True
+            visible = centre | train_tiny.foreground_patches(image) if object_kept else centre
+            if background_kept:
+                visible = torch.ones(576, dtype=torch.bool)
             segments, ids = batch["segments"][row], batch["input_ids"][row]
             prefix = ids[(segments == 0) & (ids != image_token)].tolist()
-            assert (ids == image_token).sum() == (576 if kept else foreground.sum())
+            assert (ids == image_token).sum() == visible.sum()
             for branch in range(1, int(segments.max()) + 1):
                 tokens = ids[segments == branch].tolist()
                 question = tokenizer.decode(tokens).split(" ASSISTANT:")[0].strip()
@@ -109,7 +114,7 @@ def test_a_branched_batch_equals_each_question_asked_alone_through_the_model():
                 assert prompt["input_ids"][0].tolist() == prefix + [image_token] * 576 + tokens[:question_length]
                 input_ids = torch.tensor([prefix + [image_token] * 576 + tokens])
                 mask = torch.ones_like(input_ids)
-                mask[0, len(prefix): len(prefix) + 576] = 1 if kept else foreground.long()  # same positions
+                mask[0, len(prefix): len(prefix) + 576] = visible.long()  # same positions
                 out = model(input_ids=input_ids, pixel_values=prompt["pixel_values"], attention_mask=mask)
                 labelled = batch["labels"][row][segments == branch] != -100
                 assert labelled.nonzero()[0, 0] == question_length - 1  # the prompt's last token predicts the answer
@@ -121,3 +126,12 @@ def test_a_branched_batch_equals_each_question_asked_alone_through_the_model():
                 asked += 1
         assert asked >= 4 and batch["labels"][batch["labels"] != -100].numel() == logits.shape[0]
         torch.testing.assert_close(logits, torch.cat(expected), atol=1e-4, rtol=1e-4)
+
+
+def test_stage_two_sees_item_centres_first_then_ramps_in_the_other_image_tokens():
+    args = argparse.Namespace(steps=10, centre_steps=3, ramp_steps=4, background_kept=0.1, full_steps=2)
+    shares = [train_tiny.image_tokens_kept(step, args) for step in range(10)]
+    assert shares[:3] == [(0.0, 0.0)] * 3  # centres only
+    assert [round(item, 6) for item, _ in shares[3:8]] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [round(background, 6) for _, background in shares[3:8]] == [0.025, 0.05, 0.075, 0.1, 0.1]
+    assert shares[8:] == [(1.0, 1.0)] * 2  # the last full steps see every token

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from harness.cost import returned_cache
 from harness.runtime import ProbeResult, PruneState, prune
 from methods import ConfigError, VisiPruner
 from tests.conftest import tiny_model
@@ -191,7 +192,7 @@ def test_run_equals_its_attention_mask_reference(deep_tiny, images):
     f, kept, exit_layer = pruner.filter_layer, pruner.kept, pruner.exit_layer
     assert f == 2 and 0 < kept < 576 and exit_layer == 5, (f, kept, exit_layer)
     assert runtime.vision_tokens_per_layer()[0].tolist() == [576] * (f + 1) + [kept] * (exit_layer - f - 1) + [0] * 3
-    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    lengths = [layer.keys.shape[2] for layer in returned_cache(out).layers]
     assert lengths == [n] * (f + 1) + [n - 576 + kept] * (exit_layer - f - 1) + [n - 576] * 3
     survivors = runtime.layers[-1].orig_index[0]
 
@@ -243,6 +244,6 @@ def test_paper_variant_removes_shallow_vision_from_the_cache(deep_tiny, images):
         out = model(**inputs, use_cache=True)
         generated = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False,
                                    return_dict_in_generate=True)
-    assert out.past_key_values.layers[0].keys.shape[2] == n - 576  # shallow layer 0 (S=1): no vision K/V
-    assert out.past_key_values.layers[1].keys.shape[2] == n
+    assert returned_cache(out).layers[0].keys.shape[2] == n - 576  # shallow layer 0 (S=1): no vision K/V
+    assert returned_cache(out).layers[1].keys.shape[2] == n
     assert generated.sequences.shape[1] == n + 5
