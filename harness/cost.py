@@ -9,17 +9,23 @@ from dataclasses import dataclass
 
 import torch
 
+CACHE_NAMES = ("cache", "past_key_values")  # transformers 5.24 renamed past_key_values to cache: read both
+
 
 def forward_cache(kwargs: dict):
-    """The KV cache a model or decoder-layer forward was called with, or None (transformers 5.24 renamed the
-    `past_key_values` argument to `cache`; both are read so that every supported version works)."""
-    return next((kwargs[name] for name in ("cache", "past_key_values") if kwargs.get(name) is not None), None)
+    """The KV cache a model or decoder-layer forward was called with, or None."""
+    return next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
 
 
 def returned_cache(output):
-    """The KV cache a model forward returned (`cache` from transformers 5.24 on, `past_key_values` before), or None."""
-    return next((value for name in ("cache", "past_key_values") if (value := getattr(output, name, None)) is not None),
-                None)
+    """The KV cache a model forward returned, or None."""
+    return next((value for name in CACHE_NAMES if (value := getattr(output, name, None)) is not None), None)
+
+
+def decoding(kwargs: dict) -> bool:
+    """Whether a model forward continues a cache that already holds tokens (a decode step, not a prefill)."""
+    cache = forward_cache(kwargs)
+    return cache is not None and cache.get_seq_length() > 0
 
 
 def kv_cache_bytes(cache) -> int:
@@ -61,8 +67,7 @@ class ForwardTimer:
             torch.cuda.synchronize(self.model.device)
 
     def _start(self, module, args, kwargs) -> None:
-        cache = forward_cache(kwargs)
-        self._prefill = cache is None or cache.get_seq_length() == 0
+        self._prefill = not decoding(kwargs)
         self._sync()
         self._t0 = time.perf_counter()
 

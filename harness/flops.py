@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.cost import forward_cache
+from harness.cost import decoding, forward_cache
 from harness.results import SAMPLES, read_samples
 from harness.runtime import PruningRuntime, in_method_work
 from methods.base import ConfigError, TokenPruner
@@ -307,8 +307,7 @@ class FlopCounter(FlopCounterMode):
         self._scopes.pop()
 
     def _start_forward(self, module, args, kwargs) -> None:
-        cache = forward_cache(kwargs)
-        self._decoding = cache is not None and cache.get_seq_length() > 0
+        self._decoding = decoding(kwargs)
         if not self._decoding:
             self._cache_vision = {}
 

@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
 
-from harness.cost import forward_cache
+from harness.cost import decoding, forward_cache
 from methods.base import ConfigError, Probe, Selection, TokenPruner
 
 SUPPORTED_BACKENDS = ("sdpa", "eager")
@@ -178,8 +178,7 @@ class PruningRuntime:
 
     # ------------------------------------------------------------------ prefill start
     def _on_model_call(self, module, args, kwargs):
-        cache = forward_cache(kwargs)
-        if cache is not None and cache.get_seq_length() > 0:  # decode step: keep the 2-D mask for `_decode_inputs`
+        if decoding(kwargs):  # keep the decode step's 2-D mask for `_decode_inputs`
             self._decode_mask2d = kwargs.get("attention_mask")
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
