@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--steps", type=int, default=1000, help="stage 2: steps of projector and language model")
     parser.add_argument("--batch-size", type=int, default=32, help="stage 2: scenes per step")
     parser.add_argument("--rounds", type=int, default=2, help="stage 2: questions of each category per scene, at most")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="stage 2: peak learning rate")
     parser.add_argument("--warmup", type=int, default=30, help="warm-up steps of each stage")
     parser.add_argument("--pool", type=int, default=1000, help="stage 2: scenes whose tower features are held")
     parser.add_argument("--refresh", type=int, default=4, help="stage 2: pool scenes replaced by new ones each step")
