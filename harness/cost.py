@@ -22,10 +22,11 @@ def returned_cache(output):
     return next((value for name in CACHE_NAMES if (value := getattr(output, name, None)) is not None), None)
 
 
-def decoding(kwargs: dict) -> bool:
-    """Whether a model forward continues a cache that already holds tokens (a decode step, not a prefill)."""
+def decoding(kwargs: dict, layer: int = 0) -> bool:
+    """Whether a model or decoder-layer forward continues a cache whose `layer` already holds tokens (a decode step,
+    not a prefill)."""
     cache = forward_cache(kwargs)
-    return cache is not None and cache.get_seq_length() > 0
+    return cache is not None and cache.get_seq_length(layer) > 0
 
 
 def kv_cache_bytes(cache) -> int:

@@ -261,11 +261,9 @@ class PruningRuntime:
     # ------------------------------------------------------------------ per layer
     def _before_layer(self, module, args, kwargs):
         layer = module.self_attn.layer_idx
-        cache = forward_cache(kwargs)
-        prefill = cache is None or cache.get_seq_length(layer) == 0
         if not self.active:
             return None
-        if not prefill:
+        if decoding(kwargs, layer):
             return self._decode_inputs(layer, args, kwargs)
 
         state = self.state
