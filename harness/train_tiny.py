@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1: steps of the vision tower alone")
     parser.add_argument("--vision-batch-size", type=int, default=32, help="stage 1: images per step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=1000, help="stage 2: steps of projector and language model")
+    parser.add_argument("--steps", type=int, default=2000, help="stage 2: steps of projector and language model")
     parser.add_argument("--batch-size", type=int, default=32, help="stage 2: scenes per step")
     parser.add_argument("--rounds", type=int, default=2, help="stage 2: questions of each category per scene, at most")
     parser.add_argument("--lr", type=float, default=1e-3, help="stage 2: peak learning rate")
