@@ -45,8 +45,10 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 @dataclass
 class ForwardTimer:
-    """Times each forward of `model` inside the block: the first on an empty cache is the prefill, the rest decode
-    steps. On GPU the device is synchronised around each forward so the times are the device's."""
+    """Times each forward of `model` (a LLaVA model) inside the block: the first on an empty cache is the prefill, the
+    rest decode steps. The prefill runs from the start of the vision tower to the first token's logits, also when
+    generate() encodes the image before that forward (transformers 5 does). On GPU the device is synchronised around
+    each timed span so the times are the device's."""
 
     model: torch.nn.Module
     prefill_seconds: float = 0.0
@@ -55,8 +57,11 @@ class ForwardTimer:
     kv_bytes: int = 0
 
     def __enter__(self) -> ForwardTimer:
+        self._encoding_t0: float | None = None  # the vision tower started before any forward of the model
+        self._in_forward = False
         self._handles = [self.model.register_forward_pre_hook(self._start, with_kwargs=True),
-                         self.model.register_forward_hook(self._stop)]
+                         self.model.register_forward_hook(self._stop),
+                         self.model.model.vision_tower.register_forward_pre_hook(self._start_encoding)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -67,13 +72,22 @@ class ForwardTimer:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
 
+    def _start_encoding(self, module, args) -> None:
+        if not self._in_forward:  # inside a forward the vision tower is already timed with it
+            self._sync()
+            self._encoding_t0 = time.perf_counter()
+
     def _start(self, module, args, kwargs) -> None:
-        self._prefill = not decoding(kwargs)
+        self._prefill, self._in_forward = not decoding(kwargs), True
         self._sync()
         self._t0 = time.perf_counter()
+        if self._prefill and self._encoding_t0 is not None:
+            self._t0 = self._encoding_t0
+        self._encoding_t0 = None
 
     def _stop(self, module, args, output) -> None:
         self._sync()
+        self._in_forward = False
         elapsed = time.perf_counter() - self._t0
         if self._prefill:
             self.prefill_seconds = elapsed

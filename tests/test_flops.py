@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -125,6 +126,26 @@ def test_kv_cache_bytes_equal_the_cached_tensors(tiny, images):
     assert kv_cache_bytes(cache) == held == timer.kv_bytes
     arch = Architecture.from_config(tiny.model.config)
     assert arch.kv_cache_bytes(executed_schedule(runtime, 0).cache, element_size=4) == held
+
+
+@pytest.mark.parametrize("call", ["generate", "forward"])
+def test_prefill_time_includes_the_vision_tower(tiny, images, call):
+    """generate() of transformers 5 encodes the image before its first forward; a plain forward encodes it inside.
+    Either way the prefill time covers the vision tower (slowed down here by a known delay), and no decode step does."""
+    delay = 0.5
+    inputs = tiny.inputs(images[:1], QUESTIONS[:1])
+    handle = tiny.model.model.vision_tower.register_forward_hook(lambda *_: time.sleep(delay))
+    try:
+        with torch.no_grad(), ForwardTimer(tiny.model) as timer:
+            if call == "generate":
+                tiny.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+            else:
+                tiny.model(**inputs, use_cache=True)
+    finally:
+        handle.remove()
+    assert timer.prefill_seconds >= delay
+    assert timer.decode_steps == (2 if call == "generate" else 0)
+    assert timer.decode_seconds < delay
 
 
 def test_meta_7b_count_equals_projection():
