@@ -71,11 +71,12 @@ class Prunebench(lmms):
             if sample_id in self.records:
                 outputs[index] = _result(self.records[sample_id])
             else:
-                doc = self.task_dict[task][split][doc_id]
-                pending.append((index, sample_id, context, gen_kwargs, doc_to_visual(doc), doc))
+                pending.append((index, sample_id, context, gen_kwargs, doc_to_visual, self.task_dict[task][split],
+                                doc_id))
         with tqdm(total=len(pending), desc=repr(self), unit="sample", disable=not pending) as bar:
             while pending:
-                batch = _same_shape(pending[: self.cfg.batch_size])
+                # Docs and their images are read a batch at a time: a large task's images never sit in memory together.
+                batch = _same_shape([_with_visuals(*item) for item in pending[: self.cfg.batch_size]])
                 pending = pending[len(batch):]
                 for (index, *_), record in zip(batch, self._generate(batch), strict=True):
                     self.records[record["id"]] = record
@@ -153,6 +154,12 @@ class Prunebench(lmms):
             record.update(method_fields[row])
             records.append(record)
         return records
+
+
+def _with_visuals(index: int, sample_id: str, context: str, gen_kwargs: dict, doc_to_visual, docs, doc_id) -> tuple:
+    """A pending request as `_generate` takes it: (index, sample id, context, gen_kwargs, visuals, doc)."""
+    doc = docs[doc_id]
+    return index, sample_id, context, gen_kwargs, doc_to_visual(doc), doc
 
 
 def _same_shape(batch: list) -> list:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from harness import run as run_module
-from harness.config import CONF_DIR
+from harness.config import CONF_DIR, validate
 from harness.lmms import Prunebench
 from methods import Budget, ConfigError, RandomPruner
 from tests.conftest import tiny_model
@@ -79,6 +81,32 @@ def test_a_different_config_in_the_same_directory_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="force=true"):
         run_module.run(config(tmp_path, "method=random", "budget=32", "method.seed=1"))
     run_module.run(config(tmp_path, "method=random", "budget=32", "method.seed=1", "force=true"))
+
+
+def test_docs_and_images_are_read_a_batch_at_a_time(tmp_path, monkeypatch):
+    """A large task's images must not all be decoded before the first sample runs: each batch reads only its own
+    docs (a prompt without an image still runs alone)."""
+    cfg = config(tmp_path, "method=none", "batch_size=2")
+    model = Prunebench.for_run(cfg, validate(cfg), {}, None)
+    read: list[int] = []
+
+    def doc_to_visual(doc: dict) -> list:
+        read.append(doc["n"])
+        return [] if doc["n"] == 2 else [Image.new("RGB", (8, 8))]
+
+    model.task_dict = {"t": {"test": [{"n": n, "category": "c"} for n in range(5)]}}
+    requests = [SimpleNamespace(args=("q", {"max_new_tokens": 2}, doc_to_visual, n, "t", "test")) for n in range(5)]
+    batches = []
+
+    def generate(self, batch: list) -> list[dict]:
+        batches.append([item[5]["n"] for item in batch])
+        assert max(read) < batches[-1][0] + cfg.batch_size  # nothing beyond this batch's window was read
+        return [{"id": item[1], "output": f"answer {item[5]['n']}"} for item in batch]
+
+    monkeypatch.setattr(Prunebench, "_generate", generate)
+    results = model.generate_until(requests)
+    assert batches == [[0, 1], [2], [3, 4]]
+    assert [r.text for r in results] == [f"answer {n}" for n in range(5)]
 
 
 @torch.no_grad()
