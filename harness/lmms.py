@@ -10,7 +10,7 @@ e.g. `method.k=3`); the package declares the `lmms_eval.models` entry point for 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -73,11 +73,11 @@ class Prunebench(lmms):
             else:
                 pending.append((index, sample_id, context, gen_kwargs, doc_to_visual, self.task_dict[task][split],
                                 doc_id))
+        # Docs and their images are read as their batch forms, each once: a large task's images never sit in memory
+        # together.
+        batches = _batches((_with_visuals(*item) for item in pending), self.cfg.batch_size)
         with tqdm(total=len(pending), desc=repr(self), unit="sample", disable=not pending) as bar:
-            while pending:
-                # Docs and their images are read a batch at a time: a large task's images never sit in memory together.
-                batch = _same_shape([_with_visuals(*item) for item in pending[: self.cfg.batch_size]])
-                pending = pending[len(batch):]
+            for batch in batches:
                 for (index, *_), record in zip(batch, self._generate(batch), strict=True):
                     self.records[record["id"]] = record
                     if self.sink is not None:
@@ -162,15 +162,20 @@ def _with_visuals(index: int, sample_id: str, context: str, gen_kwargs: dict, do
     return index, sample_id, context, gen_kwargs, doc_to_visual(doc), doc
 
 
-def _same_shape(batch: list) -> list:
-    """The longest prefix of `batch` that can share one forward: same generation options, all with or all without
-    an image (a prompt without an image always runs alone)."""
-    if not batch[0][4]:
-        return batch[:1]
-    size = 1
-    while size < len(batch) and batch[size][3] == batch[0][3] and batch[size][4]:
-        size += 1
-    return batch[:size]
+def _batches(items: Iterator[tuple], size: int) -> Iterator[list]:
+    """Consecutive runs of at most `size` items that can share one forward: the same generation options, all with an
+    image (a prompt without an image always runs alone). A batch is handed out as soon as it is complete."""
+    batch: list = []
+    for item in items:
+        if batch and not (batch[0][4] and item[4] and item[3] == batch[0][3]):
+            yield batch
+            batch = []
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _cut(text: str, until) -> str:
