@@ -69,7 +69,7 @@ IGNORE = -100
 # rerun with other settings from a finished stage 1).
 STAGE1_SETTINGS = ("seed", "vision_steps", "vision_batch_size", "vision_lr", "warmup")
 STAGE2_SETTINGS = ("steps", "batch_size", "rounds", "lr", "pool", "refresh", "early_weight", "centre_steps",
-                   "ramp_steps", "background_kept", "full_steps")
+                   "ramp_steps", "background_kept", "full_steps", "reweight")
 
 
 def train_tokenizer(seed: int):
@@ -228,16 +228,20 @@ def prompt_ids(tokenizer, question: str, image_token: int) -> tuple[list[int], l
 
 
 def training_batch(pool: ScenePool, tokenizer, image_token: int, seed: int, step: int, batch_size: int, rounds: int,
-                   object_kept: float, background_kept: float) -> dict[str, torch.Tensor]:
+                   object_kept: float, background_kept: float, reweight: bool = False) -> dict[str, torch.Tensor]:
     """Stage 2's batch of step `step`: one row per scene of the pool (drawn without replacement), laid out as a
     shared prefix (the prompt up to and including the image) followed by several question branches, up to `rounds`
     questions of each category, each `question ASSISTANT: answer</s>` exactly as the evaluated prompt continues.
     A branch attends to the prefix and to itself only, at the positions of the evaluated prompt, so it is that prompt
     computed once for all its questions. The image token at each item's centre always enters; the other image
     tokens that show an item enter with probability `object_kept`, those of plain background with probability
-    `background_kept` (original positions kept: a shorter sequence that looks the same to rotary attention).
+    `background_kept` (original positions kept: a shorter sequence that looks the same to rotary attention). With
+    `reweight`, each kept token that was drawn with probability p weighs 1/p as an attention key (`key_bias`
+    log(1/p) on its attention logits), so that every softmax sums over the image as if all of it were there: each
+    kept background token stands for the ones dropped beside it (an importance-weighted, Horvitz-Thompson sum).
 
-    Returns right-padded `input_ids`, `position_ids`, `segments` (0: prefix, j: branch j, -1: padding), `labels`
+    Returns right-padded `input_ids`, `position_ids`, `segments` (0: prefix, j: branch j, -1: padding), `key_bias`
+    (0 but on reweighted image tokens), `labels`
     (the next token, at the position that predicts it; -100 elsewhere), `early_labels` (the answer's first token at
     every question token after the branch's newline but the last, which `labels` covers), `features` (the kept image
     tokens' tower features, in row order) and `slots` (each row's scene in the pool)."""
@@ -254,29 +258,33 @@ def training_batch(pool: ScenePool, tokenizer, image_token: int, seed: int, step
         drawn = torch.rand(PATCHES_PER_SIDE ** 2, generator=torch.Generator().manual_seed(rng.getrandbits(62)))
         foreground, centre = pool.foreground[slot], torch.zeros_like(pool.foreground[slot])
         centre[centre_patches(objects, words)] = True
-        kept = (centre | torch.where(foreground, drawn < object_kept, drawn < background_kept)).nonzero()[:, 0]
+        kept_share = torch.where(centre, 1.0, torch.where(foreground, object_kept, background_kept))
+        kept = (centre | (drawn < kept_share)).nonzero()[:, 0]
         branches = [(prompt_ids(tokenizer, question, image_token)[1],
                      tokenizer(f" {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
                     for question, answer in asked.items()]
         ids, positions = [*prefix, *[image_token] * len(kept)], [*range(len(prefix)), *(len(prefix) + kept).tolist()]
         segments, labels, early = [0] * len(ids), [IGNORE] * len(ids), [IGNORE] * len(ids)
+        bias = [0.0] * len(prefix) + (-kept_share[kept].log() if reweight else torch.zeros(len(kept))).tolist()
         after_image = len(prefix) + PATCHES_PER_SIDE ** 2
         for branch, (suffix, answer) in enumerate(branches, start=1):
             tokens = suffix + answer
             ids += tokens
             positions += range(after_image, after_image + len(tokens))
             segments += [branch] * len(tokens)
+            bias += [0.0] * len(tokens)
             labels += [IGNORE] * (len(suffix) - 1) + answer + [IGNORE]
             early += [IGNORE] + [answer[0]] * (len(suffix) - 2) + [IGNORE] * (len(answer) + 1)
-        rows.append((ids, positions, segments, labels, early, pool.features[slot, kept]))
+        rows.append((ids, positions, segments, bias, labels, early, pool.features[slot, kept]))
     length = max(len(ids) for ids, *_ in rows)
     batch = {"input_ids": torch.full((batch_size, length), tokenizer.pad_token_id),
              "position_ids": torch.zeros(batch_size, length, dtype=torch.long),
-             "segments": torch.full((batch_size, length), -1), "labels": torch.full((batch_size, length), IGNORE),
+             "segments": torch.full((batch_size, length), -1), "key_bias": torch.zeros(batch_size, length),
+             "labels": torch.full((batch_size, length), IGNORE),
              "early_labels": torch.full((batch_size, length), IGNORE)}
     for row, values in enumerate(rows):
-        for key, value in zip(("input_ids", "position_ids", "segments", "labels", "early_labels"), values[:5],
-                              strict=True):
+        for key, value in zip(("input_ids", "position_ids", "segments", "key_bias", "labels", "early_labels"),
+                              values[:6], strict=True):
             batch[key][row, : len(value)] = torch.tensor(value)
     batch["features"] = torch.cat([features for *_, features in rows])
     batch["slots"] = torch.tensor(slots)
@@ -299,7 +307,10 @@ def final_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     ids = batch["input_ids"]
     image = llava.multi_modal_projector(batch["features"].to(model.dtype))
     embeds = llava.get_input_embeddings()(ids).masked_scatter((ids == model.config.image_token_id)[..., None], image)
-    return llava.language_model(inputs_embeds=embeds, attention_mask=branch_mask(batch["segments"]),
+    mask = branch_mask(batch["segments"])
+    if batch["key_bias"].any():  # reweighted keys: an additive mask (a boolean one keeps the plain run bit for bit)
+        mask = torch.where(mask, batch["key_bias"][:, None, None, :].to(model.dtype), -math.inf)
+    return llava.language_model(inputs_embeds=embeds, attention_mask=mask,
                                 position_ids=batch["position_ids"]).last_hidden_state
 
 
@@ -324,14 +335,16 @@ def start_projector_from(head: torch.nn.Linear, model) -> None:
         first.bias[: head.out_features] = head.bias
 
 
-def image_tokens_kept(stage_step: int, args) -> tuple[float, float]:
-    """Stage 2's share of non-centre item tokens and of background tokens at a step: none for `--centre-steps`
-    (a step then costs a fraction, and each object is one token to pick among a few), rising linearly over
-    `--ramp-steps` to all item tokens and `--background-kept`, and every token in the last `--full-steps`."""
+def image_tokens_kept(stage_step: int, args) -> tuple[float, float, bool]:
+    """Stage 2's share of non-centre item tokens and of background tokens at a step, and whether the kept ones are
+    reweighted: none for `--centre-steps` (a step then costs a fraction, and each object is one token to pick among
+    a few), rising linearly over `--ramp-steps` to all item tokens and `--background-kept`, and every token in the
+    last `--full-steps`. `--reweight` applies once the ramp is done: during it a rare kept token would weigh
+    hundreds of tokens, where the ramp is there to bring the image in gradually."""
     if stage_step >= args.steps - args.full_steps:
-        return 1.0, 1.0
+        return 1.0, 1.0, False
     ramp = min(1.0, max(0, stage_step - args.centre_steps + 1) / max(1, args.ramp_steps))
-    return ramp, ramp * args.background_kept
+    return ramp, ramp * args.background_kept, args.reweight and ramp == 1.0
 
 
 def learning_rate(step: int, args) -> float:
@@ -393,6 +406,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--background-kept", type=float, default=0.1,
                         help="stage 2: share of plain-background image tokens kept, but in the last --full-steps")
     parser.add_argument("--full-steps", type=int, default=50, help="stage 2: final steps on all 576 image tokens")
+    parser.add_argument("--reweight", action="store_true",
+                        help="stage 2, after the ramp: a kept image token drawn with probability p weighs 1/p as\n"
+                             "an attention key, so that attention sums over the image as if all 576 were there")
     parser.add_argument("--save-every", type=int, default=25, help="steps between saves of the training state")
     parser.add_argument("--validate-every", type=int, default=250,
                         help="stage-2 steps between validations (0: at the end only)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -129,9 +130,45 @@ def test_a_branched_batch_equals_each_question_asked_alone_through_the_model():
 
 
 def test_stage_two_sees_item_centres_first_then_ramps_in_the_other_image_tokens():
-    args = argparse.Namespace(steps=10, centre_steps=3, ramp_steps=4, background_kept=0.1, full_steps=2)
+    args = argparse.Namespace(steps=10, centre_steps=3, ramp_steps=4, background_kept=0.1, full_steps=2,
+                              reweight=False)
     shares = [train_tiny.image_tokens_kept(step, args) for step in range(10)]
-    assert shares[:3] == [(0.0, 0.0)] * 3  # centres only
-    assert [round(item, 6) for item, _ in shares[3:8]] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    assert [round(background, 6) for _, background in shares[3:8]] == [0.025, 0.05, 0.075, 0.1, 0.1]
-    assert shares[8:] == [(1.0, 1.0)] * 2  # the last full steps see every token
+    assert shares[:3] == [(0.0, 0.0, False)] * 3  # centres only
+    assert [round(item, 6) for item, _, _ in shares[3:8]] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [round(background, 6) for _, background, _ in shares[3:8]] == [0.025, 0.05, 0.075, 0.1, 0.1]
+    assert shares[8:] == [(1.0, 1.0, False)] * 2  # the last full steps see every token
+    args.reweight = True  # from the end of the ramp on
+    reweighted = [train_tiny.image_tokens_kept(step, args)[2] for step in range(10)]
+    assert reweighted == [False] * 6 + [True] * 2 + [False] * 2
+
+
+def test_a_reweighted_image_token_weighs_as_much_as_that_many_copies_of_it():
+    """With --reweight a kept background token drawn with probability 1/2 carries a key bias of log 2: the batch's
+    hidden states equal those of the same rows with each such token present twice (same features, same position,
+    the same tokens in view), in every layer."""
+    tokenizer = train_tiny.train_tokenizer(0)
+    model, processor = build_tiny(OmegaConf.create({**train_tiny.ARCHITECTURE, "num_layers": 2, "seed": 0}),
+                                  tokenizer)
+    pool = train_tiny.ScenePool(model, processor, seed=0, size=2, refresh=1, step=0)
+    batch = train_tiny.training_batch(pool, tokenizer, model.config.image_token_id, seed=0, step=0, batch_size=2,
+                                      rounds=1, object_kept=1.0, background_kept=0.5, reweight=True)
+    doubled = batch["key_bias"] != 0
+    assert doubled.sum() > 100 and torch.allclose(batch["key_bias"][doubled], torch.tensor(math.log(2)))
+    with torch.no_grad():
+        hidden = train_tiny.final_hidden_states(model, batch)
+        llava = model.model
+        ids = batch["input_ids"]
+        embeds = llava.get_input_embeddings()(ids).masked_scatter(
+            (ids == model.config.image_token_id)[..., None], llava.multi_modal_projector(batch["features"]))
+        visible = train_tiny.branch_mask(batch["segments"])
+        for row in range(2):
+            copies = torch.arange(ids.shape[1]).repeat_interleave(1 + doubled[row].long())
+            twice = llava.language_model(inputs_embeds=embeds[row, copies][None],
+                                         attention_mask=visible[row, :, copies][:, :, copies][None],
+                                         position_ids=batch["position_ids"][row, copies][None]).last_hidden_state
+            first_copy = torch.cat([torch.tensor([True]), copies[1:] != copies[:-1]])
+            real = batch["segments"][row] >= 0
+            torch.testing.assert_close(twice[0, first_copy][real], hidden[row, real], atol=2e-5, rtol=1e-4)
+    plain = train_tiny.training_batch(pool, tokenizer, model.config.image_token_id, seed=0, step=0, batch_size=2,
+                                      rounds=1, object_kept=1.0, background_kept=0.5)
+    assert not plain["key_bias"].any() and plain["input_ids"].equal(ids)  # the same tokens, unweighted
