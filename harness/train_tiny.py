@@ -300,18 +300,21 @@ def branch_mask(segments: torch.Tensor) -> torch.Tensor:
     return (visible | torch.eye(segments.shape[1], dtype=torch.bool))[:, None]
 
 
-def final_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The language model's last hidden states (normed) on a `training_batch`, the tower's features projected as
-    LLaVA projects them."""
-    llava = model.model
-    ids = batch["input_ids"]
+def input_embeddings(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A `training_batch`'s input embeddings: the text tokens' own, the tower's features projected as LLaVA projects
+    them in the image tokens' places."""
+    llava, ids = model.model, batch["input_ids"]
     image = llava.multi_modal_projector(batch["features"].to(model.dtype))
-    embeds = llava.get_input_embeddings()(ids).masked_scatter((ids == model.config.image_token_id)[..., None], image)
+    return llava.get_input_embeddings()(ids).masked_scatter((ids == model.config.image_token_id)[..., None], image)
+
+
+def final_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The language model's last hidden states (normed) on a `training_batch`."""
     mask = branch_mask(batch["segments"])
     if batch["key_bias"].any():  # reweighted keys: an additive mask (a boolean one keeps the plain run bit for bit)
         mask = torch.where(mask, batch["key_bias"][:, None, None, :].to(model.dtype), -math.inf)
-    return llava.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                position_ids=batch["position_ids"]).last_hidden_state
+    return model.model.language_model(inputs_embeds=input_embeddings(model, batch), attention_mask=mask,
+                                      position_ids=batch["position_ids"]).last_hidden_state
 
 
 def answer_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -156,14 +156,11 @@ def test_a_reweighted_image_token_weighs_as_much_as_that_many_copies_of_it():
     assert doubled.sum() > 100 and torch.allclose(batch["key_bias"][doubled], torch.tensor(math.log(2)))
     with torch.no_grad():
         hidden = train_tiny.final_hidden_states(model, batch)
-        llava = model.model
-        ids = batch["input_ids"]
-        embeds = llava.get_input_embeddings()(ids).masked_scatter(
-            (ids == model.config.image_token_id)[..., None], llava.multi_modal_projector(batch["features"]))
+        ids, embeds = batch["input_ids"], train_tiny.input_embeddings(model, batch)
         visible = train_tiny.branch_mask(batch["segments"])
         for row in range(2):
             copies = torch.arange(ids.shape[1]).repeat_interleave(1 + doubled[row].long())
-            twice = llava.language_model(inputs_embeds=embeds[row, copies][None],
+            twice = model.model.language_model(inputs_embeds=embeds[row, copies][None],
                                          attention_mask=visible[row, :, copies][:, :, copies][None],
                                          position_ids=batch["position_ids"][row, copies][None]).last_hidden_state
             first_copy = torch.cat([torch.tensor([True]), copies[1:] != copies[:-1]])
