@@ -13,8 +13,10 @@ that already sees:
    to the image (`training_batch`). Besides the answer, every question token is asked for the answer too (an
    "early answer": the token that names the object can look it up in one hop). The image enters first as one token
    per item, the patch at its centre (`--centre-steps`), then the item's other tokens and a share of the plain
-   background come in (`--ramp-steps`, `--background-kept`; positions always kept), and the last `--full-steps` see
-   all 576 (`image_tokens_kept`). `--device auto` trains on a GPU when there is one.
+   background come in (`--ramp-steps`, `--background-kept`; positions always kept; `image_tokens_kept`). From then
+   on a kept token drawn with probability p weighs 1/p as an attention key (`--reweight`, on by default), so that
+   attention sums over the image as if all 576 tokens were there; `--full-steps` (0 by default) ends on all 576.
+   `--device auto` trains on a GPU when there is one.
 
 Deterministic from `--seed`: the weights are initialised from it and step `s` always trains on the same scenes, so a
 resumed run (the state is saved every `--save-every` steps; rerun the same command) equals an uninterrupted one. The
@@ -393,7 +395,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1: steps of the vision tower alone")
     parser.add_argument("--vision-batch-size", type=int, default=32, help="stage 1: images per step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=2000, help="stage 2: steps of projector and language model")
+    parser.add_argument("--steps", type=int, default=2250, help="stage 2: steps of projector and language model")
     parser.add_argument("--batch-size", type=int, default=32, help="stage 2: scenes per step")
     parser.add_argument("--rounds", type=int, default=2, help="stage 2: questions of each category per scene, at most")
     parser.add_argument("--lr", type=float, default=1e-3, help="stage 2: peak learning rate")
@@ -408,8 +410,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="stage 2: steps after those over which the other image tokens come in")
     parser.add_argument("--background-kept", type=float, default=0.1,
                         help="stage 2: share of plain-background image tokens kept, but in the last --full-steps")
-    parser.add_argument("--full-steps", type=int, default=50, help="stage 2: final steps on all 576 image tokens")
-    parser.add_argument("--reweight", action="store_true",
+    parser.add_argument("--full-steps", type=int, default=0, help="stage 2: final steps on all 576 image tokens")
+    parser.add_argument("--reweight", action=argparse.BooleanOptionalAction, default=True,
                         help="stage 2, after the ramp: a kept image token drawn with probability p weighs 1/p as\n"
                              "an attention key, so that attention sums over the image as if all 576 were there")
     parser.add_argument("--save-every", type=int, default=25, help="steps between saves of the training state")
