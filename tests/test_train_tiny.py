@@ -161,8 +161,8 @@ def test_a_reweighted_image_token_weighs_as_much_as_that_many_copies_of_it():
         for row in range(2):
             copies = torch.arange(ids.shape[1]).repeat_interleave(1 + doubled[row].long())
             twice = model.model.language_model(inputs_embeds=embeds[row, copies][None],
-                                         attention_mask=visible[row, :, copies][:, :, copies][None],
-                                         position_ids=batch["position_ids"][row, copies][None]).last_hidden_state
+                                               attention_mask=visible[row, :, copies][:, :, copies][None],
+                                               position_ids=batch["position_ids"][row, copies][None]).last_hidden_state
             first_copy = torch.cat([torch.tensor([True]), copies[1:] != copies[:-1]])
             real = batch["segments"][row] >= 0
             torch.testing.assert_close(twice[0, first_copy][real], hidden[row, real], atol=2e-5, rtol=1e-4)
