@@ -502,16 +502,18 @@ def _softmax_rows(query, keys, mask, scaling, rows):
     """Post-softmax attention (B, H, q, keys) of query rows `rows` ((B, q) indices; None: all), computed in fp32 and
     cast to the query dtype as eager attention does. Prefill only: query i sits at key position i."""
     batch, heads, n, _ = query.shape
-    if rows is None:
-        rows = torch.arange(n, device=query.device).expand(batch, -1)
-    q = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, query.shape[3]))
-    scores = (q @ keys.transpose(-1, -2)).float() * scaling
+    if rows is None:  # all rows as they are: gathering them would copy the query and the whole mask
+        rows = torch.arange(n, device=query.device)[None]
+    else:
+        query = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, query.shape[3]))
+        if mask is not None:
+            mask = mask.expand(batch, -1, -1, -1).gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, n))
+    scores = (query @ keys.transpose(-1, -2)).float() * scaling
     if mask is None:
         allowed = torch.arange(n, device=query.device)[None, None, :] <= rows[:, :, None]  # (B, q, keys)
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     else:
-        row_mask = mask.expand(batch, -1, -1, -1).gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, n))
-        scores = scores.masked_fill(~row_mask, float("-inf")) if row_mask.dtype == torch.bool else scores + row_mask
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     return scores.softmax(dim=-1).to(query.dtype)
 
 
