@@ -493,21 +493,21 @@ def _base_attention(base: str):
     return eager_attention_forward if base == "eager" else AttentionInterface._global_mapping[base]
 
 
-def _rows(probs: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Rows `queries` ((B, q)) of (B, H, n, keys) attention probabilities."""
-    return probs.gather(2, queries[:, None, :, None].expand(-1, probs.shape[1], -1, probs.shape[3]))
+def _rows(tensor: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Rows `queries` ((B, q)) of a (B, H, n, d) tensor: attention probabilities, queries or a mask."""
+    return tensor.gather(2, queries[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3]))
 
 
 def _softmax_rows(query, keys, mask, scaling, rows):
     """Post-softmax attention (B, H, q, keys) of query rows `rows` ((B, q) indices; None: all), computed in fp32 and
     cast to the query dtype as eager attention does. Prefill only: query i sits at key position i."""
-    batch, heads, n, _ = query.shape
+    batch, _, n, _ = query.shape
     if rows is None:  # all rows as they are: gathering them would copy the query and the whole mask
         rows = torch.arange(n, device=query.device)[None]
     else:
-        query = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, query.shape[3]))
+        query = _rows(query, rows)
         if mask is not None:
-            mask = mask.expand(batch, -1, -1, -1).gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, n))
+            mask = _rows(mask.expand(batch, -1, -1, -1), rows)
     scores = (query @ keys.transpose(-1, -2)).float() * scaling
     if mask is None:
         allowed = torch.arange(n, device=query.device)[None, None, :] <= rows[:, :, None]  # (B, q, keys)
