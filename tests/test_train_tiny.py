@@ -169,3 +169,32 @@ def test_a_reweighted_image_token_weighs_as_much_as_that_many_copies_of_it():
     plain = train_tiny.training_batch(pool, tokenizer, model.config.image_token_id, seed=0, step=0, batch_size=2,
                                       rounds=1, object_kept=1.0, background_kept=0.5)
     assert not plain["key_bias"].any() and plain["input_ids"].equal(ids)  # the same tokens, unweighted
+
+
+def test_a_step_in_parts_of_similar_length_equals_the_whole_batch():
+    tokenizer = train_tiny.train_tokenizer(0)
+    model, processor = build_tiny(OmegaConf.create({**train_tiny.ARCHITECTURE, "num_layers": 2, "seed": 0}),
+                                  tokenizer)
+    image_token = model.config.image_token_id
+    pool = train_tiny.ScenePool(model, processor, seed=0, size=6, refresh=1, step=0)
+    batch = train_tiny.training_batch(pool, tokenizer, image_token, seed=0, step=0, batch_size=5, rounds=1,
+                                      object_kept=1.0, background_kept=0.3, reweight=True)
+
+    def step(parts, counts):
+        model.zero_grad()
+        losses = [train_tiny.answer_losses(model, part, counts) for part in parts]
+        sum(answer + 0.5 * early for answer, early in losses).backward()
+        return ([sum(loss[i].item() for loss in losses) for i in (0, 1)],
+                {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+
+    parts = train_tiny.batch_parts(batch, 2, image_token)
+    lengths = [int((part["segments"] >= 0).sum(1).max()) for part in parts]
+    assert [len(part["input_ids"]) for part in parts] == [2, 2, 1] and lengths == sorted(lengths)
+    assert [part["input_ids"].shape[1] for part in parts] == lengths < [batch["input_ids"].shape[1]] * 3
+    assert sum(len(part["features"]) for part in parts) == len(batch["features"])
+    whole_losses, whole = step([batch], None)
+    part_losses, summed = step(parts, train_tiny.label_counts(batch))
+    assert whole.keys() == summed.keys() and "model.multi_modal_projector.linear_1.weight" in whole
+    torch.testing.assert_close(part_losses, whole_losses, rtol=1e-5, atol=1e-6)
+    for name in whole:
+        torch.testing.assert_close(summed[name], whole[name], rtol=1e-4, atol=1e-6)
