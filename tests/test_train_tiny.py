@@ -23,6 +23,7 @@ def test_a_resumed_training_equals_an_uninterrupted_one_and_loads_like_a_real_ch
                 "--full-steps", "1", "--warmup", "1", "--pool", "3", "--save-every", "1", "--validate-every", "0",
                 "--validation-samples", "5"]
     straight = train_tiny.main([*settings, "--out", str(tmp_path / "straight")])
+    in_parts = train_tiny.main([*settings, "--part-size", "1", "--out", str(tmp_path / "parts")])
 
     original = train_tiny.training_batch
 
@@ -45,6 +46,10 @@ def test_a_resumed_training_equals_an_uninterrupted_one_and_loads_like_a_real_ch
     log_second = json.loads((resumed / "training.json").read_text())
     assert log_first["vision"] == log_second["vision"] and len(log_first["vision"]) == 2
     assert log_first["loss"] == log_second["loss"] and len(log_first["loss"]) == 2
+    log_parts = json.loads((in_parts / "training.json").read_text())  # the same steps up to rounding
+    assert log_parts["vision"] == log_first["vision"]
+    assert log_parts["loss"] == pytest.approx(log_first["loss"], rel=1e-4)
+    assert log_parts["early_loss"] == pytest.approx(log_first["early_loss"], rel=1e-4)
     assert set(log_first["validation"][-1]) == {"step", "overall", "color", "count", "exist", "relation", "read"}
 
     spec = compose(["model=tiny_trained", f"model.path={resumed}"]).model
