@@ -195,7 +195,8 @@ def test_a_step_in_parts_of_similar_length_equals_the_whole_batch():
     parts = train_tiny.batch_parts(batch, 2, image_token)
     lengths = [int((part["segments"] >= 0).sum(1).max()) for part in parts]
     assert [len(part["input_ids"]) for part in parts] == [2, 2, 1] and lengths == sorted(lengths)
-    assert [part["input_ids"].shape[1] for part in parts] == lengths < [batch["input_ids"].shape[1]] * 3
+    assert [part["input_ids"].shape[1] for part in parts] == lengths  # each part trimmed to its longest row
+    assert lengths[0] < lengths[-1] == batch["input_ids"].shape[1]  # only the longest rows keep the batch's width
     assert sum(len(part["features"]) for part in parts) == len(batch["features"])
     whole_losses, whole = step([batch], None)
     part_losses, summed = step(parts, train_tiny.label_counts(batch))
