@@ -330,7 +330,8 @@ def batch_parts(batch: dict[str, torch.Tensor], rows: int, image_token: int) -> 
     parts = []
     for part in lengths.argsort(stable=True).split(rows):
         length = int(lengths[part].max())
-        trimmed = {key: value[part, :length] for key, value in batch.items() if value.dim() == 2}
+        trimmed = {key: value[part, :length] if value.dim() == 2 else value[part]
+                   for key, value in batch.items() if key != "features"}
         trimmed["features"] = torch.cat([batch["features"][ends[r] - images[r]: ends[r]] for r in part.tolist()])
         parts.append(trimmed)
     return parts

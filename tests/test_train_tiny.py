@@ -198,6 +198,12 @@ def test_a_step_in_parts_of_similar_length_equals_the_whole_batch():
     assert [part["input_ids"].shape[1] for part in parts] == lengths  # each part trimmed to its longest row
     assert lengths[0] < lengths[-1] == batch["input_ids"].shape[1]  # only the longest rows keep the batch's width
     assert sum(len(part["features"]) for part in parts) == len(batch["features"])
+    rows = {slot: row for row, slot in enumerate(batch["slots"].tolist())}  # each part keeps its rows' scene slots
+    assert sorted(torch.cat([part["slots"] for part in parts]).tolist()) == sorted(rows)
+    for part in parts:
+        ids = part["input_ids"]
+        assert all(ids[i].equal(batch["input_ids"][rows[slot], : ids.shape[1]])
+                   for i, slot in enumerate(part["slots"].tolist()))
     whole_losses, whole = step([batch], None)
     part_losses, summed = step(parts, train_tiny.label_counts(batch))
     assert whole.keys() == summed.keys() and "model.multi_modal_projector.linear_1.weight" in whole
