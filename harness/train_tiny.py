@@ -17,7 +17,8 @@ that already sees:
    on a kept token drawn with probability p weighs 1/p as an attention key (`--reweight`, on by default), so that
    attention sums over the image as if all 576 tokens were there; `--full-steps` (0 by default) ends on all 576.
    `--device auto` trains on a GPU when there is one; `--part-size` runs each step in parts of rows of similar
-   length (the same step up to rounding, with less padding).
+   length (the same step up to rounding, with less padding); `--previous-weight` (off by default) also asks the
+   first layer's output at each question token for the token before it.
 
 Deterministic from `--seed`: the weights are initialised from it and step `s` always trains on the same scenes, so a
 resumed run (the state is saved every `--save-every` steps; rerun the same command) equals an uninterrupted one. The
@@ -72,7 +73,7 @@ IGNORE = -100
 # rerun with other settings from a finished stage 1).
 STAGE1_SETTINGS = ("seed", "vision_steps", "vision_batch_size", "vision_lr", "warmup")
 STAGE2_SETTINGS = ("steps", "batch_size", "rounds", "lr", "pool", "refresh", "early_weight", "centre_steps",
-                   "ramp_steps", "background_kept", "full_steps", "reweight", "part_size")
+                   "ramp_steps", "background_kept", "full_steps", "reweight", "part_size", "previous_weight")
 
 
 def train_tokenizer(seed: int):
@@ -311,13 +312,14 @@ def input_embeddings(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return llava.get_input_embeddings()(ids).masked_scatter((ids == model.config.image_token_id)[..., None], image)
 
 
-def final_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The language model's last hidden states (normed) on a `training_batch`."""
+def language_model_states(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The language model's last hidden states (normed) on a `training_batch`, and its first layer's output."""
     mask = branch_mask(batch["segments"])
     if batch["key_bias"].any():  # reweighted keys: an additive mask (a boolean one keeps the plain run bit for bit)
         mask = torch.where(mask, batch["key_bias"][:, None, None, :].to(model.dtype), -math.inf)
-    return model.model.language_model(inputs_embeds=input_embeddings(model, batch), attention_mask=mask,
-                                      position_ids=batch["position_ids"]).last_hidden_state
+    out = model.model.language_model(inputs_embeds=input_embeddings(model, batch), attention_mask=mask,
+                                     position_ids=batch["position_ids"], output_hidden_states=True)
+    return out.last_hidden_state, out.hidden_states[1]
 
 
 def batch_parts(batch: dict[str, torch.Tensor], rows: int, image_token: int) -> list[dict[str, torch.Tensor]]:
@@ -342,19 +344,30 @@ def label_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     return tuple(int((batch[key] != IGNORE).sum()) for key in ("labels", "early_labels"))
 
 
-def answer_losses(model, batch: dict[str, torch.Tensor], counts: tuple[int, int] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the answers (`labels`) and of the early answers (`early_labels`), summed over the batch's
-    labels and divided by `counts` (default: the batch's own, i.e. the mean; a part of a batch passes the whole
-    batch's, so that its parts' losses add up to the batch's). Every question token is
-    also asked for the answer's first token. That loss reaches the token that names the object directly: it can look
-    its object up in the image in one attention hop, and each later token can copy from the one before it. Without
-    it, only the last token is asked, which must first find the object's name and then the object (two hops with no
-    signal until both exist): measured, a plateau at the answer priors (README)."""
-    hidden = final_hidden_states(model, batch)
-    return tuple(torch.nn.functional.cross_entropy(model.lm_head(hidden[batch[key] != IGNORE]),
-                                                   batch[key][batch[key] != IGNORE], reduction="sum") / count
-                 for key, count in zip(("labels", "early_labels"), counts or label_counts(batch), strict=True))
+def answer_losses(model, batch: dict[str, torch.Tensor], counts: tuple[int, int] | None = None,
+                  previous_head: torch.nn.Linear | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the answers (`labels`), of the early answers (`early_labels`) and, given `previous_head`, of
+    the token before each early-answered one read off the first layer's output; each summed over the batch's labels
+    and divided by `counts` (default: the batch's own, i.e. the mean; a part of a batch passes the whole batch's, so
+    that its parts' losses add up to the batch's; the previous tokens share the early answers' count).
+
+    Every question token is also asked for the answer's first token. That loss reaches the token that names the
+    object directly: it can look its object up in the image in one attention hop, and each later token can copy from
+    the one before it. Without it, only the last token is asked, which must first find the object's name and then
+    the object (two hops with no signal until both exist): measured, a plateau at the answer priors (README). The
+    previous-token loss asks the first layer to bring each token the one before it, so that "square" in "Is there a
+    green square?" can look up green squares, not just squares, from the second layer on."""
+    final, first = language_model_states(model, batch)
+    answer_count, early_count = counts or label_counts(batch)
+    answer, early = (torch.nn.functional.cross_entropy(model.lm_head(final[batch[key] != IGNORE]),
+                                                       batch[key][batch[key] != IGNORE], reduction="sum") / count
+                     for key, count in (("labels", answer_count), ("early_labels", early_count)))
+    previous = final.new_zeros(())
+    if previous_head is not None:
+        asked = batch["early_labels"][:, 1:] != IGNORE  # position t is asked for token t - 1, of its own branch
+        previous = torch.nn.functional.cross_entropy(previous_head(first[:, 1:][asked]),
+                                                     batch["input_ids"][:, :-1][asked], reduction="sum") / early_count
+    return answer, early, previous
 
 
 def start_projector_from(head: torch.nn.Linear, model) -> None:
@@ -430,6 +443,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--refresh", type=int, default=4, help="stage 2: pool scenes replaced by new ones each step")
     parser.add_argument("--early-weight", type=float, default=0.5,
                         help="stage 2: weight of the early-answer loss at every question token (0: off)")
+    parser.add_argument("--previous-weight", type=float, default=0.0,
+                        help="stage 2: weight of a loss that asks the first layer's output at every early-answered\n"
+                             "question token for the token before it (0: off; README)")
     parser.add_argument("--centre-steps", type=int, default=500,
                         help="stage 2: first steps that see only the image token at each item's centre")
     parser.add_argument("--ramp-steps", type=int, default=200,
@@ -467,11 +483,14 @@ def main(argv: list[str] | None = None) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
         head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(VISION_TARGETS.values())).to(device)
+        text = model.config.text_config
+        previous_head = torch.nn.Linear(text.hidden_size, text.vocab_size).to(device)
     # One optimiser for both stages: AdamW leaves alone the parameters that a stage gives no gradient.
-    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, betas=(0.9, 0.95),
+    heads = torch.nn.ModuleDict({"head": head, "previous_head": previous_head})
+    optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)
     log: dict = {"settings": {**vars(args), "out": str(args.out), "state": str(state_path)},
-                 "architecture": ARCHITECTURE, "vision": [], "loss": [], "early_loss": [],
+                 "architecture": ARCHITECTURE, "vision": [], "loss": [], "early_loss": [], "previous_loss": [],
                  "validation": [],
                  "seconds": 0.0}
     start = 0
@@ -484,7 +503,7 @@ def main(argv: list[str] | None = None) -> Path:
             raise SystemExit(f"{state_path} belongs to another run ({', '.join(differ)} differ); delete it to start "
                              "afresh")
         model.load_state_dict(state["model"])
-        head.load_state_dict(state["head"])
+        heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         start, log = state["step"], {**log, **state["log"], "settings": log["settings"]}
         print(f"resuming from step {start} ({state_path})")
@@ -512,17 +531,21 @@ def main(argv: list[str] | None = None) -> Path:
                     pool = ScenePool(model, processor, args.seed, args.pool, args.refresh, stage_step)
                 batch = training_batch(pool, processor.tokenizer, model.config.image_token_id, args.seed, stage_step,
                                        args.batch_size, args.rounds, *image_tokens_kept(stage_step, args))
-                counts, answering, early = label_counts(batch), 0.0, 0.0
+                counts, answering, early, previous = label_counts(batch), 0.0, 0.0, 0.0
                 parts = batch_parts(batch, args.part_size, model.config.image_token_id) if args.part_size else [batch]
                 for part in parts:
-                    losses = answer_losses(model, {key: value.to(device) for key, value in part.items()}, counts)
-                    (losses[0] + args.early_weight * losses[1]).backward()
+                    losses = answer_losses(model, {key: value.to(device) for key, value in part.items()}, counts,
+                                           previous_head if args.previous_weight else None)
+                    (losses[0] + args.early_weight * losses[1] + args.previous_weight * losses[2]).backward()
                     answering, early = answering + losses[0].item(), early + losses[1].item()
-                loss = answering + args.early_weight * early
+                    previous += losses[2].item()
+                loss = answering + args.early_weight * early + args.previous_weight * previous
                 log["loss"].append(round(answering, 5))
                 log["early_loss"].append(round(early, 5))
+                if args.previous_weight:
+                    log["previous_loss"].append(round(previous, 5))
                 bar.set_description("train_tiny (answering)")
-            trained = [p for p in [*model.parameters(), *head.parameters()] if p.grad is not None]
+            trained = [p for p in [*model.parameters(), *heads.parameters()] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -536,7 +559,7 @@ def main(argv: list[str] | None = None) -> Path:
                 bar.write(f"step {done}: validation {json.dumps(log['validation'][-1])}")
             if done % args.save_every == 0 or done == total:
                 log["seconds"] = time.monotonic() - began
-                torch.save({"step": done, "model": model.state_dict(), "head": head.state_dict(),
+                torch.save({"step": done, "model": model.state_dict(), "heads": heads.state_dict(),
                             "optimizer": optimizer.state_dict(), "log": log}, state_path.with_suffix(".tmp"))
                 state_path.with_suffix(".tmp").replace(state_path)
 

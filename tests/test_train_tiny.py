@@ -100,7 +100,7 @@ def test_a_branched_batch_equals_each_question_asked_alone_through_the_model():
     for object_kept, background_kept in ((1.0, 1.0), (1.0, 0.0), (0.0, 0.0)):  # all, every item token, centres
         batch = train_tiny.training_batch(pool, tokenizer, image_token, seed=0, step=0, batch_size=2, rounds=1,
                                           object_kept=object_kept, background_kept=background_kept)
-        logits = model.lm_head(train_tiny.final_hidden_states(model, batch)[batch["labels"] != -100])
+        logits = model.lm_head(train_tiny.language_model_states(model, batch)[0][batch["labels"] != -100])
         expected, asked = [], 0
         for row, slot in enumerate(batch["slots"].tolist()):
             image = train_tiny.pool_scene(0, next(k for k in (1, 2, 3) if k % 3 == slot))[0]
@@ -160,7 +160,7 @@ def test_a_reweighted_image_token_weighs_as_much_as_that_many_copies_of_it():
     doubled = batch["key_bias"] != 0
     assert doubled.sum() > 100 and torch.allclose(batch["key_bias"][doubled], torch.tensor(math.log(2)))
     with torch.no_grad():
-        hidden = train_tiny.final_hidden_states(model, batch)
+        hidden = train_tiny.language_model_states(model, batch)[0]
         ids, embeds = batch["input_ids"], train_tiny.input_embeddings(model, batch)
         visible = train_tiny.branch_mask(batch["segments"])
         for row in range(2):
@@ -185,11 +185,14 @@ def test_a_step_in_parts_of_similar_length_equals_the_whole_batch():
     batch = train_tiny.training_batch(pool, tokenizer, image_token, seed=0, step=0, batch_size=5, rounds=1,
                                       object_kept=1.0, background_kept=0.3, reweight=True)
 
+    previous_head = torch.nn.Linear(model.config.text_config.hidden_size, model.config.text_config.vocab_size)
+    model.previous_head = previous_head  # so that its gradients are compared too
+
     def step(parts, counts):
         model.zero_grad()
-        losses = [train_tiny.answer_losses(model, part, counts) for part in parts]
-        sum(answer + 0.5 * early for answer, early in losses).backward()
-        return ([sum(loss[i].item() for loss in losses) for i in (0, 1)],
+        losses = [train_tiny.answer_losses(model, part, counts, previous_head) for part in parts]
+        sum(answer + 0.5 * early + 0.3 * previous for answer, early, previous in losses).backward()
+        return ([sum(loss[i].item() for loss in losses) for i in (0, 1, 2)],
                 {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
 
     parts = train_tiny.batch_parts(batch, 2, image_token)
@@ -206,7 +209,30 @@ def test_a_step_in_parts_of_similar_length_equals_the_whole_batch():
                    for i, slot in enumerate(part["slots"].tolist()))
     whole_losses, whole = step([batch], None)
     part_losses, summed = step(parts, train_tiny.label_counts(batch))
-    assert whole.keys() == summed.keys() and "model.multi_modal_projector.linear_1.weight" in whole
+    trained = {"model.multi_modal_projector.linear_1.weight", "previous_head.weight"}
+    assert whole.keys() == summed.keys() and trained <= whole.keys()
     torch.testing.assert_close(part_losses, whole_losses, rtol=1e-5, atol=1e-6)
     for name in whole:
         torch.testing.assert_close(summed[name], whole[name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_previous_token_loss_asks_each_early_answered_token_for_the_token_before_it(monkeypatch):
+    tokenizer = train_tiny.train_tokenizer(0)
+    model, processor = build_tiny(OmegaConf.create({**train_tiny.ARCHITECTURE, "num_layers": 2, "seed": 0}),
+                                  tokenizer)
+    pool = train_tiny.ScenePool(model, processor, seed=0, size=2, refresh=1, step=0)
+    batch = train_tiny.training_batch(pool, tokenizer, model.config.image_token_id, seed=0, step=0, batch_size=2,
+                                      rounds=1, object_kept=0.0, background_kept=0.0)
+    vocab = model.config.text_config.vocab_size
+    reader = torch.nn.Linear(vocab, vocab)  # reads a one-hot "first layer output" back as logits
+    with torch.no_grad():
+        reader.weight.copy_(torch.eye(vocab) * 50)
+        reader.bias.zero_()
+    final = train_tiny.language_model_states(model, batch)[0]
+    tokens = torch.nn.functional.one_hot(batch["input_ids"], vocab).float()
+    losses = {}
+    for name, first in (("previous", tokens.roll(1, dims=1)), ("own", tokens), ("next", tokens.roll(-1, dims=1))):
+        monkeypatch.setattr(train_tiny, "language_model_states", lambda model, batch, first=first: (final, first))
+        losses[name] = train_tiny.answer_losses(model, batch, previous_head=reader)[2].item()
+    assert losses["previous"] < 1e-6 and losses["own"] > 10 and losses["next"] > 10
+    assert train_tiny.answer_losses(model, batch)[2].item() == 0.0  # off without a head
