@@ -531,15 +531,16 @@ def main(argv: list[str] | None = None) -> Path:
                     pool = ScenePool(model, processor, args.seed, args.pool, args.refresh, stage_step)
                 batch = training_batch(pool, processor.tokenizer, model.config.image_token_id, args.seed, stage_step,
                                        args.batch_size, args.rounds, *image_tokens_kept(stage_step, args))
-                counts, answering, early, previous = label_counts(batch), 0.0, 0.0, 0.0
+                counts, totals = label_counts(batch), [0.0, 0.0, 0.0]
+                weights = (1.0, args.early_weight, args.previous_weight)
                 parts = batch_parts(batch, args.part_size, model.config.image_token_id) if args.part_size else [batch]
                 for part in parts:
                     losses = answer_losses(model, {key: value.to(device) for key, value in part.items()}, counts,
                                            previous_head if args.previous_weight else None)
-                    (losses[0] + args.early_weight * losses[1] + args.previous_weight * losses[2]).backward()
-                    answering, early = answering + losses[0].item(), early + losses[1].item()
-                    previous += losses[2].item()
-                loss = answering + args.early_weight * early + args.previous_weight * previous
+                    sum(weight * part_loss for weight, part_loss in zip(weights, losses, strict=True)).backward()
+                    totals = [total + part_loss.item() for total, part_loss in zip(totals, losses, strict=True)]
+                answering, early, previous = totals
+                loss = sum(weight * total for weight, total in zip(weights, totals, strict=True))
                 log["loss"].append(round(answering, 5))
                 log["early_loss"].append(round(early, 5))
                 if args.previous_weight:
