@@ -11,8 +11,7 @@ RESULT, SAMPLES, STARTED = "result.json", "samples.jsonl", "config.json"
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    # One temporary file per process: parallel sweep jobs that share a result directory (`none` at two budgets) must
-    # not rename away each other's.
+    # One temporary file per process, so that two writers of one file never rename away each other's.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)

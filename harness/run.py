@@ -2,15 +2,19 @@
 
 Nothing is lost when a run dies: each finished sample is appended (and fsync'ed) to samples.jsonl, a rerun of the
 same configuration resumes after the last complete line, and result.json is written atomically at the end. Rerunning
-a finished configuration is skipped unless `force=true`.
+a finished configuration is skipped unless `force=true`. Jobs that map to one directory (a method that ignores the
+budget, swept over budgets by a parallel launcher) run one at a time: the later one finds the run finished.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -38,13 +42,32 @@ def config_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@contextmanager
+def one_job_at_a_time(out: Path, world: int) -> Iterator[None]:
+    """Holds `out`'s lock while a job runs in it (the ranks of one `accelerate launch` share it by design)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        yield
+        return
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        yield
+
+
 def run(cfg: DictConfig) -> Path:
     pruner = validate(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     if not pruner.uses_budget:  # a budget the method ignores changes nothing: one run serves every budget
         config["budget"], config["budget_convention"] = None, "exact"
-    key = config_key(config)
+    # Under `accelerate launch` each rank appends to its own shard; rank 0 merges them once lmms-eval has gathered.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     out = result_dir(cfg, pruner)
+    with one_job_at_a_time(out, world):
+        return run_in(out, cfg, pruner, config, rank, world)
+
+
+def run_in(out: Path, cfg: DictConfig, pruner: TokenPruner, config: dict, rank: int, world: int) -> Path:
+    key = config_key(config)
     finished = out / RESULT
     if finished.exists() and not cfg.force:
         previous = json.loads(finished.read_text())
@@ -52,7 +75,6 @@ def run(cfg: DictConfig) -> Path:
             print(f"skipped: {out} is already finished (force=true reruns it)")
             return out
         raise ConfigError(f"{out} holds a finished run of a different configuration; pass force=true to replace it")
-    out.mkdir(parents=True, exist_ok=True)
     started = out / STARTED
     if cfg.force or (started.exists() and json.loads(started.read_text()).get("config_key") != key):
         if not cfg.force:
@@ -61,9 +83,6 @@ def run(cfg: DictConfig) -> Path:
         for name in (RESULT, SAMPLES, STARTED):
             (out / name).unlink(missing_ok=True)
     write_json_atomic(started, {"config_key": key, "config": config})
-
-    # Under `accelerate launch` each rank appends to its own shard; rank 0 merges them once lmms-eval has gathered.
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     shard = out / (SAMPLES if world == 1 else f"samples.rank{rank}.jsonl")
     done = {r["id"]: r for r in read_samples(shard, repair=True)}
     for other in [out / SAMPLES, *out.glob("samples.rank*.jsonl")]:

@@ -49,6 +49,19 @@ def test_the_same_sweep_with_the_submitit_local_launcher(tmp_path):
     check_sweep(tmp_path)
 
 
+def test_two_jobs_of_one_result_directory_run_one_after_the_other(tmp_path):
+    # What a parallel launcher does with `none` at two budgets: without the directory's lock both would evaluate,
+    # appending to one samples file; with it the later one finds the run finished.
+    args = [sys.executable, "-m", "harness", "model=tiny", "method=none", "task.limit=3", f"output_dir={tmp_path}"]
+    jobs = [subprocess.Popen([*args, f"budget={budget}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=ROOT) for budget in (64, 128)]
+    outputs = [job.communicate(timeout=600) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert sorted("skipped" in out for out, _ in outputs) == [False, True]
+    samples = (tmp_path / "tiny" / "synthetic" / "none" / "none" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 3
+
+
 def test_the_lmms_eval_cli_runs_prunebench(tmp_path):
     lmms_eval = Path(sys.executable).parent / "lmms-eval"
     command = [str(lmms_eval), "--model", "prunebench", "--model_args", "model=tiny,method=random,budget=64",
