@@ -18,7 +18,8 @@ that already sees:
    attention sums over the image as if all 576 tokens were there; `--full-steps` (0 by default) ends on all 576.
    `--device auto` trains on a GPU when there is one; `--part-size` runs each step in parts of rows of similar
    length (the same step up to rounding, with less padding); `--previous-weight` (off by default) also asks the
-   first layer's output at each question token for the token before it.
+   first layer's output at each question token for the token before it (of the questions that name an object:
+   `--previous-categories`).
 
 Deterministic from `--seed`: the weights are initialised from it and step `s` always trains on the same scenes, so a
 resumed run (the state is saved every `--save-every` steps; rerun the same command) equals an uninterrupted one. The
@@ -73,7 +74,8 @@ IGNORE = -100
 # rerun with other settings from a finished stage 1).
 STAGE1_SETTINGS = ("seed", "vision_steps", "vision_batch_size", "vision_lr", "warmup")
 STAGE2_SETTINGS = ("steps", "batch_size", "rounds", "lr", "pool", "refresh", "early_weight", "centre_steps",
-                   "ramp_steps", "background_kept", "full_steps", "reweight", "part_size", "previous_weight")
+                   "ramp_steps", "background_kept", "full_steps", "reweight", "part_size", "previous_weight",
+                   "previous_categories")
 
 
 def train_tokenizer(seed: int):
@@ -232,7 +234,8 @@ def prompt_ids(tokenizer, question: str, image_token: int) -> tuple[list[int], l
 
 
 def training_batch(pool: ScenePool, tokenizer, image_token: int, seed: int, step: int, batch_size: int, rounds: int,
-                   object_kept: float, background_kept: float, reweight: bool = False) -> dict[str, torch.Tensor]:
+                   object_kept: float, background_kept: float, reweight: bool = False,
+                   previous_categories: tuple[str, ...] = CATEGORIES) -> dict[str, torch.Tensor]:
     """Stage 2's batch of step `step`: one row per scene of the pool (drawn without replacement), laid out as a
     shared prefix (the prompt up to and including the image) followed by several question branches, up to `rounds`
     questions of each category, each `question ASSISTANT: answer</s>` exactly as the evaluated prompt continues.
@@ -247,31 +250,33 @@ def training_batch(pool: ScenePool, tokenizer, image_token: int, seed: int, step
     Returns right-padded `input_ids`, `position_ids`, `segments` (0: prefix, j: branch j, -1: padding), `key_bias`
     (0 but on reweighted image tokens), `labels`
     (the next token, at the position that predicts it; -100 elsewhere), `early_labels` (the answer's first token at
-    every question token after the branch's newline but the last, which `labels` covers), `features` (the kept image
+    every question token after the branch's newline but the last, which `labels` covers), `previous_labels` (at those
+    tokens of the questions in `previous_categories`, the token before each), `features` (the kept image
     tokens' tower features, in row order) and `slots` (each row's scene in the pool)."""
     rng = random.Random(f"train-{seed}-{step}")
     prefix = prompt_ids(tokenizer, "", image_token)[0]  # the same for every question
     rows, slots = [], rng.sample(range(pool.size), batch_size)
     for slot in slots:
         objects, words = pool.scenes[slot]
-        asked: dict[str, str] = {}
+        asked: dict[str, tuple[str, str]] = {}  # question -> (answer, category)
         for _ in range(rounds):
             for category in CATEGORIES:
                 if found := ask(category, objects, words, rng):
-                    asked.setdefault(found[0], found[1])
+                    asked.setdefault(found[0], (found[1], category))
         drawn = torch.rand(PATCHES_PER_SIDE ** 2, generator=torch.Generator().manual_seed(rng.getrandbits(62)))
         foreground, centre = pool.foreground[slot], torch.zeros_like(pool.foreground[slot])
         centre[centre_patches(objects, words)] = True
         kept_share = torch.where(centre, 1.0, torch.where(foreground, object_kept, background_kept))
         kept = (centre | (drawn < kept_share)).nonzero()[:, 0]
         branches = [(prompt_ids(tokenizer, question, image_token)[1],
-                     tokenizer(f" {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-                    for question, answer in asked.items()]
+                     tokenizer(f" {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+                     category in previous_categories)
+                    for question, (answer, category) in asked.items()]
         ids, positions = [*prefix, *[image_token] * len(kept)], [*range(len(prefix)), *(len(prefix) + kept).tolist()]
-        segments, labels, early = [0] * len(ids), [IGNORE] * len(ids), [IGNORE] * len(ids)
+        segments, (labels, early, previous) = [0] * len(ids), ([IGNORE] * len(ids) for _ in range(3))
         bias = [0.0] * len(prefix) + (-kept_share[kept].log() if reweight else torch.zeros(len(kept))).tolist()
         after_image = len(prefix) + PATCHES_PER_SIDE ** 2
-        for branch, (suffix, answer) in enumerate(branches, start=1):
+        for branch, (suffix, answer, asks_previous) in enumerate(branches, start=1):
             tokens = suffix + answer
             ids += tokens
             positions += range(after_image, after_image + len(tokens))
@@ -279,16 +284,19 @@ def training_batch(pool: ScenePool, tokenizer, image_token: int, seed: int, step
             bias += [0.0] * len(tokens)
             labels += [IGNORE] * (len(suffix) - 1) + answer + [IGNORE]
             early += [IGNORE] + [answer[0]] * (len(suffix) - 2) + [IGNORE] * (len(answer) + 1)
-        rows.append((ids, positions, segments, bias, labels, early, pool.features[slot, kept]))
+            before = suffix[: len(suffix) - 2] if asks_previous else [IGNORE] * (len(suffix) - 2)
+            previous += [IGNORE, *before] + [IGNORE] * (len(answer) + 1)
+        rows.append((ids, positions, segments, bias, labels, early, previous, pool.features[slot, kept]))
     length = max(len(ids) for ids, *_ in rows)
     batch = {"input_ids": torch.full((batch_size, length), tokenizer.pad_token_id),
              "position_ids": torch.zeros(batch_size, length, dtype=torch.long),
              "segments": torch.full((batch_size, length), -1), "key_bias": torch.zeros(batch_size, length),
              "labels": torch.full((batch_size, length), IGNORE),
-             "early_labels": torch.full((batch_size, length), IGNORE)}
+             "early_labels": torch.full((batch_size, length), IGNORE),
+             "previous_labels": torch.full((batch_size, length), IGNORE)}
     for row, values in enumerate(rows):
-        for key, value in zip(("input_ids", "position_ids", "segments", "key_bias", "labels", "early_labels"),
-                              values[:6], strict=True):
+        for key, value in zip(("input_ids", "position_ids", "segments", "key_bias", "labels", "early_labels",
+                               "previous_labels"), values[:7], strict=True):
             batch[key][row, : len(value)] = torch.tensor(value)
     batch["features"] = torch.cat([features for *_, features in rows])
     batch["slots"] = torch.tensor(slots)
@@ -339,17 +347,20 @@ def batch_parts(batch: dict[str, torch.Tensor], rows: int, image_token: int) -> 
     return parts
 
 
-def label_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """How many answer and early-answer labels a batch holds."""
-    return tuple(int((batch[key] != IGNORE).sum()) for key in ("labels", "early_labels"))
+LABELS = ("labels", "early_labels", "previous_labels")
 
 
-def answer_losses(model, batch: dict[str, torch.Tensor], counts: tuple[int, int] | None = None,
+def label_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """How many answer, early-answer and previous-token labels a batch holds."""
+    return tuple(int((batch[key] != IGNORE).sum()) for key in LABELS)
+
+
+def answer_losses(model, batch: dict[str, torch.Tensor], counts: tuple[int, int, int] | None = None,
                   previous_head: torch.nn.Linear | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy of the answers (`labels`), of the early answers (`early_labels`) and, given `previous_head`, of
-    the token before each early-answered one read off the first layer's output; each summed over the batch's labels
-    and divided by `counts` (default: the batch's own, i.e. the mean; a part of a batch passes the whole batch's, so
-    that its parts' losses add up to the batch's; the previous tokens share the early answers' count).
+    the token before each of `previous_labels`' tokens read off the first layer's output; each summed over the
+    batch's labels and divided by `counts` (default: the batch's own, i.e. the mean; a part of a batch passes the
+    whole batch's, so that its parts' losses add up to the batch's).
 
     Every question token is also asked for the answer's first token. That loss reaches the token that names the
     object directly: it can look its object up in the image in one attention hop, and each later token can copy from
@@ -358,16 +369,13 @@ def answer_losses(model, batch: dict[str, torch.Tensor], counts: tuple[int, int]
     previous-token loss asks the first layer to bring each token the one before it, so that "square" in "Is there a
     green square?" can look up green squares, not just squares, from the second layer on."""
     final, first = language_model_states(model, batch)
-    answer_count, early_count = counts or label_counts(batch)
-    answer, early = (torch.nn.functional.cross_entropy(model.lm_head(final[batch[key] != IGNORE]),
-                                                       batch[key][batch[key] != IGNORE], reduction="sum") / count
-                     for key, count in (("labels", answer_count), ("early_labels", early_count)))
-    previous = final.new_zeros(())
-    if previous_head is not None:
-        asked = batch["early_labels"][:, 1:] != IGNORE  # position t is asked for token t - 1, of its own branch
-        previous = torch.nn.functional.cross_entropy(previous_head(first[:, 1:][asked]),
-                                                     batch["input_ids"][:, :-1][asked], reduction="sum") / early_count
-    return answer, early, previous
+    heads = ((final, model.lm_head), (final, model.lm_head), (first, previous_head))
+    losses = []
+    for key, count, (states, head) in zip(LABELS, counts or label_counts(batch), heads, strict=True):
+        asked = batch[key] != IGNORE
+        losses.append(final.new_zeros(()) if head is None else torch.nn.functional.cross_entropy(
+            head(states[asked]), batch[key][asked], reduction="sum") / max(count, 1))
+    return tuple(losses)
 
 
 def start_projector_from(head: torch.nn.Linear, model) -> None:
@@ -446,6 +454,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--previous-weight", type=float, default=0.0,
                         help="stage 2: weight of a loss that asks the first layer's output at every early-answered\n"
                              "question token for the token before it (0: off; README)")
+    parser.add_argument("--previous-categories", nargs="+", choices=CATEGORIES,
+                        default=[c for c in CATEGORIES if c != "read"],
+                        help="stage 2: the question categories that --previous-weight applies to (default: those\n"
+                             "that name an object, i.e. all but read)")
     parser.add_argument("--centre-steps", type=int, default=500,
                         help="stage 2: first steps that see only the image token at each item's centre")
     parser.add_argument("--ramp-steps", type=int, default=200,
@@ -530,7 +542,8 @@ def main(argv: list[str] | None = None) -> Path:
                 if pool is None:
                     pool = ScenePool(model, processor, args.seed, args.pool, args.refresh, stage_step)
                 batch = training_batch(pool, processor.tokenizer, model.config.image_token_id, args.seed, stage_step,
-                                       args.batch_size, args.rounds, *image_tokens_kept(stage_step, args))
+                                       args.batch_size, args.rounds, *image_tokens_kept(stage_step, args),
+                                       previous_categories=tuple(args.previous_categories))
                 counts, totals = label_counts(batch), [0.0, 0.0, 0.0]
                 weights = (1.0, args.early_weight, args.previous_weight)
                 parts = batch_parts(batch, args.part_size, model.config.image_token_id) if args.part_size else [batch]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from harness import train_tiny
 from harness.config import compose
 from harness.models import build_tiny, load, vicuna_v1_prompt
-from harness.tasks import BACKGROUND, SceneObject
+from harness.tasks import BACKGROUND, CATEGORIES, SceneObject
 
 
 def test_a_resumed_training_equals_an_uninterrupted_one_and_loads_like_a_real_checkpoint(tmp_path, monkeypatch):
@@ -236,3 +236,36 @@ def test_the_previous_token_loss_asks_each_early_answered_token_for_the_token_be
         losses[name] = train_tiny.answer_losses(model, batch, previous_head=reader)[2].item()
     assert losses["previous"] < 1e-6 and losses["own"] > 10 and losses["next"] > 10
     assert train_tiny.answer_losses(model, batch)[2].item() == 0.0  # off without a head
+
+
+def test_the_previous_token_loss_asks_only_the_questions_of_its_categories():
+    tokenizer = train_tiny.train_tokenizer(0)
+    model, processor = build_tiny(OmegaConf.create({**train_tiny.ARCHITECTURE, "num_layers": 2, "seed": 0}),
+                                  tokenizer)
+    pool = train_tiny.ScenePool(model, processor, seed=0, size=3, refresh=1, step=0)
+
+    def batch(categories):
+        return train_tiny.training_batch(pool, tokenizer, model.config.image_token_id, seed=0, step=0, batch_size=3,
+                                         rounds=2, object_kept=0.0, background_kept=0.0,
+                                         previous_categories=categories)
+
+    every, reading, none = batch(CATEGORIES), batch(("read",)), batch(())
+    early = every["early_labels"] != train_tiny.IGNORE
+    asked = every["previous_labels"] != train_tiny.IGNORE
+    assert asked.equal(early) and every["previous_labels"][:, 1:][early[:, 1:]].equal(
+        every["input_ids"][:, :-1][early[:, 1:]])  # every early-answered token, for the token before it
+    assert not (none["previous_labels"] != train_tiny.IGNORE).any()
+    questions = 0
+    for row in range(3):
+        for branch in range(1, int(reading["segments"][row].max()) + 1):
+            tokens = reading["segments"][row] == branch
+            question = tokenizer.decode(reading["input_ids"][row, tokens])
+            is_read = "word is written" in question
+            questions += is_read
+            expected = every["previous_labels"][row, tokens] if is_read else torch.full_like(
+                every["previous_labels"][row, tokens], train_tiny.IGNORE)
+            assert reading["previous_labels"][row, tokens].equal(expected), question
+    assert questions > 0
+    with torch.no_grad():
+        head = torch.nn.Linear(model.config.text_config.hidden_size, model.config.text_config.vocab_size)
+        assert train_tiny.answer_losses(model, none, previous_head=head)[2].item() == 0.0  # nothing asked: no loss
