@@ -21,16 +21,16 @@ from harness.tasks import BACKGROUND, CATEGORIES, SceneObject
 def test_a_resumed_training_equals_an_uninterrupted_one_and_loads_like_a_real_checkpoint(tmp_path, monkeypatch):
     settings = ["--vision-steps", "2", "--vision-batch-size", "2", "--steps", "2", "--batch-size", "2",
                 "--full-steps", "1", "--warmup", "1", "--pool", "3", "--save-every", "1", "--validate-every", "0",
-                "--validation-samples", "5"]
+                "--validation-samples", "5", "--previous-weight", "0.02"]
     straight = train_tiny.main([*settings, "--out", str(tmp_path / "straight")])
     in_parts = train_tiny.main([*settings, "--part-size", "1", "--out", str(tmp_path / "parts")])
 
     original = train_tiny.training_batch
 
-    def dies_in_the_second_stage(pool, tokenizer, image_token, seed, step, *args):
+    def dies_in_the_second_stage(pool, tokenizer, image_token, seed, step, *args, **kwargs):
         if step == 1:
             raise KeyboardInterrupt
-        return original(pool, tokenizer, image_token, seed, step, *args)
+        return original(pool, tokenizer, image_token, seed, step, *args, **kwargs)
 
     monkeypatch.setattr(train_tiny, "training_batch", dies_in_the_second_stage)
     with pytest.raises(KeyboardInterrupt):
