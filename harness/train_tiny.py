@@ -17,16 +17,15 @@ that already sees:
    on a kept token drawn with probability p weighs 1/p as an attention key (`--reweight`, on by default), so that
    attention sums over the image as if all 576 tokens were there; `--full-steps` (0 by default) ends on all 576.
    `--device auto` trains on a GPU when there is one; `--part-size` runs each step in parts of rows of similar
-   length (the same step up to rounding, with less padding); `--previous-weight` (off by default) also asks the
-   first layer's output at each question token for the token before it (of the questions that name an object:
-   `--previous-categories`).
+   length (the same step up to rounding, with less padding); `--previous-weight` also asks the first layer's output
+   at each question token for the token before it (of the questions that name an object: `--previous-categories`).
 
 Deterministic from `--seed`: the weights are initialised from it and step `s` always trains on the same scenes, so a
 resumed run (the state is saved every `--save-every` steps; rerun the same command) equals an uninterrupted one. The
 result is a `from_pretrained` checkpoint (safetensors, config, tokenizer, processor) that the harness loads like a
 downloaded one (`model=tiny_trained`, or `model.path=<out>`), plus `training.json` (settings, losses, validation
-accuracy per category). The shipped `checkpoints/tiny_trained` was made by the defaults (README, "Training the tiny
-model", has its measured accuracy).
+accuracy per category). The shipped `checkpoints/tiny_trained` was made by the defaults with `--seed 0` (README,
+"Training the tiny model", has its measured accuracy).
 """
 
 from __future__ import annotations
@@ -443,15 +442,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--vision-batch-size", type=int, default=32, help="stage 1: images per step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
     parser.add_argument("--steps", type=int, default=2250, help="stage 2: steps of projector and language model")
-    parser.add_argument("--batch-size", type=int, default=32, help="stage 2: scenes per step")
-    parser.add_argument("--rounds", type=int, default=2, help="stage 2: questions of each category per scene, at most")
+    parser.add_argument("--batch-size", type=int, default=16, help="stage 2: scenes per step")
+    parser.add_argument("--rounds", type=int, default=4, help="stage 2: questions of each category per scene, at most")
     parser.add_argument("--lr", type=float, default=1e-3, help="stage 2: peak learning rate")
     parser.add_argument("--warmup", type=int, default=30, help="warm-up steps of each stage")
     parser.add_argument("--pool", type=int, default=1000, help="stage 2: scenes whose tower features are held")
     parser.add_argument("--refresh", type=int, default=4, help="stage 2: pool scenes replaced by new ones each step")
     parser.add_argument("--early-weight", type=float, default=0.5,
                         help="stage 2: weight of the early-answer loss at every question token (0: off)")
-    parser.add_argument("--previous-weight", type=float, default=0.0,
+    parser.add_argument("--previous-weight", type=float, default=0.02,
                         help="stage 2: weight of a loss that asks the first layer's output at every early-answered\n"
                              "question token for the token before it (0: off; README)")
     parser.add_argument("--previous-categories", nargs="+", choices=CATEGORIES,
@@ -468,7 +467,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--reweight", action=argparse.BooleanOptionalAction, default=True,
                         help="stage 2, after the ramp: a kept image token drawn with probability p weighs 1/p as\n"
                              "an attention key, so that attention sums over the image as if all 576 were there")
-    parser.add_argument("--part-size", type=int, default=0,
+    parser.add_argument("--part-size", type=int, default=8,
                         help="stage 2: run each step in parts of this many rows of similar length, each padded\n"
                              "only to its own longest (0: the whole batch at once). The same step up to rounding,\n"
                              "about a fifth faster after the ramp on our 2-core CPU (README)")

@@ -10,7 +10,7 @@ from harness.config import compose
 SLICE = 100  # the first questions of tasks/synthetic_vqa/test.parquet, 20 of each category
 # Measured with method=none on this slice when the checkpoint was trained (README, "Training the tiny model"); the
 # margin allows for last-digit arithmetic differences between machines flipping a few near-tied answers.
-MEASURED_ACCURACY = 0.85
+MEASURED_ACCURACY = 0.83
 MARGIN = 0.03
 
 

@@ -21,7 +21,7 @@ from harness.tasks import BACKGROUND, CATEGORIES, SceneObject
 def test_a_resumed_training_equals_an_uninterrupted_one_and_loads_like_a_real_checkpoint(tmp_path, monkeypatch):
     settings = ["--vision-steps", "2", "--vision-batch-size", "2", "--steps", "2", "--batch-size", "2",
                 "--full-steps", "1", "--warmup", "1", "--pool", "3", "--save-every", "1", "--validate-every", "0",
-                "--validation-samples", "5", "--previous-weight", "0.02"]
+                "--validation-samples", "5", "--previous-weight", "0.02", "--part-size", "0"]
     straight = train_tiny.main([*settings, "--out", str(tmp_path / "straight")])
     in_parts = train_tiny.main([*settings, "--part-size", "1", "--out", str(tmp_path / "parts")])
 
