@@ -20,7 +20,7 @@ README = ROOT / "README.md"
 README_BUDGET_BYTES = 20_000  # a guide, not a notebook: longer material goes to docs/
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
-FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+FENCE = re.compile(r"^[ \t]*```.*?^[ \t]*```", re.S | re.M)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|<img\s[^>]*src=\"([^\"]+)\"")
 
