@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import check_overrides, group_choices
+from harness.config import build_pruner, check_overrides, compose, group_choices
 from methods import METHODS, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,22 +93,29 @@ def test_method_table_has_one_row_per_registered_method():
     assert mentioned <= set(group_choices("method")), "every method= in the table is a conf/method choice"
 
 
-def harness_jobs(line: str) -> list[list[str]]:
-    """The overrides of each job a `python -m harness ...` line runs (a multirun's comma lists expanded)."""
-    words = shlex.split(line.split("#")[0])[3:]
-    overrides = [word for word in words if word != "-m" and not word.startswith("hydra")]
-    choices = [[f"{key}={value}" for value in values.split(",")]
+def harness_jobs(line: str) -> tuple[bool, list[list[str]]]:
+    """Whether a `python -m harness ...` line is a multirun, and the overrides of each job it runs (comma lists
+    expanded; Hydra's own `hydra...` overrides left out)."""
+    words = shlex.split(line.split(" #")[0])[3:]
+    multirun = "-m" in words or "--multirun" in words
+    overrides = [word for word in words if word not in ("-m", "--multirun") and not word.startswith("hydra")]
+    choices = [[f"{key}={value}" for value in values.split(",")] if multirun else [f"{key}={values}"]
                for key, values in (override.split("=", 1) for override in overrides)]
-    return [list(job) for job in itertools.product(*choices)]
+    return multirun, [list(job) for job in itertools.product(*choices)]
 
 
 def test_readme_run_commands_pass_the_checks_made_before_loading():
-    """Each job either validates, or needs what is not on this machine and says how to download it."""
+    """A single run validates, or needs what is not on this machine and says how to download it. A multirun's jobs
+    name valid groups, keys and method options; a budget one method refuses is reported by the sweep, which goes on."""
     lines = [line for line in code_lines(README.read_text()) if line.startswith("python -m harness ")]
-    jobs = [job for line in lines for job in harness_jobs(line)]
     assert len(lines) >= 3
-    for job in jobs:
-        try:
-            check_overrides(job)
-        except ConfigError as error:
-            assert "download" in str(error), f"python -m harness {' '.join(job)}: {error}"
+    for line in lines:
+        multirun, jobs = harness_jobs(line)
+        for job in jobs:
+            if multirun:
+                build_pruner(compose(job))
+                continue
+            try:
+                check_overrides(job)
+            except ConfigError as error:
+                assert "download" in str(error), f"python -m harness {' '.join(job)}: {error}"
