@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import re
 import shlex
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,10 @@ def test_readme_run_commands_pass_the_checks_made_before_loading():
                 check_overrides(job)
             except ConfigError as error:
                 assert "download" in str(error), f"python -m harness {' '.join(job)}: {error}"
+
+
+def test_readme_python_examples_run():
+    blocks = re.findall(r"^[ \t]*```python\n(.*?)^[ \t]*```", README.read_text(), re.S | re.M)
+    assert blocks
+    for block in blocks:
+        exec(compile(textwrap.dedent(block), "README.md", "exec"), {})
