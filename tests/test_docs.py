@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from harness.config import build_pruner, check_overrides, compose, group_choices
 from methods import METHODS, ConfigError
@@ -95,13 +96,14 @@ def test_method_table_has_one_row_per_registered_method():
 
 
 def harness_jobs(line: str) -> tuple[bool, list[list[str]]]:
-    """Whether a `python -m harness ...` line is a multirun, and the overrides of each job it runs (comma lists
-    expanded; Hydra's own `hydra...` overrides left out)."""
+    """Whether a `python -m harness ...` line is a multirun, and the overrides of each job it runs (sweeps expanded as
+    Hydra expands them; Hydra's own `hydra...` overrides left out)."""
     words = shlex.split(line.split(" #")[0])[3:]
     multirun = "-m" in words or "--multirun" in words
-    overrides = [word for word in words if word not in ("-m", "--multirun") and not word.startswith("hydra")]
-    choices = [[f"{key}={value}" for value in values.split(",")] if multirun else [f"{key}={values}"]
-               for key, values in (override.split("=", 1) for override in overrides)]
+    parsed = OverridesParser.create().parse_overrides([w for w in words if w not in ("-m", "--multirun")])
+    choices = [[f"{o.get_key_element()}={value}" for value in
+                (o.sweep_string_iterator() if multirun and o.is_sweep_override() else [o.get_value_element_as_str()])]
+               for o in parsed if not o.get_key_element().startswith("hydra")]
     return multirun, [list(job) for job in itertools.product(*choices)]
 
 
