@@ -24,8 +24,8 @@ Deterministic from `--seed`: the weights are initialised from it and step `s` al
 resumed run (the state is saved every `--save-every` steps; rerun the same command) equals an uninterrupted one. The
 result is a `from_pretrained` checkpoint (safetensors, config, tokenizer, processor) that the harness loads like a
 downloaded one (`model=tiny_trained`, or `model.path=<out>`), plus `training.json` (settings, losses, validation
-accuracy per category). The shipped `checkpoints/tiny_trained` was made by the defaults with `--seed 0` (README,
-"Training the tiny model", has its measured accuracy).
+accuracy per category). The shipped `checkpoints/tiny_trained` was made by the defaults with `--seed 0`
+(docs/tiny-model.md has its measured accuracy).
 """
 
 from __future__ import annotations
@@ -364,9 +364,9 @@ def answer_losses(model, batch: dict[str, torch.Tensor], counts: tuple[int, int,
     Every question token is also asked for the answer's first token. That loss reaches the token that names the
     object directly: it can look its object up in the image in one attention hop, and each later token can copy from
     the one before it. Without it, only the last token is asked, which must first find the object's name and then
-    the object (two hops with no signal until both exist): measured, a plateau at the answer priors (README). The
-    previous-token loss asks the first layer to bring each token the one before it, so that "square" in "Is there a
-    green square?" can look up green squares, not just squares, from the second layer on."""
+    the object (two hops with no signal until both exist): measured, a plateau at the answer priors
+    (docs/tiny-model.md). The previous-token loss asks the first layer to bring each token the one before it, so that
+    "square" in "Is there a green square?" can look up green squares, not just squares, from the second layer on."""
     final, first = language_model_states(model, batch)
     heads = ((final, model.lm_head), (final, model.lm_head), (first, previous_head))
     losses = []
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> Path:
                         help="stage 2: weight of the early-answer loss at every question token (0: off)")
     parser.add_argument("--previous-weight", type=float, default=0.02,
                         help="stage 2: weight of a loss that asks the first layer's output at every early-answered\n"
-                             "question token for the token before it (0: off; README)")
+                             "question token for the token before it (0: off; docs/tiny-model.md)")
     parser.add_argument("--previous-categories", nargs="+", choices=CATEGORIES,
                         default=[c for c in CATEGORIES if c != "read"],
                         help="stage 2: the question categories that --previous-weight applies to (default: those\n"
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--part-size", type=int, default=8,
                         help="stage 2: run each step in parts of this many rows of similar length, each padded\n"
                              "only to its own longest (0: the whole batch at once). The same step up to rounding,\n"
-                             "about a fifth faster after the ramp on our 2-core CPU (README)")
+                             "about a fifth faster after the ramp on our 2-core CPU (docs/tiny-model.md)")
     parser.add_argument("--save-every", type=int, default=25, help="steps between saves of the training state")
     parser.add_argument("--validate-every", type=int, default=250,
                         help="stage-2 steps between validations (0: at the end only)")

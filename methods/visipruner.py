@@ -17,7 +17,7 @@ on LLaVA-1.5-7B/13B, the same relative depth on other depths, e.g. 2 on an 8-lay
 KV caches stay as the reference leaves them: layers <= f hold all vision K/V (shallow ones included), layers f+1 ..
 exit-1 the kept ones, later layers none. Nothing is edited during decoding.
 
-`variant="paper"` applies the paper's text where the code differs (README, VisiPruner section): a random sink patch
+`variant="paper"` applies the paper's text where the code differs (docs/methods.md, `visipruner`): a random sink patch
 (seeded per sample), exit after `exit_after` *consecutive* qualifying layers, vision self-attention removed in every
 shallow layer, and shallow layers' vision K/V removed from the cache after prefill.
 

@@ -8,7 +8,7 @@ from harness import run as run_module
 from harness.config import compose
 
 SLICE = 100  # the first questions of tasks/synthetic_vqa/test.parquet, 20 of each category
-# Measured with method=none on this slice when the checkpoint was trained (README, "Training the tiny model"); the
+# Measured with method=none on this slice when the checkpoint was trained (docs/tiny-model.md, "The shipped model"); the
 # margin allows for last-digit arithmetic differences between machines flipping a few near-tied answers.
 MEASURED_ACCURACY = 0.83
 MARGIN = 0.03
