@@ -140,16 +140,18 @@ def task_spec(task: DictConfig) -> str | dict:
         steps = [spec.get("process_docs", registered_config(task).get("process_docs")),
                  functools.partial(keep_where, where=OmegaConf.to_container(task.where))]
         spec["process_docs"] = functools.partial(_chain, steps=[step for step in steps if step is not None])
-    return spec
+    return spec if len(spec) > 1 else task.lmms_task
 
 
 def attach_images(docs, image_files: list[str]):
-    """GQA's documents name their image by `imageId`; the images are a second config of rows (`id`, `image`)."""
-    from datasets import load_dataset
+    """GQA's documents name their image by `imageId`; the images are a second config of rows (`id`, `image`). Each
+    document gets its image's encoded bytes (decoding and re-encoding 12k images would take minutes)."""
+    from datasets import Features, Image, load_dataset
 
     images = load_dataset("parquet", data_files={"images": image_files}, split="images")
-    row_of = {image_id: row for row, image_id in enumerate(images["id"])}
-    return docs.map(lambda doc: {"image": images[row_of[doc["imageId"]]]["image"].convert("RGB")})
+    encoded = dict(zip(images["id"], images.cast_column("image", Image(decode=False))["image"], strict=True))
+    features = Features({**docs.features, "image": Image()})
+    return docs.map(lambda doc: {"image": encoded[doc["imageId"]]}, features=features)
 
 
 def keep_where(docs, where: dict):
