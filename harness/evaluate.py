@@ -136,6 +136,10 @@ def task_spec(task: DictConfig) -> str | dict:
         spec.update(dataset_path="parquet", dataset_name=None, dataset_kwargs={"data_files": {files.split: files.docs}})
         if files.images is not None:  # lmms-eval's GQA process_docs would load the images config from the hub
             spec["process_docs"] = functools.partial(attach_images, image_files=files.images)
+    if task.get("prompt"):  # options of lmms-eval's default (LLaVA) prompt, e.g. TextVQA's OCR tokens
+        options = registered_config(task)["lmms_eval_specific_kwargs"]
+        prompt = {**options["default"], **OmegaConf.to_container(task.prompt)}
+        spec["lmms_eval_specific_kwargs"] = {**options, "default": prompt}
     if task.get("where"):
         steps = [spec.get("process_docs", registered_config(task).get("process_docs")),
                  functools.partial(keep_where, where=OmegaConf.to_container(task.where))]
@@ -184,7 +188,9 @@ def evaluate(model, task: DictConfig, output_dir: Path | None = None) -> Evaluat
     name = task.lmms_task
     metrics = {key.split(",")[0]: value for key, value in results["results"][name].items()
                if "," in key and "_stderr" not in key and isinstance(value, int | float)}
-    primary = next(iter(metrics))
+    # The task's headline metric; tasks whose metrics depend on the questions asked (MMStar's per category) may lack
+    # it on a few questions, and then report their first.
+    primary = task.metric if task.get("metric") in metrics else next(iter(metrics))
     return Evaluation(task=name, metrics=metrics, primary_metric=primary,
                       higher_is_better=bool(results["higher_is_better"][name].get(primary, True)),
                       samples=sorted(results["samples"][name], key=lambda s: s["doc_id"]))

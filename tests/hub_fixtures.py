@@ -163,7 +163,8 @@ FABRICATE: dict[str, Callable[[Path], None]] = {
 PROMPTS: dict[str, list[str]] = {
     "gqa": ["What color is the car?" + YES_NO, "Is the sky blue?" + YES_NO],
     "mme": ["Is there a train in this image?" + YES_NO, "Is there a bed in this image?" + YES_NO],
-    "textvqa": ["What brand is the drink?" + YES_NO, "What number is on the shirt?" + YES_NO],
+    "textvqa": ["What brand is the drink?\nReference OCR token: coke, 23" + YES_NO,
+                "What number is on the shirt?\nReference OCR token: coke, 23" + YES_NO],
     "pope": ["Is there a snowboard in the image?" + YES_NO, "Is there a dog in the image?" + YES_NO],
     # lmms-eval's MMBench template: hint, question and options on one line, then an empty line before the instruction.
     "mmbench_en": ["Which of these is a fruit? There are several options:\nA. apple\nB. chair\nC. car\n" + LETTER,

@@ -32,6 +32,10 @@ ANSWERS = {
     "vqav2": (["Skateboard.", "two"], {"exact_match": 1.0}),  # punctuation dropped, number words as digits
     "seedbench": (["B", "B"], {"seed_image": 0.5, "seed_all": 0.5}),  # the video question is not asked
 }
+# The headline metric each task's config names (what the leaderboard compares).
+PRIMARY = {"gqa": "exact_match", "mme": "mme_perception_score", "textvqa": "exact_match", "pope": "pope_f1_score",
+           "mmbench_en": "gpt_eval_score", "scienceqa_img": "exact_match", "mmstar": "average", "vqav2": "exact_match",
+           "seedbench": "seed_image"}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,7 @@ def test_a_hub_task_runs_from_a_local_copy(name, copies, tmp_path, monkeypatch):
 
     assert prompts == PROMPTS[name]
     result = json.loads((out / "result.json").read_text())
-    assert result["n_samples"] == 2
+    assert result["n_samples"] == 2 and result["primary_metric"] == PRIMARY[name]
     metrics = {key: value for key, value in result["metrics"].items() if key != "by_category"}
     assert metrics == pytest.approx(ANSWERS[name][1])
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
