@@ -65,6 +65,10 @@ def check_task(task: DictConfig) -> None:
         if not data.is_file():
             raise ConfigError(f"task {task.name}: data file {data} is missing (python -m harness.tasks rebuilds it)")
         return
+    step = task.get("limit_step")
+    if task.limit is not None and step and task.limit % step:
+        raise ConfigError(f"task {task.name} scores its questions in groups of {step}: task.limit must be a multiple "
+                          f"of {step} (got {task.limit}), or null")
     if task.get("data"):
         local_files(task)
         return

@@ -92,6 +92,11 @@ def test_a_local_copy_without_the_task_files_is_refused_before_loading(copies, t
         check("pope", images_only)
 
 
+def test_mme_refuses_a_limit_that_splits_a_question_pair(copies):
+    with pytest.raises(ConfigError, match=r"task mme scores its questions in groups of 2: task\.limit must be a "):
+        validate(compose(["model=tiny", "task=mme", f"task.data={copies['mme']}", "task.limit=3"]))
+
+
 def test_a_hub_task_without_a_copy_or_cache_names_every_way_to_get_its_data(monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
