@@ -153,7 +153,7 @@ def task_spec(task: DictConfig) -> str | dict:
 
 def attach_images(docs, image_files: list[str]):
     """GQA's documents name their image by `imageId`; the images are a second config of rows (`id`, `image`). Each
-    document gets its image's encoded bytes (decoding and re-encoding 12k images would take minutes)."""
+    document gets its image's stored bytes: 398 images serve 12,578 questions, none needs decoding here."""
     from datasets import Features, Image, load_dataset
 
     images = load_dataset("parquet", data_files={"images": image_files}, split="images")
