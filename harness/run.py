@@ -92,7 +92,7 @@ def run_in(out: Path, cfg: DictConfig, pruner: TokenPruner, config: dict, rank: 
         print(f"resuming {out}: {len(done)} samples already done")
     with open(shard, "a") as handle:
         model = Prunebench.for_run(cfg, pruner, done, write_record(handle))
-        evaluation = evaluate(model, cfg.task)  # ranks other than 0 stop here
+        evaluation = evaluate(model, cfg.task, out)  # ranks other than 0 stop here
     for other in out.glob("samples.rank*.jsonl"):
         model.records.update((r["id"], r) for r in read_samples(other))
     records = scored_records(model.records, evaluation)

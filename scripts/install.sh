@@ -17,8 +17,9 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   echo "torch==${TORCH_VERSION:-2.13.0}" >> "$CONSTRAINTS"
   "${PIP[@]}" install -c "$CONSTRAINTS" "torch==${TORCH_VERSION:-2.13.0}"
 fi
+# openpyxl: MMBench's scoring writes its per-question table as .xlsx (pandas needs it, lmms-eval does not declare it).
 "${PIP[@]}" install -c "$CONSTRAINTS" -e '.[test]' \
-  accelerate loguru sacrebleu evaluate pytz tenacity datasets pytablewriter
+  accelerate loguru sacrebleu evaluate pytz tenacity datasets pytablewriter openpyxl
 "${PIP[@]}" install --no-deps lmms-eval==0.7.3
 if .venv/bin/python -c "import torchvision" 2>/dev/null; then
   echo "torchvision is installed in .venv; it breaks transformers image processors here: pip uninstall torchvision" >&2
