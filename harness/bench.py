@@ -18,11 +18,20 @@ ratio, a 2-layer 64-wide vision tower so that the language model dominates), ran
 from ids: `--text-tokens` text tokens (35 of them before the image, like vicuna_v1's system prompt and "USER:") around
 the image's tokens, random pixels; the prefill is generate()'s (KV cache on, logits of the last position only).
 
-Methods: none; random at k=2 (FastV's pruning point) and at k=0 (before the language model); fastv at its default k
-when it is registered in `methods.METHODS`; budgets exact.
+Methods: every one registered in `methods.METHODS`, as `conf/method/<name>.yaml` configures it, at each budget (exact
+convention; a method that ignores the budget once); random at k=2 (FastV's pruning point) and at k=0 (before the
+language model); VisiPruner on eager attention (the reference's, which it forces: the row says so) and on the model's
+own. A configuration the method refuses on this model (a budget it has no schedule for, a depth too shallow for its
+layers) is listed as skipped, with the method's reason. Besides the ratios, each row has the method's own time
+(`method ms`: its selection, scoring and probes, wall clock) and FLOPs. On random weights, data-dependent methods
+keep what random activations make them keep (VisiPruner may find no filtering layer and keep every token).
 
-    python -m harness.bench [--model small|llava7b|llava13b] [--budgets 192 128 64] [--repeats 7] [--output PATH]
-        [--threads N] [--clock wall|process]
+    python -m harness.bench [--model small|llava7b|llava13b ...] [--budgets 192 128 64] [--repeats 7]
+        [--output PATH.json] [--threads N] [--clock wall|process]
+    bash benchmarks/gpu.sh  # llava7b and llava13b, fp16, on one GPU: results/bench/gpu.{json,md}
+
+It prints a table per model and writes `{"runs": [one per model: its setup, "rows", "skipped"]}` as JSON, and the same
+tables as Markdown beside it (`.md`).
 
 On a CPU shared with other work, wall-clock ratios swing with the other processes' load (on the 2-core development
 box, realisation read 0.5-0.85 in wall time and 0.97-0.99 in process CPU time on one thread): `--threads 1

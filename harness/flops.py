@@ -13,9 +13,9 @@ work (probes, scoring, selection: whatever runs as the method's code, see `harne
 `other` (counted work outside these components; none in LLaVA-1.5, whose RoPE tables are element-wise).
 
 **Counted** (`FlopCounter`): torch's `FlopCounterMode` sees every aten op as it is dispatched, through generate(), the
-pruning runtime's hooks and the KV cache, on any device including `meta`. fvcore was the first candidate, and is not
-used: its jit trace cannot follow generate(), the cache or the runtime's data-dependent hooks, and it drops dead code
-(the CLIP layer LLaVA never reads still runs). FlopCounterMode has no formula for the CPU sdpa kernel
+pruning runtime's hooks and the KV cache, on any device including `meta`. fvcore (`harness.fvcore_flops`,
+`flops=fvcore`) counts the prefill only: its jit trace cannot follow generate() or the cache, and it drops work whose
+result is unused (the CLIP layer LLaVA never reads still runs). FlopCounterMode has no formula for the CPU sdpa kernel
 (`_scaled_dot_product_flash_attention_for_cpu`); all sdpa kernels get the one formula below. Each counted op is
 attributed to the innermost component module running (forward hooks), or to the method while the runtime runs the
 method's code. The vision-related part of each attention call is its count times the share of vision pairs, from the
