@@ -64,7 +64,7 @@ class _Prefill(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.llava = model
-        self.method = nn.Module()  # never called: names the scope the method's own work is traced in
+        self.add_module(METHOD_SCOPE, nn.Module())  # never called: the scope the method's own work is traced in
 
     def forward(self, input_ids, attention_mask, pixel_values=None):
         return self.llava(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
@@ -118,7 +118,7 @@ def prefill_flops(traced: FlopCountAnalysis, prefill: _Prefill, runtime: Pruning
         layers.append(LayerFlops(projections=projections, mlp=flops(layer.mlp), attention=core,
                                  vision_attention=core * _vision_pair_share(runtime, index)))
     phase = PhaseFlops(layers, vision=flops(llava.vision_tower), projector=flops(llava.multi_modal_projector),
-                       lm_head=flops(prefill.llava.lm_head), method=flops(prefill.method))
+                       lm_head=flops(prefill.llava.lm_head), method=flops(getattr(prefill, METHOD_SCOPE)))
     phase.other = FLOPS_PER_FVCORE_FLOP * traced.total() - phase.total
     return phase
 
