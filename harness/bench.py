@@ -18,11 +18,20 @@ ratio, a 2-layer 64-wide vision tower so that the language model dominates), ran
 from ids: `--text-tokens` text tokens (35 of them before the image, like vicuna_v1's system prompt and "USER:") around
 the image's tokens, random pixels; the prefill is generate()'s (KV cache on, logits of the last position only).
 
-Methods: none; random at k=2 (FastV's pruning point) and at k=0 (before the language model); fastv at its default k
-when it is registered in `methods.METHODS`; budgets exact.
+Methods: every one registered in `methods.METHODS`, as `conf/method/<name>.yaml` configures it, at each budget (exact
+convention; a method that ignores the budget once); random at k=2 (FastV's pruning point) and at k=0 (before the
+language model); VisiPruner on eager attention (the reference's, which it forces: the row says so) and on the model's
+own. A configuration the method refuses on this model (a budget it has no schedule for, a depth too shallow for its
+layers) is listed as skipped, with the method's reason. Besides the ratios, each row has the method's own time
+(`method ms`: its selection, scoring and probes, wall clock) and FLOPs. On random weights, data-dependent methods
+keep what random activations make them keep (VisiPruner may find no filtering layer and keep every token).
 
-    python -m harness.bench [--model small|llava7b|llava13b] [--budgets 192 128 64] [--repeats 7] [--output PATH]
-        [--threads N] [--clock wall|process]
+    python -m harness.bench [--model small|llava7b|llava13b ...] [--budgets 192 128 64] [--repeats 7]
+        [--output PATH.json] [--threads N] [--clock wall|process]
+    bash benchmarks/gpu.sh  # llava7b and llava13b, fp16, on one GPU: results/bench/gpu.{json,md}
+
+It prints a table per model and writes `{"runs": [one per model: its setup, "rows", "skipped"]}` as JSON, and the same
+tables as Markdown beside it (`.md`).
 
 On a CPU shared with other work, wall-clock ratios swing with the other processes' load (on the 2-core development
 box, realisation read 0.5-0.85 in wall time and 0.97-0.99 in process CPU time on one thread): `--threads 1
@@ -41,14 +50,20 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from harness.config import CONF_DIR
+from harness.config import CONF_DIR, build_pruner
 from harness.cost import kv_cache_bytes, returned_cache
 from harness.flops import FlopCounter
 from harness.models import build_tiny, model_config, resolve_device
 from harness.runtime import prune
-from methods import METHODS, Budget, TokenPruner
+from methods import METHODS, ConfigError, TokenPruner
 
 VISION_ONLY = "(vision + projector)"  # a timed row of its own: the part of every prefill that no method prunes
+# Methods benchmarked in several configurations: random at FastV's pruning point and before the language model;
+# VisiPruner on eager attention (the reference's, which it forces) and on the model's own (sdpa).
+VARIANTS: dict[str, tuple[dict, ...]] = {"random": ({"k": 2}, {"k": 0}),
+                                         "visipruner": ({"attention": "eager"}, {"attention": "model"})}
+FORCES_EAGER = "forces eager attention"
+SUMMARY = "medians; realisation = (1 - time ratio) / (1 - FLOPs ratio), whole prefill"
 TEXT_BEFORE_IMAGE = 35  # vicuna_v1: the system prompt and "USER:" precede the image
 SMALL = dict(name="small", source="tiny", num_layers=8, num_vision_tokens=576, image_size=336, patch_size=14,
              hidden_size=1024, intermediate_size=2752, num_heads=8, num_kv_heads=8, vision_hidden_size=64,
@@ -87,15 +102,37 @@ def prompt_inputs(model, text_tokens: int) -> dict:
             "pixel_values": pixels.to(model.device, model.dtype)}
 
 
-def configurations(budgets: list[int]) -> dict[str, TokenPruner]:
+def method_pruner(name: str, options: dict, budget: int | None) -> TokenPruner:
+    """Method `name` as `conf/method/<name>.yaml` configures it (the dataclass defaults where there is none), with
+    `options` on top, at `budget` (exact convention)."""
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    method = OmegaConf.merge(OmegaConf.load(path) if path.exists() else {"name": name}, options)
+    return build_pruner(OmegaConf.create({"method": method, "budget": budget, "budget_convention": "exact"}))
+
+
+def configurations(budgets: list[int], num_vision: int, num_layers: int) -> tuple[dict[str, TokenPruner],
+                                                                                  dict[str, str]]:
+    """Every registered method (`methods.METHODS`) with each of its `VARIANTS`, at each budget (a method that
+    ignores the budget once), and the configurations skipped with the reason: those the method refuses on this model
+    (e.g. a budget it has no reference schedule for)."""
     pruners: dict[str, TokenPruner] = {"none": TokenPruner()}
-    for budget in budgets:
-        for k in (2, 0):
-            pruners[f"random k={k} {budget}"] = METHODS["random"](k=k, budget=Budget(budget))
-        if "fastv" in METHODS:
-            fastv = METHODS["fastv"](budget=Budget(budget))
-            pruners[f"fastv k={fastv.k} {budget}"] = fastv
-    return pruners
+    skipped: dict[str, str] = {}
+    for name in sorted(set(METHODS) - {"none"}):
+        for options in VARIANTS.get(name, ({},)):
+            label = " ".join([name, *(f"{key}={value}" for key, value in options.items())])
+            for budget in budgets:
+                row = label
+                try:
+                    pruner = method_pruner(name, options, budget)
+                    if not pruner.uses_budget:
+                        pruner = method_pruner(name, options, None)
+                    row = f"{label} {budget}" if pruner.uses_budget else label
+                    pruner.validate(num_vision, num_layers)
+                except ConfigError as error:
+                    skipped[f"{label} {budget}"] = str(error)
+                    continue
+                pruners[row] = pruner
+    return pruners, skipped
 
 
 def _timed(device: torch.device, run, clock: Callable[[], float]) -> float:
@@ -117,10 +154,15 @@ def counted(model, inputs: dict, pruner: TokenPruner) -> dict:
     with prune(model, pruner, sample_ids=[0]) as runtime, FlopCounter(model, runtime) as counter:
         output = _prefill(model, inputs)
     flops = counter.prefill
-    return {"method": pruner.name, "k": getattr(pruner, "k", None), "budget": pruner.budget.tokens,
-            "mean_vision_tokens": statistics.fmean(runtime.vision_tokens_per_layer()[0].tolist()),
-            "flops": flops.total, "method_flops": flops.method, "unpruned_flops": flops.vision + flops.projector,
-            "kv_cache_bytes": kv_cache_bytes(returned_cache(output))}
+    attention = pruner.attention_backend or model.config.text_config._attn_implementation
+    row = {"method": pruner.name, "k": getattr(pruner, "k", None),
+           "budget": pruner.budget.tokens if pruner.uses_budget else None, "attention": attention,
+           "mean_vision_tokens": statistics.fmean(runtime.vision_tokens_per_layer()[0].tolist()),
+           "flops": flops.total, "method_flops": flops.method, "unpruned_flops": flops.vision + flops.projector,
+           "kv_cache_bytes": kv_cache_bytes(returned_cache(output))}
+    if attention != model.config.text_config._attn_implementation:
+        row["note"] = FORCES_EAGER if attention == "eager" else f"runs {attention} attention"
+    return row
 
 
 def timed(model, inputs: dict, pruner: TokenPruner | None, clock: Callable[[], float]) -> tuple[float, float]:
@@ -136,8 +178,15 @@ def timed(model, inputs: dict, pruner: TokenPruner | None, clock: Callable[[], f
 @torch.no_grad()
 def measure(model, inputs: dict, pruners: dict[str, TokenPruner], repeats: int,
             clock: Callable[[], float] = time.perf_counter) -> dict[str, dict]:
-    """Rows per configuration, plus `VISION_ONLY`: the part no method prunes, timed alone, to show its share."""
-    rows = {name: counted(model, inputs, pruner) for name, pruner in pruners.items()}
+    """Rows per configuration, plus `VISION_ONLY`: the part no method prunes, timed alone, to show its share. A
+    configuration the runtime refuses on this model (`ConfigError`) gets a row with the reason, and is not timed."""
+    rows: dict[str, dict] = {}
+    for name, pruner in list(pruners.items()):
+        try:
+            rows[name] = counted(model, inputs, pruner)
+        except ConfigError as error:
+            rows[name] = {"method": pruner.name, "skipped": str(error)}
+            pruners = {key: value for key, value in pruners.items() if key != name}
     dense = rows["none"]
     rows = {"none": dense, VISION_ONLY: {"flops": dense["unpruned_flops"]}, **rows}
     jobs: dict[str, TokenPruner | None] = {**pruners, VISION_ONLY: None}
@@ -150,6 +199,8 @@ def measure(model, inputs: dict, pruners: dict[str, TokenPruner], repeats: int,
                 samples[name].append(seconds)
     dense_seconds = statistics.median(t for t, _ in samples["none"])
     for name, row in rows.items():
+        if "skipped" in row:
+            continue
         row["times"] = [t for t, _ in samples[name]]
         row["prefill_ms"] = 1e3 * statistics.median(row["times"])
         row["selection_ms"] = 1e3 * statistics.median(s for _, s in samples[name])
@@ -160,21 +211,68 @@ def measure(model, inputs: dict, pruners: dict[str, TokenPruner], repeats: int,
     return rows
 
 
-def format_table(rows: dict[str, dict]) -> str:
-    lines = [f"{'configuration':20}{'T̄_in':>7}{'FLOPs':>10}{'FLOPs ratio':>12}{'prefill ms':>11}{'time ratio':>11}"
-             f"{'realisation':>12}{'method ms':>10}"]
+COLUMNS = ("configuration", "T̄_in", "GFLOPs", "FLOPs ratio", "prefill ms", "time ratio", "realisation", "method ms",
+           "method GFLOPs", "note")
+
+
+def table_cells(rows: dict[str, dict], skipped: dict[str, str]) -> list[list[str]]:
+    """One list of `COLUMNS` cells per row; configurations skipped before or by the runtime last, with the reason."""
+    cells, refused = [], dict(skipped)
     for name, row in rows.items():
+        if "skipped" in row:
+            refused[name] = row["skipped"]
+            continue
         tokens = f"{row['mean_vision_tokens']:.1f}" if "mean_vision_tokens" in row else "—"
         realisation = "—" if row["realisation"] is None else f"{row['realisation']:.2f}"
-        lines.append(f"{name:20}{tokens:>7}{row['flops'] / 1e9:>9.1f}G{row['flops_ratio']:>12.3f}"
-                     f"{row['prefill_ms']:>11.1f}{row['time_ratio']:>11.3f}{realisation:>12}{row['selection_ms']:>10.2f}")
-    return "\n".join(lines)
+        method_flops = f"{row['method_flops'] / 1e9:.3f}" if "method_flops" in row else "—"
+        cells.append([name, tokens, f"{row['flops'] / 1e9:.1f}", f"{row['flops_ratio']:.3f}",
+                      f"{row['prefill_ms']:.1f}", f"{row['time_ratio']:.3f}", realisation,
+                      f"{row['selection_ms']:.2f}", method_flops, row.get("note", "")])
+    cells += [[name, *["—"] * (len(COLUMNS) - 2), f"skipped: {reason}"] for name, reason in refused.items()]
+    return cells
+
+
+def format_table(rows: dict[str, dict], skipped: dict[str, str] | None = None) -> str:
+    cells = [list(COLUMNS), *table_cells(rows, skipped or {})]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS) - 1)]
+    return "\n".join("  ".join([line[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(line[1:-1], widths[1:],
+                                                                                         strict=True)), line[-1]])
+                     .rstrip() for line in cells)
+
+
+def format_markdown(runs: list[dict]) -> str:
+    """Each run (one model) as a heading with its setup and a Markdown table."""
+    parts = []
+    for run in runs:
+        setup = ", ".join(f"{key}={value}" for key, value in run.items() if key not in ("rows", "skipped"))
+        cells = table_cells(run["rows"], run["skipped"])
+        parts += [f"### {run['model']} on {run['device']}", "", f"{setup}; {SUMMARY}", "",
+                  "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
+                  *("| " + " | ".join(line) + " |" for line in cells), ""]
+    return "\n".join(parts)
+
+
+def run(name: str, device: torch.device, args: argparse.Namespace) -> dict:
+    """One model's setup, rows and skipped configurations."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = build(name, device, dtype)
+    inputs = prompt_inputs(model, args.text_tokens)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    text = model.config.text_config
+    pruners, skipped = configurations(args.budgets, int((inputs["input_ids"] == model.config.image_token_id).sum()),
+                                      text.num_hidden_layers)
+    rows = measure(model, inputs, pruners, args.repeats, clock)
+    return {"model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": str(dtype).removeprefix("torch."), "attention": text._attn_implementation,
+            "torch_threads": torch.get_num_threads(), "layers": text.num_hidden_layers, "hidden": text.hidden_size,
+            "prompt_tokens": inputs["input_ids"].shape[1], "repeats": args.repeats, "clock": args.clock,
+            "rows": rows, "skipped": skipped}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["small", "llava7b", "llava13b"], default=None,
-                        help="default: llava7b on a GPU, small on CPU")
+    parser.add_argument("--model", choices=["small", "llava7b", "llava13b"], nargs="+", default=None,
+                        help="one or more, run one after the other; default: llava7b on a GPU, small on CPU")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64])
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds after the warm-up round")
@@ -184,31 +282,28 @@ def main() -> None:
                         help="process: this process's CPU time instead of wall time for the prefills, for a CPU "
                              "shared with other work (less sensitive to it; not a latency; the method's own time "
                              "stays wall-clock, as the runtime measures it)")
-    parser.add_argument("--output", type=Path, default=None, help="default: results/bench/<model>-<device>.json")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON; the Markdown tables go beside it (.md). Default: results/bench/<models>-<device>")
     args = parser.parse_args()
     device = resolve_device(args.device)
     if args.clock == "process" and device.type == "cuda":
         parser.error("--clock process measures CPU time; GPU kernels run asynchronously, use wall time")
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = args.model or ("llava7b" if device.type == "cuda" else "small")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    model = build(name, device, dtype)
-    inputs = prompt_inputs(model, args.text_tokens)
-    clock = time.process_time if args.clock == "process" else time.perf_counter
-    rows = measure(model, inputs, configurations(args.budgets), args.repeats, clock)
-    text = model.config.text_config
-    setup = {"model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-             "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
-             "layers": text.num_hidden_layers, "hidden": text.hidden_size,
-             "prompt_tokens": inputs["input_ids"].shape[1], "repeats": args.repeats, "clock": args.clock}
-    print(", ".join(f"{k}={v}" for k, v in setup.items()) + "; medians; realisation = (1 - time ratio) / "
-          "(1 - FLOPs ratio), whole prefill")
-    print(format_table(rows))
-    output = args.output or Path("results") / "bench" / f"{name}-{device.type}.json"
+    names = args.model or ["llava7b" if device.type == "cuda" else "small"]
+    output = args.output or Path("results") / "bench" / f"{'-'.join(names)}-{device.type}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({**setup, "rows": rows}, indent=2))
-    print(f"-> {output}")
+    runs = []
+    for name in names:
+        runs.append(run(name, device, args))
+        setup = ", ".join(f"{key}={value}" for key, value in runs[-1].items() if key not in ("rows", "skipped"))
+        print(f"{setup}; {SUMMARY}\n{format_table(runs[-1]['rows'], runs[-1]['skipped'])}", flush=True)
+        # Written after each model, so that a run cut short keeps the models it finished.
+        output.write_text(json.dumps({"runs": runs}, indent=2))
+        output.with_suffix(".md").write_text(format_markdown(runs))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"-> {output}, {output.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

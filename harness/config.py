@@ -15,7 +15,7 @@ from methods import METHODS, Budget, ConfigError, TokenPruner
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("method", "model", "task")
 CONVENTIONS = ("exact", "average")
-FLOPS_SOURCES = ("projected", "counted")
+FLOPS_SOURCES = ("projected", "counted", "fvcore")
 
 
 def group_choices(group: str) -> list[str]:

@@ -13,9 +13,9 @@ work (probes, scoring, selection: whatever runs as the method's code, see `harne
 `other` (counted work outside these components; none in LLaVA-1.5, whose RoPE tables are element-wise).
 
 **Counted** (`FlopCounter`): torch's `FlopCounterMode` sees every aten op as it is dispatched, through generate(), the
-pruning runtime's hooks and the KV cache, on any device including `meta`. fvcore was the first candidate, and is not
-used: its jit trace cannot follow generate(), the cache or the runtime's data-dependent hooks, and it drops dead code
-(the CLIP layer LLaVA never reads still runs). FlopCounterMode has no formula for the CPU sdpa kernel
+pruning runtime's hooks and the KV cache, on any device including `meta`. fvcore (`harness.fvcore_flops`,
+`flops=fvcore`) counts the prefill only: its jit trace cannot follow generate() or the cache, and it drops work whose
+result is unused (the CLIP layer LLaVA never reads still runs). FlopCounterMode has no formula for the CPU sdpa kernel
 (`_scaled_dot_product_flash_attention_for_cpu`); all sdpa kernels get the one formula below. Each counted op is
 attributed to the innermost component module running (forward hooks), or to the method while the runtime runs the
 method's code. The vision-related part of each attention call is its count times the share of vision pairs, from the
@@ -33,6 +33,7 @@ vision tokens entering the layer, in multiply-adds (half our unit). Dense LLaVA-
     python -m harness.flops model=llava7b method=random method.k=2 budget=128 [text_tokens=60] [decode_steps=0]
         [output=json]
     python -m harness.flops model=llava7b method=visipruner results_dir=results/llava7b/<task>/visipruner/none
+    python -m harness.flops model=tiny_trained method=fastv budget=64 counter=fvcore  # one prompt, counted too
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from harness.cost import decoding, forward_cache
 from harness.results import SAMPLES, read_samples
-from harness.runtime import PruningRuntime, in_method_work
+from harness.runtime import PruningRuntime, in_method_work, prune
 from methods.base import ConfigError, TokenPruner
 
 UNIT = "FLOPs = 2 x multiply-adds"
@@ -62,7 +63,7 @@ _SDPA_KERNELS = (_aten._scaled_dot_product_flash_attention_for_cpu, _aten._scale
                  _aten._scaled_dot_product_efficient_attention, _aten._scaled_dot_product_cudnn_attention)
 
 
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """QKᵀ and AV over the full n_q × n_k rectangle, per query head (grouped K/V heads are broadcast)."""
     batch, heads, queries, dim = query_shape
     return 2 * batch * heads * queries * key_shape[-2] * (dim + value_shape[-1])
@@ -157,11 +158,15 @@ class Architecture:
     patch_size: int
     channels: int
     image_features: int  # vision features per image entering the projector (= vision tokens in the prompt)
+    unread_vision_layers: int = 0  # CLIP layers after the deepest one LLaVA reads: they run, their output is unused
 
     @classmethod
     def from_config(cls, config) -> Architecture:
         text, vision = config.text_config, config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
+        feature_layers = config.vision_feature_layer
+        feature_layers = feature_layers if isinstance(feature_layers, list) else [feature_layers]
+        read = max(layer % (vision.num_hidden_layers + 1) for layer in feature_layers)  # hidden state 0: embeddings
         return cls(
             layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
             heads=text.num_attention_heads, kv_heads=text.num_key_value_heads,
@@ -170,14 +175,19 @@ class Architecture:
             vision_intermediate=vision.intermediate_size, image_size=vision.image_size, patch_size=vision.patch_size,
             channels=vision.num_channels,
             image_features=patches + (config.vision_feature_select_strategy == "full"),
+            unread_vision_layers=vision.num_hidden_layers - read,
         )
 
     def vision_encoder(self) -> float:
         """One image: the patch convolution, then every CLIP layer on the patches plus CLS."""
         patches = (self.image_size // self.patch_size) ** 2
-        n, d = patches + 1, self.vision_hidden
-        layer = 2 * n * 4 * d * d + 2 * n * 2 * d * self.vision_intermediate + 4 * n * n * d
-        return 2 * patches * self.channels * self.patch_size**2 * d + self.vision_layers * layer
+        convolution = 2 * patches * self.channels * self.patch_size**2 * self.vision_hidden
+        return convolution + self.vision_layers * self.vision_layer()
+
+    def vision_layer(self) -> float:
+        """One CLIP layer of one image (patches plus CLS)."""
+        n, d = (self.image_size // self.patch_size) ** 2 + 1, self.vision_hidden
+        return 2 * n * 4 * d * d + 2 * n * 2 * d * self.vision_intermediate + 4 * n * n * d
 
     def projector(self, features: int) -> float:
         return 2 * features * (self.vision_hidden * self.hidden + self.hidden * self.hidden)
@@ -269,7 +279,7 @@ class FlopCounter(FlopCounterMode):
     """
 
     def __init__(self, model, runtime: PruningRuntime | None = None):
-        super().__init__(display=False, custom_mapping=dict.fromkeys(_SDPA_KERNELS, _sdpa_flops))
+        super().__init__(display=False, custom_mapping=dict.fromkeys(_SDPA_KERNELS, sdpa_flops))
         self.model, self.runtime = model, runtime
         num_layers = len(model.model.language_model.layers)
         self.prefill, self.decode = PhaseFlops.empty(num_layers), PhaseFlops.empty(num_layers)
@@ -382,8 +392,6 @@ def count_generation(model, pruner: TokenPruner, inputs: dict, sample_ids: list,
                      **generate_options) -> tuple[PhaseFlops, PhaseFlops]:
     """Replay a batch's generation (the timed run's `generate_options`) under the counter: (prefill, decode) FLOPs
     per sample."""
-    from harness.runtime import prune
-
     with prune(model, pruner, sample_ids) as runtime, FlopCounter(model, runtime) as counter:
         model.generate(**inputs, **generate_options)
     rows = inputs["input_ids"].shape[0]
@@ -394,6 +402,10 @@ def sample_record(prefill: PhaseFlops, decode: PhaseFlops, arch: Architecture, v
     """The `flops` field of a sample in samples.jsonl."""
     return {"prefill": prefill.summary(), "decode": decode.summary(),
             "paper_vision_token_flops": paper_vision_token_flops(arch, vision)}
+
+
+COUNTED_METHOD_WORK = ("counted", "fvcore")  # the `flops` settings that count the method's own work (in prefill)
+SOURCE_DESCRIPTIONS = {"fvcore": "fvcore prefill, projected decode"}  # result.json's flops_source, if not the setting
 
 
 def cost_fields(records: list[dict], source: str) -> dict:
@@ -410,15 +422,17 @@ def cost_fields(records: list[dict], source: str) -> dict:
         "flops_vision_attention": prefill["vision_attention"] + decode["vision_attention"],
         "flops_prefill": prefill["total"],
         "flops_decode": decode["total"],
-        "flops_method": prefill["method"] + decode["method"] if source == "counted" else None,
-        "flops_source": source,
+        "flops_method": prefill["method"] + decode["method"] if source in COUNTED_METHOD_WORK else None,
+        "flops_source": SOURCE_DESCRIPTIONS.get(source, source),
         "paper_vision_token_flops": statistics.fmean(r["flops"]["paper_vision_token_flops"] for r in records),
         "flops": mean,
     }
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-OPTIONS = {"text_tokens": DEFAULT_TEXT_TOKENS, "decode_steps": 0, "results_dir": None, "output": "table"}
+OPTIONS = {"text_tokens": DEFAULT_TEXT_TOKENS, "decode_steps": 0, "results_dir": None, "output": "table",
+           "counter": None}
+COUNTERS = ("fvcore",)
 
 
 def projection(arch: Architecture, vision: list[list[int]], text_tokens: int, decode_steps: int) -> dict:
@@ -461,6 +475,10 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
             overrides.append(arg)
     if options["output"] not in ("table", "json"):
         raise ConfigError(f"output must be table or json, got {options['output']!r}")
+    if options["counter"] not in (None, *COUNTERS):
+        raise ConfigError(f"counter must be one of {', '.join(COUNTERS)}, got {options['counter']!r}")
+    if options["counter"] and options["results_dir"]:
+        raise ConfigError("counter counts one prompt of its own: pass counter or results_dir, not both")
     for key in ("text_tokens", "decode_steps"):
         if not str(options[key]).isdigit():
             raise ConfigError(f"{key} must be a whole number, got {options[key]!r}")
@@ -484,12 +502,17 @@ def report(options: dict, overrides: list[str]) -> dict:
     pruner = build_pruner(cfg)
     arch = Architecture.from_config(model_config(cfg.model))
     pruner.validate(arch.image_features, arch.layers)
-    results_dir = options["results_dir"]
-    if results_dir is not None:
+    results_dir, text, steps = options["results_dir"], options["text_tokens"], options["decode_steps"]
+    counted = None
+    if options["counter"]:
+        counted = counted_prefill(cfg, pruner, text)
+        vision = [counted.pop("vision_tokens_per_layer")]
+    elif results_dir is not None:
         vision = recorded_vision(Path(results_dir), arch.layers)
     else:
         vision = [static_vision_schedule(pruner, arch.image_features, arch.layers)]
-    text, steps = options["text_tokens"], options["decode_steps"]
+    source = (f"counts recorded by {len(vision)} samples in {results_dir}" if results_dir
+              else "counts of the counted prompt" if counted else "fixed schedule")
     dense = projection(arch, [[arch.image_features] * arch.layers], text, steps)
     pruned = projection(arch, vision, text, steps)
     return {
@@ -498,7 +521,7 @@ def report(options: dict, overrides: list[str]) -> dict:
         "method": cfg.method.get("label", cfg.method.name),
         "budget": {"tokens": pruner.budget.tokens, "convention": pruner.budget.convention,
                    "used": pruner.uses_budget},
-        "source": f"counts recorded by {len(vision)} samples in {results_dir}" if results_dir else "fixed schedule",
+        "source": source,
         "prompt": {"vision_tokens": arch.image_features, "text_tokens": text, "total": arch.image_features + text},
         "decode_steps": steps,
         "dense": dense,
@@ -511,6 +534,34 @@ def report(options: dict, overrides: list[str]) -> dict:
             "vision_token_flops": _compared(dense["paper_vision_token_flops"], pruned["paper_vision_token_flops"]),
             "vision_attention": _compared(dense["paper_vision_attention"], pruned["paper_vision_attention"]),
         },
+        **({"counted": counted} if counted else {}),
+    }
+
+
+@torch.no_grad()
+def counted_prefill(cfg, pruner: TokenPruner, text_tokens: int) -> dict:
+    """One prompt (`harness.bench`'s: random ids around the image's tokens, random pixels) on the configured model:
+    its prefill counted by fvcore and by the torch counter, fvcore's own table, and the vision tokens that ran."""
+    from fvcore.nn import flop_count_table
+
+    from harness import fvcore_flops, models
+    from harness.bench import prompt_inputs
+
+    model = models.load(cfg.model, cfg.device).model
+    inputs = prompt_inputs(model, text_tokens)
+    traced, prefill, runtime = fvcore_flops.analysis(model, pruner, inputs, sample_ids=[0])
+    fvcore = fvcore_flops.prefill_flops(traced, prefill, runtime)
+    with prune(model, pruner, sample_ids=[0]) as runtime, FlopCounter(model, runtime) as counter:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    arch = Architecture.from_config(model.config)
+    return {
+        "vision_tokens_per_layer": [int(record.vision_tokens[0]) for record in runtime.layers],
+        "fvcore": fvcore.summary(),
+        "torch": counter.prefill.summary(),
+        "fvcore_per_layer": [layer.total for layer in fvcore.layers],
+        "torch_per_layer": [layer.total for layer in counter.prefill.layers],
+        "unread_vision_layers_flops": arch.unread_vision_layers * arch.vision_layer(),
+        "fvcore_table": flop_count_table(traced, max_depth=5, show_param_shapes=False),
     }
 
 
@@ -565,7 +616,30 @@ def format_table(report: dict) -> str:
         value = paper[key]
         lines.append(row(label, value["dense"], value["pruned"], value["ratio"])
                      + f"  (reduction {100 * (1 - value['ratio']):.1f}%)")
+    if "counted" in report:
+        lines += ["", *_counted_table(report["counted"], pruned)]
     return "\n".join(lines)
+
+
+def _counted_table(counted: dict, projected: dict) -> list[str]:
+    fvcore, torch_counted = counted["fvcore"], counted["torch"]
+    lines = [f"The prefill of this prompt counted ({UNIT}; fvcore's multiply-adds × 2):",
+             f"{'':36}{'fvcore':>13}{'torch':>13}{'projected':>13}"]
+    labels = {"total": "prefill", "vision": "  vision encoder", "projector": "  projector",
+              "language_model": "  language model", "attention": "    attention (QKᵀ, AV)",
+              "vision_attention": "    vision-related attention", "lm_head": "  lm_head (last position)",
+              "method": "  the method's own work", "other": "  other"}
+    for key, label in labels.items():
+        lines.append(f"{label:36}{_si(fvcore[key]):>13}{_si(torch_counted[key]):>13}"
+                     f"{_si(projected['prefill'][key]):>13}")
+    for index, (a, b) in enumerate(zip(counted["fvcore_per_layer"], counted["torch_per_layer"], strict=True)):
+        lines.append(f"{f'    decoder layer {index}':36}{_si(a):>13}{_si(b):>13}")
+    unread = _si(counted["unread_vision_layers_flops"])
+    lines += [f"fvcore's trace drops the CLIP layers after the one LLaVA reads ({unread} FLOPs: they run, unread); "
+              "the projection does not see the method's own work.",
+              "fvcore's own table (its unit: one multiply-add = one flop; norms and pooling not counted):",
+              counted["fvcore_table"]]
+    return lines
 
 
 def main(argv: list[str]) -> None:

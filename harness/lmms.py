@@ -18,7 +18,7 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from harness import flops, models
+from harness import flops, fvcore_flops, models
 from harness.cost import ForwardTimer, peak_memory_bytes
 from harness.runtime import prune
 from methods.base import TokenPruner
@@ -120,6 +120,8 @@ class Prunebench(lmms):
                                                      **options)
         else:
             prefill, decode = flops.project(architecture, schedule)
+            if self.cfg.flops == "fvcore":  # an untimed traced prefill replaces the projected one
+                prefill = fvcore_flops.count_prefill(loaded.model, pruner, inputs, [item[1] for item in batch])
         prompt_len = inputs["input_ids"].shape[1]
         generated = out.sequences[:, prompt_len:]
         texts = [_cut(text, gen_kwargs.get("until")) for text in loaded.decode(generated)]

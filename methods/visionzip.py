@@ -66,7 +66,7 @@ class VisionZip(TokenPruner):
         top = vision.cls_attention[:, :, 1:].sum(dim=1).topk(dominant - 1, dim=1).indices + 1
         is_dominant = torch.zeros(images, n, dtype=torch.bool, device=hidden.device)
         is_dominant[:, 0] = True
-        is_dominant.scatter_(1, top, True)
+        is_dominant.scatter_(1, top, 1)  # not True: the jit tracer (harness.fvcore_flops) rejects a bool value
         dominant_tokens = hidden[is_dominant].view(images, dominant, -1)
         rest = hidden[~is_dominant].view(images, n - dominant, -1)
         metric = keys[~is_dominant].view(images, n - dominant, -1)
