@@ -14,7 +14,7 @@ CONF=$DIR/slurm.conf
 DAEMONS=(munged slurmctld slurmd)  # started in this order, stopped in the reverse one
 
 say() { echo "slurm_local: $*"; }
-die() { echo "slurm_local: error: $*" >&2; exit "${2:-1}"; }
+die() { echo "slurm_local: error: $1" >&2; exit "${2:-1}"; }  # die MESSAGE [STATUS]
 
 running() {  # is the daemon whose pid file `up` wrote alive (and still that daemon, not a recycled pid)?
   local pid
@@ -24,9 +24,8 @@ running() {  # is the daemon whose pid file `up` wrote alive (and still that dae
 
 alive() { [ -d "/proc/$1" ] && ! grep -q '^State:.*zombie' "/proc/$1/status" 2>/dev/null; }
 
-install() {
+install_packages() {
   command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null && return
-  [ "$(id -u)" = 0 ] || die "slurm-wlm and munge are not installed and installing them needs root" 2
   command -v apt-get >/dev/null || die "slurm-wlm and munge are not installed and there is no apt-get to install them" 2
   say "installing slurm-wlm and munge (apt-get, about a minute)"
   export DEBIAN_FRONTEND=noninteractive
@@ -66,16 +65,17 @@ EOF
 }
 
 up() {
+  [ "$(id -u)" = 0 ] || die "needs root (to install slurm-wlm and munge, and to run the daemons)" 2
   mkdir -p "$DIR" && chmod 700 "$DIR"
-  install
+  install_packages
   export SLURM_CONF=$CONF
   if ! running munged; then
-    [ -f "$DIR/munge.key" ] || mungekey --create --keyfile="$DIR/munge.key"
+    [ -f "$DIR/munge.key" ] || (umask 077 && head -c 1024 /dev/urandom >"$DIR/munge.key")
     # --force: munged runs as root here, which it otherwise refuses
     munged --force --key-file="$DIR/munge.key" --socket="$DIR/munge.socket" --pid-file="$DIR/munged.pid" \
       --log-file="$DIR/munged.log" --seed-file="$DIR/munged.seed"
   fi
-  running slurmctld && running slurmd || write_config
+  if running slurmctld && running slurmd; then say "already up"; else write_config; fi
   running slurmctld || slurmctld -f "$CONF" || die "slurmctld did not start (log: $DIR/slurmctld.log)"
   running slurmd || slurmd -f "$CONF" || die "slurmd did not start (log: $DIR/slurmd.log)"
   local waited=0

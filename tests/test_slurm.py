@@ -4,6 +4,7 @@ jobs cancelled with scancel mid-run, and the sweep submitted again."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,12 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from harness.slurm import OneSacctWarning
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
 CANNOT_INSTALL = 2  # the script's exit status where SLURM cannot be installed (not root, no apt-get, install failed)
-LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
-            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10",
-            "hydra.launcher.array_parallelism=1"]  # one job at a time: the first has finished when the second is killed
+# One job at a time (array_parallelism=1): the first has finished when the second is killed.
+LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.account=prunebench",
+            "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
+            "hydra.launcher.timeout_min=10", "hydra.launcher.array_parallelism=1"]
 
 
 def slurm_local(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -89,13 +93,17 @@ def test_a_sweep_on_slurm_survives_a_cancelled_job(slurm, tmp_path):
         # Without accounting submitit cannot see a job end that left no result file: the launcher would wait on.
         os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait()
+    (submission,) = (tmp_path / "sweep1").glob(".submitit/*/*_submission.sh")
+    for option in ("--partition=debug", "--account=prunebench", "--time=10", "--array=0-1%1"):
+        assert f"#SBATCH {option}\n" in submission.read_text()  # the launcher keys a user sets reach sbatch
     killed_at = ids(second / "samples.jsonl")
     assert (first / "result.json").is_file() and not (second / "result.json").is_file()
     assert 1 <= len(killed_at) < 5
     first_samples = (first / "samples.jsonl").read_text()
 
-    again = subprocess.run([*sweep, f"hydra.sweep.dir={tmp_path / 'sweep2'}"], cwd=ROOT, env=slurm,
-                           capture_output=True, text=True, timeout=600)
+    # The same sweep submitted again; both jobs at once this time, as nothing is left to kill.
+    again = subprocess.run([*sweep, f"hydra.sweep.dir={tmp_path / 'sweep2'}", "hydra.launcher.array_parallelism=2"],
+                           cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     logs = job_logs(tmp_path / "sweep2")
     assert f"skipped: {first} is already finished" in logs
@@ -107,3 +115,15 @@ def test_a_sweep_on_slurm_survives_a_cancelled_job(slurm, tmp_path):
     for output in ((tmp_path / "first.log").read_text(), again.stdout + again.stderr):
         assert "Bypassing sacct error" not in output  # submitit's warning per poll, where the cluster has no sacct
         assert output.count("sacct fails on this cluster") == 1
+
+
+def test_sacct_failures_are_explained_once_and_not_repeated(caplog):
+    submitit = logging.getLogger("test_slurm.submitit")  # stands in for submitit's logger
+    submitit.addFilter(OneSacctWarning())
+    failure = "Call #{} - Bypassing sacct error Command '['sacct', ...]' returned non-zero exit status 1."
+    with caplog.at_level(logging.INFO):
+        submitit.warning(failure.format(1))
+        submitit.info("Submitted job 7")
+        submitit.warning(failure.format(2))
+    assert [(r.name, r.getMessage()[:27]) for r in caplog.records] == [
+        ("harness.slurm", "sacct fails on this cluster"), ("test_slurm.submitit", "Submitted job 7")]
