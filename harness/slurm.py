@@ -1,7 +1,7 @@
 """Quiet SLURM sweeps on clusters without job accounting (`hydra/launcher=slurm` installs this callback).
 
 submitit follows a sweep's jobs through their result files and, now and then, `sacct`. Where the cluster keeps no
-accounting every `sacct` call fails and submitit logs a warning for each poll (about ten in a sweep's first minute,
+accounting every `sacct` call fails and submitit logs a warning for each poll (about six in a sweep's first minute,
 then one every ten minutes). The callback says so once and drops the repeats; the jobs run and finish as before.
 """
 

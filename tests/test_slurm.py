@@ -84,15 +84,18 @@ def test_a_sweep_on_slurm_survives_a_cancelled_job(slurm, tmp_path):
             assert launcher.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the sweep made no progress"
             time.sleep(0.2)
-        (job,) = squeue(slurm, "--states=RUNNING")
+        # Ctrl-C on the submitting command (without accounting it would not notice the cancelled job, and wait on).
+        os.killpg(launcher.pid, signal.SIGINT)
+        launcher.wait(timeout=120)
+        (job,) = squeue(slurm, "--states=RUNNING")  # the job goes on without it
         subprocess.run(["scancel", job], env=slurm, check=True)
         while squeue(slurm):  # SIGTERM, then SIGKILL after the cluster's KillWait
             assert time.monotonic() < deadline, "the cancelled job did not end"
             time.sleep(0.2)
     finally:
-        # Without accounting submitit cannot see a job end that left no result file: the launcher would wait on.
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.wait()
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
     (submission,) = (tmp_path / "sweep1").glob(".submitit/*/*_submission.sh")
     for option in ("--partition=debug", "--account=prunebench", "--time=10", "--array=0-1%1"):
         assert f"#SBATCH {option}\n" in submission.read_text()  # the launcher keys a user sets reach sbatch
