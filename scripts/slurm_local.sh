@@ -27,7 +27,7 @@ alive() { [ -d "/proc/$1" ] && ! grep -q '^State:.*zombie' "/proc/$1/status" 2>/
 install_packages() {
   command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null && return
   command -v apt-get >/dev/null || die "slurm-wlm and munge are not installed and there is no apt-get to install them" 2
-  say "installing slurm-wlm and munge (apt-get, about a minute)"
+  say "installing slurm-wlm and munge (apt-get)"
   export DEBIAN_FRONTEND=noninteractive
   if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends slurm-wlm munge; } >"$DIR/install.log" 2>&1
   then
@@ -42,7 +42,7 @@ write_config() {
   mkdir -p "$DIR/state" "$DIR/spool"
   cat >"$CONF" <<EOF
 ClusterName=prunebench
-SlurmctldHost=$(hostname -s)
+SlurmctldHost=$(hostname -s)(127.0.0.1)
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$DIR/munge.socket
@@ -59,7 +59,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 KillWait=2
-$node
+$node NodeAddr=127.0.0.1
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -71,7 +71,7 @@ up() {
   export SLURM_CONF=$CONF
   if ! running munged; then
     [ -f "$DIR/munge.key" ] || (umask 077 && head -c 1024 /dev/urandom >"$DIR/munge.key")
-    # --force: munged runs as root here, which it otherwise refuses
+    # --force: munged refuses a socket in a directory only root can enter; this cluster is root's alone
     munged --force --key-file="$DIR/munge.key" --socket="$DIR/munge.socket" --pid-file="$DIR/munged.pid" \
       --log-file="$DIR/munged.log" --seed-file="$DIR/munged.seed"
   fi
@@ -92,7 +92,10 @@ down() {
     export SLURM_CONF=$CONF
     scancel --partition=debug 2>/dev/null || true
     local waited=0
-    while [ -n "$(squeue -h 2>/dev/null)" ] && [ "$((waited += 1))" -le 40 ]; do sleep 0.5; done
+    while [ -n "$(squeue -h 2>/dev/null)" ]; do
+      [ "$((waited += 1))" -le 60 ] || { say "jobs still there after 30 s, stopping the daemons anyway:"; squeue; break; }
+      sleep 0.5
+    done
   fi
   local daemon pid stopped=()
   for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
