@@ -71,7 +71,7 @@ def job_logs(sweep_dir: Path) -> str:
 
 def test_a_sweep_on_slurm_survives_a_cancelled_job(slurm, tmp_path):
     results = tmp_path / "results"
-    sweep = [sys.executable, "-m", "harness", "-m", "model=tiny", "method=random", "budget=64,128", "task.limit=5",
+    sweep = [sys.executable, "-m", "harness", "-m", "model=tiny", "method=random", "budget=64,128", "task.limit=6",
              f"output_dir={results}", *LAUNCHER]
     first = results / "tiny" / "synthetic" / "random" / "64"
     second = first.parent / "128"
@@ -80,16 +80,19 @@ def test_a_sweep_on_slurm_survives_a_cancelled_job(slurm, tmp_path):
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while lines(second / "samples.jsonl") < 1:  # the first job done, the second one under way
+        while not (first / "result.json").is_file():
             assert launcher.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the sweep made no progress"
             time.sleep(0.2)
-        # Ctrl-C on the submitting command (without accounting it would not notice the cancelled job, and wait on).
-        os.killpg(launcher.pid, signal.SIGINT)
+        os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C on the submitting command: the second job is still to come
         launcher.wait(timeout=120)
-        (job,) = squeue(slurm, "--states=RUNNING")  # the job goes on without it
-        subprocess.run(["scancel", job], env=slurm, check=True)
-        while squeue(slurm):  # SIGTERM, then SIGKILL after the cluster's KillWait
+        while lines(second / "samples.jsonl") < 1:  # it starts and runs all the same
+            assert time.monotonic() < deadline, "the second job made no progress"
+            time.sleep(0.2)
+        (job,) = squeue(slurm, "--states=RUNNING")
+        # SIGKILL at once (plain scancel's SIGTERM leaves the job KillWait seconds, in which it could finish)
+        subprocess.run(["scancel", "--signal=KILL", "--full", job], env=slurm, check=True)
+        while squeue(slurm):
             assert time.monotonic() < deadline, "the cancelled job did not end"
             time.sleep(0.2)
     finally:
@@ -101,7 +104,7 @@ def test_a_sweep_on_slurm_survives_a_cancelled_job(slurm, tmp_path):
         assert f"#SBATCH {option}\n" in submission.read_text()  # the launcher keys a user sets reach sbatch
     killed_at = ids(second / "samples.jsonl")
     assert (first / "result.json").is_file() and not (second / "result.json").is_file()
-    assert 1 <= len(killed_at) < 5
+    assert 1 <= len(killed_at) < 6
     first_samples = (first / "samples.jsonl").read_text()
 
     # The same sweep submitted again; both jobs at once this time, as nothing is left to kill.
@@ -113,7 +116,7 @@ def test_a_sweep_on_slurm_survives_a_cancelled_job(slurm, tmp_path):
     assert f"resuming {second}: {len(killed_at)} samples already done" in logs
     assert (first / "samples.jsonl").read_text() == first_samples
     assert ids(second / "samples.jsonl")[: len(killed_at)] == killed_at
-    assert sorted(ids(second / "samples.jsonl")) == [f"synthetic_vqa/{i}" for i in range(5)]
+    assert sorted(ids(second / "samples.jsonl")) == [f"synthetic_vqa/{i}" for i in range(6)]
     assert sorted(p.parent.name for p in results.rglob("result.json")) == ["128", "64"]
     for output in ((tmp_path / "first.log").read_text(), again.stdout + again.stderr):
         assert "Bypassing sacct error" not in output  # submitit's warning per poll, where the cluster has no sacct
