@@ -2,7 +2,8 @@
 
 submitit follows a sweep's jobs through their result files and, now and then, `sacct`. Where the cluster keeps no
 accounting every `sacct` call fails and submitit logs a warning for each poll (about six in a sweep's first minute,
-then one every ten minutes). The callback says so once and drops the repeats; the jobs run and finish as before.
+then ever fewer, down to one every ten minutes). The callback says so once and drops the repeats; the jobs run and
+finish as before.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class OneSacctWarning(logging.Filter):
 
 
 class QuietWithoutAccounting(Callback):
+    """Puts `OneSacctWarning` on submitit's logger in the process that submits and watches the sweep."""
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from submitit.core.logger import get_logger  # its import configures the logger; the filter goes on after
 
