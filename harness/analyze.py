@@ -39,13 +39,19 @@ from PIL import Image, ImageOps
 from harness.config import CONF_DIR, check_overrides, compose, validate
 from harness.evaluate import ROOT
 from harness.models import LoadedModel, load
+from harness.records import recorded, samples_path
+from harness.results import STARTED
 from harness.runtime import ProbeResult, prune
 from methods import ConfigError, Probe, TokenPruner, VisiPruner
 
 USAGE = """usage: python -m harness.analyze [model=...] (image=PATH question=TEXT | sample=TASK:INDEX [question=TEXT])
                                   [method=... budget=N ...] [layers=L1,L2,...] [topk=K] [name=NAME]
-Any other key=value is a prunebench config override (model.*, method.*, device, output_dir)."""
-ANALYSIS_KEYS = ("image", "question", "sample", "layers", "topk", "name")
+       python -m harness.analyze from_run=RUN_DIR|SAMPLES_JSONL sample_id=ID [image=PATH] [output_dir=DIR]
+Any other key=value is a prunebench config override (model.*, method.*, device, output_dir). With from_run= the
+recorded selections of one sample are drawn (pruning.png) without loading a model; the image is read from the run's
+local task unless image= gives it."""
+ANALYSIS_KEYS = ("image", "question", "sample", "layers", "topk", "name", "from_run", "sample_id")
+RECORD_PATCH_PIXELS = 14  # a recorded grid is drawn at LLaVA-1.5's crop size (24 patches of 14 pixels: 336)
 SINK_ATTENTION_QUANTILE = 0.99  # a sink receives more attention than 99% of the layer's vision tokens ...
 SINK_NORM_QUANTILE = 0.5  # ... while its value L1 norm is below the layer's median
 SINK_RULE = "attention above the layer's 99th percentile of vision attention and value L1 norm below its median"
@@ -364,19 +370,49 @@ def plot_stages(insight: Insight, method: dict | None, path: Path) -> Path:
     return _save(fig, path)
 
 
+@dataclass
+class PruningPanel:
+    title: str
+    kept: list[int]  # patches kept as themselves: clear
+    merged: list[int]  # patches that live on only inside merged tokens: half dark
+
+
 def plot_pruning(insight: Insight, image: Image.Image, method: dict, path: Path) -> Path:
-    side = insight.grid_side
-    fig, axes = _panel_grid(len(insight.kept_patches), width=2.6)
-    for ax, (layer, patches) in zip(axes, insight.kept_patches.items(), strict=False):
-        dropped = np.ones(side * side)
-        dropped[patches] = 0
-        dropped = dropped.reshape(side, side)
-        _overlay(ax, image, dropped, cmap="gray_r", alpha=0.75 * dropped, vmin=0, vmax=1)
+    panels = []
+    for layer, patches in insight.kept_patches.items():
         count = insight.vision_tokens[layer]  # merged tokens share their image's last patch
         shown = f", {len(patches)} patches" if len(patches) != count else ""
-        ax.set_title(f"layer {layer}: {count} enter{shown}", fontsize=8)
-    fig.suptitle(f"{method['name']}: vision patches kept (clear) and dropped (dark)", fontsize=9)
+        panels.append(PruningPanel(f"layer {layer}: {count} enter{shown}", patches, []))
+    title = f"{method['name']}: vision patches kept (clear) and dropped (dark)"
+    return draw_pruning(image, (insight.grid_side, insight.grid_side), panels, title, path)
+
+
+def draw_pruning(image: Image.Image, grid: tuple[int, int], panels: list[PruningPanel], title: str,
+                 path: Path) -> Path:
+    fig, axes = _panel_grid(len(panels), width=2.6)
+    for ax, panel in zip(axes, panels, strict=False):
+        dropped = np.ones(grid[0] * grid[1])
+        dropped[panel.merged] = 0.5
+        dropped[panel.kept] = 0
+        dropped = dropped.reshape(grid)
+        _overlay(ax, image, dropped, cmap="gray_r", alpha=0.75 * dropped, vmin=0, vmax=1)
+        ax.set_title(panel.title, fontsize=8)
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def recorded_panels(selections: dict) -> list[PruningPanel]:
+    """One panel per snapshot of a sample's selection record (`harness.records`)."""
+    panels = []
+    for entry in selections["layers"]:
+        where = "before the LLM" if entry.get("pre_llm") else f"layer {entry['layer']}"
+        merged = sorted(set().union(*entry["merged"]) - set(entry["kept"]))
+        counts = f"{len(entry['kept'])} kept" + (f", {len(entry['merged'])} merged" if entry["merged"] else "")
+        if entry.get("unsourced"):
+            counts += f", {entry['unsourced']} no patch"
+        panels.append(PruningPanel(f"{where}{' (KV cache)' if entry.get('cache') else ''}: {counts}",
+                                   entry["kept"], merged))
+    return panels
 
 
 def processed_image(loaded: LoadedModel, image: Image.Image) -> Image.Image:
@@ -462,8 +498,50 @@ def request_of(own: dict[str, str], cfg: DictConfig, method: dict | None) -> Req
     return Request(image, question, source, own.get("name", name), layers, topk)
 
 
+def run_from_record(own: dict[str, str], overrides: list[str]) -> Path:
+    """Draw one sample's recorded selections (`from_run=`, `sample_id=`) on its image; no model is loaded."""
+    extra = [arg for arg in overrides if not arg.startswith("output_dir=")] + sorted(
+        set(own) - {"from_run", "sample_id", "image", "name"})
+    if extra:
+        raise ConfigError(f"from_run= takes sample_id=, image=, name= and output_dir= only, got {' '.join(extra)}")
+    path = samples_path(own["from_run"])
+    records = recorded(path)
+    sample_id = own.get("sample_id")
+    if sample_id not in records:
+        some = ", ".join(list(records)[:5])
+        raise ConfigError(f"sample_id={sample_id} has no selections on record in {path}; it holds {len(records)} "
+                          f"samples, e.g. {some}")
+    started = path.parent / STARTED
+    config = json.loads(started.read_text())["config"] if started.is_file() else {}
+    if "image" in own:
+        image = Image.open(Path(own["image"]).expanduser()).convert("RGB")
+    elif config.get("task", {}).get("source") == "local":
+        image = read_sample(OmegaConf.create(config["task"]), int(sample_id.rpartition("/")[2]))[0]
+    else:
+        raise ConfigError(f"{path.parent} has no local task to read the image of {sample_id} from: give image=PATH")
+    selections = records[sample_id]["selections"]
+    grid = tuple(selections["grid"])
+    label = "_".join(path.parent.parts[-2:])  # <method>_<budget> in results/<model>/<task>/<method>/<budget>
+    output_dir = next((arg.partition("=")[2] for arg in overrides), "results")
+    out = Path(output_dir) / "analysis" / config.get("model", {}).get("name", "from_run") / own.get(
+        "name", f"{sample_id.replace('/', '-')}_{label}_recorded")
+    panels = recorded_panels(selections)
+    for panel in panels:
+        print(panel.title)
+    if not panels:
+        print(f"the record of {sample_id} shows no change: every patch entered every layer; nothing drawn")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    image = ImageOps.fit(image, (grid[1] * RECORD_PATCH_PIXELS, grid[0] * RECORD_PATCH_PIXELS))
+    title = f"{label} on {sample_id}, as recorded: patches kept (clear), merged (half dark), dropped (dark)"
+    print(f"wrote {draw_pruning(image, grid, panels, title, out / 'pruning.png')}")
+    return out
+
+
 def run(argv: list[str]) -> Path:
     own, overrides = parse(argv)
+    if "from_run" in own:
+        return run_from_record(own, overrides)
     overrides += sample_overrides(own)
     check_overrides(overrides)
     cfg = compose(overrides)

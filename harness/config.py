@@ -72,6 +72,8 @@ def validate(cfg: DictConfig) -> TokenPruner:
             raise ConfigError(f"config group {group!r} is missing; choices: {', '.join(group_choices(group))}")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be a positive whole number, got {cfg.batch_size!r}")
+    if not isinstance(cfg.get("record_selections"), bool):
+        raise ConfigError(f"record_selections must be true or false, got {cfg.get('record_selections')!r}")
     if cfg.get("flops") not in FLOPS_SOURCES:
         raise ConfigError(f"flops must be one of {', '.join(FLOPS_SOURCES)}, got {cfg.get('flops')!r}")
     if cfg.model.get("dtype") not in ("auto", "float32", "float16", "bfloat16"):
