@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 
 from harness import analyze, compare
 from harness import run as run_module
-from harness.config import CONF_DIR
+from harness.config import CONF_DIR, check_overrides, validate
+from harness.lmms import Prunebench
 from harness.runtime import prune
 from methods import Budget, ConfigError, FastV, RandomPruner, SparseVLM, VisionZip, VisiPruner
 from methods.random import sample_seed
@@ -119,7 +120,7 @@ def test_sparsevlm_record_holds_each_merged_tokens_sources(tiny, images):
 
 
 @torch.no_grad()
-def test_visionzip_record_holds_its_dominant_patches_and_contextual_merges(tiny, images):
+def test_visionzip_record_holds_its_dominant_patches_and_contextual_merges(tiny, images, tmp_path):
     inputs = tiny.inputs(images[:1], [QUESTION])
     pruner = VisionZip(budget=Budget(64))  # 54 dominant (CLS included) + 10 contextual
     captured = {}
@@ -146,6 +147,10 @@ def test_visionzip_record_holds_its_dominant_patches_and_contextual_merges(tiny,
         candidates = [hidden[t + 1] + hidden[[o + 1 for o in sources if o != t]].mean(0) for t in sources]
         assert any(torch.allclose(c, token, atol=1e-5) for c in candidates for token in contextual), sources
     assert int(runtime.layers[0].vision_tokens[0]) == 64
+    counts, selections = analyze.method_pass(tiny, inputs, VisionZip(budget=Budget(64)), "a")  # analyze's overlay
+    assert counts == [64] * 4 and selections == record
+    path = analyze.plot_pruning(selections, images[0], "visionzip", tmp_path / "pruning.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @torch.no_grad()
@@ -250,9 +255,21 @@ def test_analyze_from_run_draws_the_recorded_selection_without_a_model(two_runs,
         analyze.run([f"from_run={fastv}", "sample_id=synthetic_vqa/1", "method=fastv"])
 
 
-def test_record_selections_false_leaves_them_out_and_a_bad_value_fails_before_loading(tmp_path):
-    from harness.config import validate
+@torch.no_grad()
+def test_record_selections_false_leaves_them_out(tiny, images, tmp_path):
+    cfg = run_config(tmp_path, "method=random", "record_selections=false")
+    model = Prunebench.for_run(cfg, validate(cfg), {}, None)
+    model.loaded = tiny
+    (record,) = model._generate([(0, "t/0", QUESTION, {"max_new_tokens": 2}, [images[0]], {})])
+    assert record["pruned"] and record["generator_seed"] == sample_seed(0, "t/0") and "selections" not in record
 
+
+def test_the_options_are_checked_before_loading_and_keep_earlier_config_keys(tmp_path):
     with pytest.raises(ConfigError, match="record_selections must be true or false, got 'yes'"):
         validate(run_config(tmp_path, "method=random", "record_selections=yes"))
     assert run_module.config_key({"a": 1, "record_selections": False}) == run_module.config_key({"a": 1})
+    with pytest.raises(ConfigError, match=r"valid options: k, positions, seed; \+method.generator_seed=N seeds"):
+        check_overrides(["model=tiny", "method=random", "budget=64", "method.generator_seed=5"])
+    check_overrides(["model=tiny", "method=sparsevlm", "budget=64", "+method.generator_seed=5"])
+    assert validate(run_config(tmp_path, "method=sparsevlm", "+method.generator_seed=5")).generator_seed == 5
+    assert "generator_seed" not in run_config(tmp_path, "method=sparsevlm").method  # default configs: keys unchanged
