@@ -11,6 +11,9 @@ them on exit. During prefill it:
 - records attention probes and applies post-softmax edits through one registered attention function, which
   delegates to the model's own backend (sdpa or eager) and computes explicit softmax rows only where asked.
 
+With `record=True` the runtime's `recorder` follows which image patches each vision token stands for through the
+pre-LLM reduction, every applied `Selection` and cache eviction (`harness.records`).
+
 Each layer's KV cache keeps what that layer saw during prefill, so caches differ in length per layer. During decode
 the runtime maps the model's full-length mask onto each layer's cache and, for compact positions, shifts the new
 tokens' positions by the number of tokens that layer dropped. `generate()` works unchanged.
