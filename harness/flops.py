@@ -6,11 +6,12 @@ activations, softmax, residual adds) is not, as in fvcore, torch's FlopCounterMo
 Attention counts the whole n_q × n_k rectangle (no causal halving), as the sdpa kernels' formulas and the papers do.
 
 **Breakdown** (`PhaseFlops`, one per phase: the prefill, and all decode steps together): vision encoder (the patch
-convolution and every CLIP layer that runs: Hugging Face runs the whole tower although LLaVA reads layer -2),
-projector, language model per decoder layer (q/k/v/o projections, SwiGLU MLP, attention, and within attention the
-**vision-related** part: the query-key pairs where a vision token is the query or the key), lm_head, the method's own
-work (probes, scoring, selection: whatever runs as the method's code, see `harness.runtime.in_method_work`), and
-`other` (counted work outside these components; none in LLaVA-1.5, whose RoPE tables are element-wise).
+convolution and every CLIP layer that runs: Hugging Face runs the whole tower although LLaVA reads layer -2; on Qwen
+the ViT blocks and Qwen3-VL's DeepStack mergers), projector (Qwen: the merger), language model per decoder layer
+(q/k/v/o projections, SwiGLU MLP, attention, and within attention the **vision-related** part: the query-key pairs
+where a vision token is the query or the key), lm_head, the method's own work (probes, scoring, selection: whatever
+runs as the method's code, see `harness.runtime.in_method_work`), and `other` (counted work outside these components;
+none in LLaVA-1.5 or the Qwen models, whose RoPE tables are element-wise).
 
 **Counted** (`FlopCounter`): torch's `FlopCounterMode` sees every aten op as it is dispatched, through generate(), the
 pruning runtime's hooks and the KV cache, on any device including `meta`. fvcore (`harness.fvcore_flops`,
@@ -23,8 +24,9 @@ tokens that call saw (the runtime's records: vision tokens entering the layer in
 the layer's KV cache for decode steps, whose queries are text).
 
 **Projected** (`project`): the same breakdown from an `Architecture` (read from a LLaVA config, so full-size models
-need no weights) and a `Schedule` (tokens and vision tokens entering each layer, the KV caches, the decode steps).
-Tests hold the projection to the counter on executed tiny models and on the 7B config on `meta`.
+need no weights; `QwenArchitecture` for Qwen2-VL, Qwen2.5-VL and Qwen3-VL, whose vision tokens and tower FLOPs follow
+the image size) and a `Schedule` (tokens and vision tokens entering each layer, the KV caches, the decode steps).
+Tests hold the projection to the counter on executed tiny models and on the 7B configs on `meta`.
 
 **The papers' convention** (`paper_vision_token_flops`, `paper_vision_attention`): FastV, SparseVLM and VisiPruner
 report "FLOPs" of the language model's prefill over the vision tokens only, per layer 4nd² + 2n²d + 3ndm with n the
@@ -34,6 +36,7 @@ vision tokens entering the layer, in multiply-adds (half our unit). Dense LLaVA-
         [output=json]
     python -m harness.flops model=llava7b method=visipruner results_dir=results/llava7b/<task>/visipruner/none
     python -m harness.flops model=tiny_trained method=fastv budget=64 counter=fvcore  # one prompt, counted too
+    python -m harness.flops model_config=Qwen2.5-VL-7B-Instruct method=none image=448x448 [min_pixels=] [max_pixels=]
 """
 
 from __future__ import annotations
