@@ -235,11 +235,12 @@ QWEN_PROCESSOR_PIXELS = {"qwen2_vl": (3136, 12845056), "qwen2_5_vl": (3136, 1284
 
 @dataclass(frozen=True)
 class QwenArchitecture(LanguageModel):
-    """What the FLOPs of Qwen2-VL, Qwen2.5-VL and Qwen3-VL depend on, for one image size (dynamic resolution: the
-    vision tokens follow the image). The ViT embeds each patch with a Conv3d over `temporal_patch_size` frames (a
-    still image is one such pair), runs its blocks over all patches of the image (Qwen2.5-VL: within windows, except
-    in the full-attention blocks), and its merger maps each `merge_size`² patches to one LLM token; Qwen3-VL's DeepStack
-    mergers do the same on the outputs of some blocks, for the first decoder layers."""
+    """What the FLOPs of Qwen2-VL, Qwen2.5-VL and Qwen3-VL depend on, for the images of one sample (dynamic resolution:
+    the vision tokens follow each image's size; a `Schedule` of it has `images=1`). The ViT embeds each patch with a
+    Conv3d over `temporal_patch_size` frames (a still image is one such pair), runs its blocks over each image's
+    patches (Qwen2.5-VL: within windows, except in the full-attention blocks), and its merger maps each `merge_size`²
+    patches to one LLM token; Qwen3-VL's DeepStack mergers do the same on the outputs of some blocks, for the first
+    decoder layers."""
 
     vision_layers: int
     vision_hidden: int
@@ -249,14 +250,14 @@ class QwenArchitecture(LanguageModel):
     temporal_patch_size: int
     channels: int
     merge_size: int
-    grid: tuple[int, int]  # the image's patch rows and columns, after the processor's resize
+    grids: tuple[tuple[int, int], ...]  # each image's patch rows and columns, after the processor's resize
     window: int = 0  # Qwen2.5-VL: the side of an attention window in LLM tokens (0: no windows)
     full_attention_blocks: tuple[int, ...] = ()  # Qwen2.5-VL: the blocks that attend over the whole image
     deepstack_mergers: int = 0  # Qwen3-VL
 
     @classmethod
-    def from_config(cls, config, grid: tuple[int, int]) -> QwenArchitecture:
-        """`grid`: the image's patch rows and columns (`image_grid_thw[1:]`, or `image_grid` for an image size)."""
+    def from_config(cls, config, grids: list[tuple[int, int]]) -> QwenArchitecture:
+        """`grids`: each image's patch rows and columns (a sample's `image_grid_thw[:, 1:]`, or `image_grid`)."""
         vision = config.vision_config
         qwen2 = config.model_type == "qwen2_vl"  # its ViT width is `embed_dim`; `hidden_size` is the merger's output
         width = vision.embed_dim if qwen2 else vision.hidden_size
@@ -267,7 +268,7 @@ class QwenArchitecture(LanguageModel):
             vision_intermediate=width * vision.mlp_ratio if qwen2 else vision.intermediate_size,
             vision_mlp_matrices=3 if config.model_type == "qwen2_5_vl" else 2,
             patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-            channels=vision.in_channels, merge_size=merge, grid=tuple(grid),
+            channels=vision.in_channels, merge_size=merge, grids=tuple((int(r), int(c)) for r, c in grids),
             window=getattr(vision, "window_size", 0) // merge // vision.patch_size,
             full_attention_blocks=tuple(getattr(vision, "fullatt_block_indexes", ())),
             deepstack_mergers=len(getattr(vision, "deepstack_visual_indexes", ())),
@@ -275,15 +276,16 @@ class QwenArchitecture(LanguageModel):
 
     @property
     def patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return sum(rows * columns for rows, columns in self.grids)
 
     @property
     def image_features(self) -> int:
-        """Vision tokens of the image in the prompt."""
+        """Vision tokens of the images in the prompt."""
         return self.patches // self.merge_size**2
 
     def vision_encoder(self) -> float:
-        """One image: the patch Conv3d, every ViT block, and the DeepStack mergers (all patches, whatever is pruned)."""
+        """The images: the patch Conv3d, every ViT block, and the DeepStack mergers (all patches, whatever is
+        pruned)."""
         d, patches = self.vision_hidden, self.patches
         convolution = 2 * patches * self.channels * self.temporal_patch_size * self.patch_size**2 * d
         linear = 2 * patches * (4 * d * d + self.vision_mlp_matrices * d * self.vision_intermediate)
@@ -292,14 +294,18 @@ class QwenArchitecture(LanguageModel):
         return convolution + self.vision_layers * linear + attention + deepstack
 
     def attention_groups(self, block: int) -> list[int]:
-        """Patches attending to each other in ViT block `block`: the whole image, or (Qwen2.5-VL's windowed blocks)
-        each window: windows of `window`² LLM tokens tile the merged grid from its top-left corner, cut at the
-        bottom and right edges."""
+        """Patches attending to each other in ViT block `block`: each image, or (Qwen2.5-VL's windowed blocks) each
+        window of each image: windows of `window`² LLM tokens tile the merged grid from its top-left corner, cut at
+        the bottom and right edges."""
         if not self.window or block in self.full_attention_blocks:
-            return [self.patches]
-        rows, columns = (side // self.merge_size for side in self.grid)
-        spans = [[min(self.window, side - start) for start in range(0, side, self.window)] for side in (rows, columns)]
-        return [r * c * self.merge_size**2 for r in spans[0] for c in spans[1]]
+            return [rows * columns for rows, columns in self.grids]
+        groups = []
+        for grid in self.grids:
+            rows, columns = (side // self.merge_size for side in grid)
+            spans = [[min(self.window, side - start) for start in range(0, side, self.window)]
+                     for side in (rows, columns)]
+            groups += [r * c * self.merge_size**2 for r in spans[0] for c in spans[1]]
+        return groups
 
     def projector(self, features: int) -> float:
         """The merger: the `merge_size`² patches of each LLM token concatenated, then two linear layers."""
@@ -317,12 +323,12 @@ def image_grid(config, height: int, width: int, min_pixels: int, max_pixels: int
     return resized[0] // vision.patch_size, resized[1] // vision.patch_size
 
 
-def model_architecture(config, grid: tuple[int, int] | None = None) -> Architecture | QwenArchitecture:
-    """The architecture of a LLaVA or Qwen config; a Qwen one for an image of `grid` patches."""
+def model_architecture(config, grids: list[tuple[int, int]] | None = None) -> Architecture | QwenArchitecture:
+    """The architecture of a LLaVA or Qwen config; a Qwen one for a sample's images of `grids` patches."""
     if config.model_type in QWEN_MODEL_TYPES:
-        if grid is None:
-            raise ConfigError(f"{config.model_type} has dynamic resolution: its FLOPs need the image size")
-        return QwenArchitecture.from_config(config, grid)
+        if grids is None:
+            raise ConfigError(f"{config.model_type} has dynamic resolution: its FLOPs need the image sizes")
+        return QwenArchitecture.from_config(config, grids)
     return Architecture.from_config(config)
 
 
@@ -638,7 +644,7 @@ def report(options: dict, overrides: list[str]) -> dict:
     config = shipped_config(options["model_config"]) if options["model_config"] else model_config(cfg.model)
     name = Path(options["model_config"]).name.removesuffix(".json") if options["model_config"] else cfg.model.name
     image = image_size(config, options, cfg.model)
-    arch = model_architecture(config, image and image["patch_grid"])
+    arch = model_architecture(config, image and [image["patch_grid"]])
     pruner.validate(arch.image_features, arch.layers)
     results_dir, text, steps = options["results_dir"], options["text_tokens"], options["decode_steps"]
     counted = None

@@ -40,53 +40,57 @@ IMAGE, VIDEO, VISION_START, VISION_END = 100, 101, 102, 103
 TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2,
             rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
-# family: (config class, model class, vision config, extra text config, image grid in patches (rows, columns))
+# family: (config class, model class, vision config, extra text config, each image's patch rows and columns)
 TINY = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                 dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2), {}, (6, 8)),
-    # 56-px windows are 2×2 LLM tokens: a 5×3-token image has six windows, cut at the bottom and right edges.
+                 dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2), {}, [(6, 8)]),
+    # 56-px windows are 2×2 LLM tokens: a 5×3-token image has six windows, cut at the bottom and right edges; a
+    # second image of 2×4 tokens has two.
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                    dict(depth=3, hidden_size=64, out_hidden_size=64, intermediate_size=128, num_heads=4, window_size=56,
-                        fullatt_block_indexes=[1]), {}, (10, 6)),
+                        fullatt_block_indexes=[1]), {}, [(10, 6), (4, 8)]),
     "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration,
                  dict(depth=3, hidden_size=64, out_hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16,
                       num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
-                 dict(head_dim=16, rope_parameters={**TEXT["rope_parameters"], "mrope_interleaved": True}), (4, 6)),
+                 dict(head_dim=16, rope_parameters={**TEXT["rope_parameters"], "mrope_interleaved": True}), [(4, 6)]),
 }
 TEXT_TOKENS = 20
 
 
 def tiny_qwen(family: str):
-    config_class, model_class, vision, text, grid = TINY[family]
+    config_class, model_class, vision, text, grids = TINY[family]
     config = config_class(text_config={**TEXT, **text}, vision_config=vision, image_token_id=IMAGE,
                           video_token_id=VIDEO, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     torch.manual_seed(0)
-    return model_class(config).eval(), grid
+    return model_class(config).eval(), grids
 
 
-def image_prompt(config, grid: tuple[int, int]) -> dict:
-    """Random text ids around one image's placeholders, random patches: what the processor would return."""
+def image_prompt(config, grids: list[tuple[int, int]]) -> dict:
+    """Random text ids with each image's placeholders between text, random patches: what the processor returns."""
     vision = config.vision_config
-    placeholders = grid[0] * grid[1] // vision.spatial_merge_size**2
     generator = torch.Generator().manual_seed(0)
-    text = torch.randint(0, IMAGE, (1, TEXT_TOKENS), generator=generator)
-    ids = torch.cat([text[:, :5], torch.tensor([[VISION_START] + [IMAGE] * placeholders + [VISION_END]]),
-                     text[:, 5:]], dim=1)
+    ids = [torch.randint(0, IMAGE, (5,), generator=generator)]
+    for rows, columns in grids:
+        placeholders = rows * columns // vision.spatial_merge_size**2
+        ids += [torch.tensor([VISION_START] + [IMAGE] * placeholders + [VISION_END]),
+                torch.randint(0, IMAGE, (TEXT_TOKENS // len(grids),), generator=generator)]
+    ids = torch.cat(ids)[None]
+    patches = sum(rows * columns for rows, columns in grids)
     patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == IMAGE).long(),
-                pixel_values=torch.randn(grid[0] * grid[1], patch, generator=generator),
-                image_grid_thw=torch.tensor([[1, *grid]]))
+                pixel_values=torch.randn(patches, patch, generator=generator),
+                image_grid_thw=torch.tensor([[1, *grid] for grid in grids]))
 
 
 @pytest.mark.parametrize("family", list(TINY))
 def test_counter_equals_projection_on_a_tiny_qwen_model(family):
     """A dense prefill: the vision tower (windows, DeepStack mergers), the merger, each decoder layer's projections,
     MLP and attention, and lm_head, counted as they ran, equal the projection from the config and the image grid."""
-    model, grid = tiny_qwen(family)
-    inputs = image_prompt(model.config, grid)
+    model, grids = tiny_qwen(family)
+    inputs = image_prompt(model.config, grids)
     with torch.no_grad(), FlopCounter(model) as counter:
         model(**inputs, use_cache=False, logits_to_keep=1)
-    arch = model_architecture(model.config, grid)
+    arch = model_architecture(model.config, [tuple(grid[1:]) for grid in inputs["image_grid_thw"].tolist()])
     tokens, vision = inputs["input_ids"].shape[1], int((inputs["input_ids"] == IMAGE).sum())
     assert arch.image_features == vision
     projected, _ = project(arch, Schedule([tokens] * arch.layers, [vision] * arch.layers))
@@ -95,8 +99,9 @@ def test_counter_equals_projection_on_a_tiny_qwen_model(family):
     assert_equal_flops(counted, projected, skip=("method", "vision_attention"))
     assert counted.total == projected.total and counted.other == 0 and counted.vision > 0 and counted.projector > 0
     if family == "qwen2_5_vl":
-        windows = [16, 8, 16, 8, 8, 4]  # patches: 2×2, 2×1, 2×2, 2×1, 1×2, 1×1 tokens of 4 patches
-        assert [arch.attention_groups(block) for block in range(3)] == [windows, [60], windows]
+        # patches: 2×2, 2×1, 2×2, 2×1, 1×2, 1×1 tokens of 4 patches; then 2×2, 2×2
+        windows = [16, 8, 16, 8, 8, 4, 16, 16]
+        assert [arch.attention_groups(block) for block in range(3)] == [windows, [60, 32], windows]
         assert dataclasses.replace(arch, window=0).vision_encoder() > counted.vision
     if family == "qwen3_vl":
         assert dataclasses.replace(arch, deepstack_mergers=0).vision_encoder() == counted.vision - 2 * arch.projector(6)
@@ -130,7 +135,7 @@ def test_shipped_qwen_configs_load_with_their_classes(name, config_class, number
     config = config_class.from_json_file(path)
     assert type(AutoConfig.from_pretrained(path)) is config_class
     assert config_class.from_dict(config.to_dict()).to_dict() == config.to_dict()
-    arch = QwenArchitecture.from_config(config, (32, 32))
+    arch = QwenArchitecture.from_config(config, [(32, 32)])
     fields = ("layers", "hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab", "vision_layers",
               "vision_hidden", "patch_size", "window", "full_attention_blocks", "deepstack_mergers")
     assert tuple(getattr(arch, field) for field in fields) == numbers
@@ -163,7 +168,7 @@ def test_shipped_qwen25vl7b_on_meta_equals_the_projection_and_the_command():
     assert result["prompt"] == {"vision_tokens": 256, "text_tokens": 60, "total": n}
     assert result["image"] == {"size": [448, 448], "resized": [448, 448], "patch_grid": [32, 32],
                                "pixel_bounds": [3136, 12845056]}
-    arch = QwenArchitecture.from_config(config, (32, 32))
+    arch = QwenArchitecture.from_config(config, [(32, 32)])
     projected, _ = project(arch, Schedule([n] * 28, [256] * 28))
     assert_equal_flops(counter.prefill, projected, skip=("method", "vision_attention"))
     dense = result["dense"]["prefill"]
