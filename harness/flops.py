@@ -614,7 +614,7 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
     if options["counter"] and options["model_config"]:
         raise ConfigError("counter loads the model of a conf (model=...): pass counter or model_config, not both")
     for key in ("text_tokens", "decode_steps", "min_pixels", "max_pixels"):
-        if options[key] is None and key in ("min_pixels", "max_pixels"):
+        if options[key] is None:  # pixel bounds left to the model conf
             continue
         if not str(options[key]).isdigit():
             raise ConfigError(f"{key} must be a whole number, got {options[key]!r}")
@@ -643,7 +643,7 @@ def report(options: dict, overrides: list[str]) -> dict:
     pruner = build_pruner(cfg)
     config = shipped_config(options["model_config"]) if options["model_config"] else model_config(cfg.model)
     name = Path(options["model_config"]).name.removesuffix(".json") if options["model_config"] else cfg.model.name
-    image = image_size(config, options, cfg.model)
+    image = projected_image(config, options, cfg.model)
     arch = model_architecture(config, image and [image["patch_grid"]])
     pruner.validate(arch.image_features, arch.layers)
     results_dir, text, steps = options["results_dir"], options["text_tokens"], options["decode_steps"]
@@ -697,7 +697,7 @@ def shipped_config(name: str):
     return AutoConfig.from_pretrained(path)
 
 
-def image_size(config, options: dict, spec) -> dict | None:
+def projected_image(config, options: dict, spec) -> dict | None:
     """The image of a dynamic-resolution model: its size, its size after the processor's resize within the pixel
     bounds (options, else the model conf's, else the checkpoint processor's), and its patch grid; None for a model
     that resizes every image to one size."""
@@ -708,9 +708,10 @@ def image_size(config, options: dict, spec) -> dict | None:
                               f"{config.model_type} resizes every image to {config.vision_config.image_size} px")
         return None
     width, height = (int(side) for side in (options["image"] or DEFAULT_IMAGE).split("x"))
-    bounds = [options[key] if options[key] is not None else spec.get(key) for key in ("min_pixels", "max_pixels")]
-    bounds = [b if b is not None else default for b, default in zip(bounds, QWEN_PROCESSOR_PIXELS[config.model_type],
-                                                                     strict=True)]
+    bounds = []
+    for key, default in zip(("min_pixels", "max_pixels"), QWEN_PROCESSOR_PIXELS[config.model_type], strict=True):
+        chosen = options[key] if options[key] is not None else spec.get(key)
+        bounds.append(default if chosen is None else chosen)
     grid = image_grid(config, height, width, *bounds)
     patch = config.vision_config.patch_size
     return {"size": [width, height], "resized": [grid[1] * patch, grid[0] * patch], "patch_grid": list(grid),
