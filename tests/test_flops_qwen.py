@@ -55,6 +55,7 @@ TINY = {
                  dict(head_dim=16, rope_parameters={**TEXT["rope_parameters"], "mrope_interleaved": True}), [(4, 6)]),
 }
 TEXT_TOKENS = 20
+NEW_TOKENS = 4  # generate() runs 3 decode steps
 
 
 def tiny_qwen(family: str):
@@ -84,20 +85,23 @@ def image_prompt(config, grids: list[tuple[int, int]]) -> dict:
 
 @pytest.mark.parametrize("family", list(TINY))
 def test_counter_equals_projection_on_a_tiny_qwen_model(family):
-    """A dense prefill: the vision tower (windows, DeepStack mergers), the merger, each decoder layer's projections,
-    MLP and attention, and lm_head, counted as they ran, equal the projection from the config and the image grid."""
+    """A dense generation: the vision tower (windows, DeepStack mergers), the merger, each decoder layer's
+    projections, MLP and attention, and lm_head, counted as they ran in prefill and in the decode steps, equal the
+    projection from the config and the image grids."""
     model, grids = tiny_qwen(family)
     inputs = image_prompt(model.config, grids)
     with torch.no_grad(), FlopCounter(model) as counter:
-        model(**inputs, use_cache=False, logits_to_keep=1)
+        generated = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     arch = model_architecture(model.config, [tuple(grid[1:]) for grid in inputs["image_grid_thw"].tolist()])
     tokens, vision = inputs["input_ids"].shape[1], int((inputs["input_ids"] == IMAGE).sum())
-    assert arch.image_features == vision
-    projected, _ = project(arch, Schedule([tokens] * arch.layers, [vision] * arch.layers))
-    counted = counter.prefill
+    assert arch.image_features == vision and generated.shape[1] == tokens + NEW_TOKENS
+    projected = project(arch, Schedule([tokens] * arch.layers, [vision] * arch.layers, decode_steps=NEW_TOKENS - 1))
     # Without a pruning runtime the counter does not split vision-related attention.
-    assert_equal_flops(counted, projected, skip=("method", "vision_attention"))
-    assert counted.total == projected.total and counted.other == 0 and counted.vision > 0 and counted.projector > 0
+    for phase_counted, phase_projected in zip((counter.prefill, counter.decode), projected, strict=True):
+        assert_equal_flops(phase_counted, phase_projected, skip=("method", "vision_attention"))
+        assert phase_counted.total == phase_projected.total and phase_counted.other == 0
+    counted = counter.prefill
+    assert counted.vision > 0 and counted.projector > 0 and counter.decode.vision == 0
     if family == "qwen2_5_vl":
         # patches: 2×2, 2×1, 2×2, 2×1, 1×2, 1×1 tokens of 4 patches; then 2×2, 2×2
         windows = [16, 8, 16, 8, 8, 4, 16, 16]
