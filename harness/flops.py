@@ -644,6 +644,10 @@ def report(options: dict, overrides: list[str]) -> dict:
     config = shipped_config(options["model_config"]) if options["model_config"] else model_config(cfg.model)
     name = Path(options["model_config"]).name.removesuffix(".json") if options["model_config"] else cfg.model.name
     image = projected_image(config, options, cfg.model)
+    if image and (options["counter"] or options["results_dir"]):
+        # Both would need each sample's own image size: runs do not record it yet, the counter loads LLaVA prompts.
+        raise ConfigError(f"counter and results_dir project LLaVA-1.5 (fixed-size images); {name} is projected for "
+                          f"one image size: pass image=WIDTHxHEIGHT (and the method's budget) instead")
     arch = model_architecture(config, image and [image["patch_grid"]])
     pruner.validate(arch.image_features, arch.layers)
     results_dir, text, steps = options["results_dir"], options["text_tokens"], options["decode_steps"]
@@ -701,9 +705,8 @@ def projected_image(config, options: dict, spec) -> dict | None:
     """The image of a dynamic-resolution model: its size, its size after the processor's resize within the pixel
     bounds (options, else the model conf's, else the checkpoint processor's), and its patch grid; None for a model
     that resizes every image to one size."""
-    chosen = [options[key] for key in ("image", "min_pixels", "max_pixels")]
     if config.model_type not in QWEN_MODEL_TYPES:
-        if any(value is not None for value in chosen):
+        if any(options[key] is not None for key in ("image", "min_pixels", "max_pixels")):
             raise ConfigError(f"image, min_pixels and max_pixels set the image of a dynamic-resolution model (Qwen); "
                               f"{config.model_type} resizes every image to {config.vision_config.image_size} px")
         return None

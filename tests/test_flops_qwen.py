@@ -198,6 +198,7 @@ def test_pixel_bounds_come_from_the_options_then_the_model_conf():
     (["model_config=Qwen2.5-VL-7B-Instruct", "image=448"], "WIDTHxHEIGHT"),
     (["model_config=Qwen2.5-VL-7B", "method=none"], "shipped: Qwen2-VL-7B-Instruct, Qwen2.5-VL-3B-Instruct"),
     (["model_config=Qwen2.5-VL-7B-Instruct", "counter=fvcore"], "not both"),
+    (["model_config=Qwen2.5-VL-7B-Instruct", "results_dir=results"], "pass image=WIDTHxHEIGHT"),
 ])
 def test_flops_command_refuses_what_it_cannot_project(args, message):
     with pytest.raises(ConfigError, match=message):
