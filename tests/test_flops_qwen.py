@@ -83,12 +83,13 @@ def image_prompt(config, grids: list[tuple[int, int]]) -> dict:
                 image_grid_thw=torch.tensor([[1, *grid] for grid in grids]))
 
 
-@pytest.mark.parametrize("family", list(TINY))
-def test_counter_equals_projection_on_a_tiny_qwen_model(family):
+@pytest.mark.parametrize(("family", "attention"), [*((family, "sdpa") for family in TINY), ("qwen2_5_vl", "eager")])
+def test_counter_equals_projection_on_a_tiny_qwen_model(family, attention):
     """A dense generation: the vision tower (windows, DeepStack mergers), the merger, each decoder layer's
     projections, MLP and attention, and lm_head, counted as they ran in prefill and in the decode steps, equal the
-    projection from the config and the image grids."""
+    projection from the config and the image grids, with sdpa (per image or window) and eager attention."""
     model, grids = tiny_qwen(family)
+    model.set_attn_implementation(attention)
     inputs = image_prompt(model.config, grids)
     with torch.no_grad(), FlopCounter(model) as counter:
         generated = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
