@@ -80,6 +80,8 @@ def validate(cfg: DictConfig) -> TokenPruner:
     pruner.validate(num_vision=cfg.model.num_vision_tokens, num_layers=cfg.model.num_layers)
     if cfg.model.source == "hf":
         models.checkpoint_dir(cfg.model)
+    if type(pruner).check_model is not TokenPruner.check_model:
+        pruner.check_model(models.model_config(cfg.model))
     check_task(cfg.task)
     return pruner
 
