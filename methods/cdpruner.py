@@ -68,10 +68,14 @@ def dpp_map(kernel: torch.Tensor, count: int) -> torch.Tensor:
     gains = kernel.diagonal().clone()  # d²: each candidate's marginal gain
     rows = kernel.new_zeros(count, kernel.shape[0])  # c: the incremental Cholesky rows
     picked = torch.empty(count, dtype=torch.long, device=kernel.device)
+    tiny = torch.finfo(kernel.dtype).tiny
     for t in range(count):
         j = gains.argmax()
         picked[t] = j
-        rows[t] = (kernel[j] - rows[:t, j] @ rows[:t]) / gains[j].sqrt()
+        # Once the kernel's rank is spent (count > embedding width, toy models only) the gains are rounding noise
+        # and the reference's sqrt turns NaN (then re-picks token 0): a non-positive gain adds a zero row instead.
+        gain = gains[j]
+        rows[t] = torch.where(gain > 0, (kernel[j] - rows[:t, j] @ rows[:t]) / gain.clamp(min=tiny).sqrt(), 0.0)
         gains -= rows[t] ** 2
         gains[j] = -float("inf")
     return picked

@@ -93,6 +93,7 @@ class HoloV(TokenPruner):
     name: ClassVar[str] = "holov"
     uses_budget: ClassVar[bool] = True
     needs_vision_probe: ClassVar[bool] = True
+    record_keys: ClassVar[tuple[str, ...]] = ("padding_tokens",)  # zero vectors among the budget's image tokens
     chunks: int | None = None
     positions: str = "compact"
 
@@ -120,3 +121,6 @@ class HoloV(TokenPruner):
             reduced[image, :len(kept)] = tokens[kept]
             self.sources.append([[i] for i in kept] + [[] for _ in range(budget - len(kept))])  # [] = zero padding
         return reduced
+
+    def record(self, row: int) -> dict:
+        return {"padding_tokens": sum(not source for source in self.sources[row])}
