@@ -158,13 +158,15 @@ def cosine_drops(probes: dict[int, ProbeResult], vision: torch.Tensor) -> tuple[
     return 1 - lowest.values, lowest.indices
 
 
-def method_pass(loaded: LoadedModel, inputs: dict, pruner: TokenPruner, sample_id: str, vision: torch.Tensor):
+def method_pass(loaded: LoadedModel, inputs: dict, pruner: TokenPruner, sample_id: str, vision: torch.Tensor,
+                question: str):
     """The method's prefill: vision tokens entering each layer, and the patches (0..V-1) kept wherever that count
     changes; no patches for a pre-LLM reduction, whose tokens are reduced features in the first slots."""
-    with prune(loaded.model, pruner, sample_ids=[sample_id]) as runtime:
+    with prune(loaded.model, pruner, sample_ids=[sample_id], questions=[question]) as runtime:
         loaded.model(**inputs)
     counts = runtime.vision_tokens_per_layer()[0].tolist()
-    if type(pruner).reduce_image_features is not TokenPruner.reduce_image_features:
+    if (type(pruner).reduce_image_features is not TokenPruner.reduce_image_features
+            or type(pruner).reduce_image_embeddings is not TokenPruner.reduce_image_embeddings):
         return counts, None
     kept = {}
     for layer, count in enumerate(counts):
@@ -192,7 +194,8 @@ def analyze(loaded: LoadedModel, request: Request, pruner: TokenPruner | None) -
         cosine_drop=drop.float().cpu(), drop_token=drop_token.cpu(),
     )
     if pruner is not None:
-        insight.vision_tokens, insight.kept_patches = method_pass(loaded, inputs, pruner, request.source, vision)
+        insight.vision_tokens, insight.kept_patches = method_pass(loaded, inputs, pruner, request.source, vision,
+                                                                     request.question)
     return insight
 
 
