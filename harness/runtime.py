@@ -140,6 +140,8 @@ class PruningRuntime:
 
     # ------------------------------------------------------------------ install / remove
     def __enter__(self) -> PruningRuntime:
+        if self.pruner.needs_question and self.questions is None:
+            raise ValueError(f"method {self.pruner.name} reads the question text: pass questions= to prune()")
         base = self.pruner.attention_backend or self.text_config._attn_implementation or "sdpa"
         if base not in SUPPORTED_BACKENDS:
             raise ConfigError(
@@ -151,8 +153,6 @@ class PruningRuntime:
         self._handles.append(self.llava.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         reduces_features = type(self.pruner).reduce_image_features is not TokenPruner.reduce_image_features
         self._reduces_embeddings = type(self.pruner).reduce_image_embeddings is not TokenPruner.reduce_image_embeddings
-        if self.pruner.needs_question and self.questions is None:
-            raise ValueError(f"method {self.pruner.name} reads the question text: pass questions= to prune()")
         if reduces_features or self._reduces_embeddings:
             projector = self.llava.multi_modal_projector
             if reduces_features:

@@ -11,12 +11,12 @@ During one prefill the runtime calls, for each decoder layer `l` in order:
 
 `begin(state)` opens each prefill and `end(state)` closes it (after the last layer). Pre-LLM methods may implement
 `reduce_image_features`, called on the vision features before the projector, or `reduce_image_embeddings`, called on
-the projected embeddings after it; a method may evict tokens from a
-layer's KV cache once that layer's prefill is done (`cache_keep`), ask for a different attention backend
-(`attention_backend`), and declare the vision tokens entering each layer when they do not depend on the data
-(`vision_schedule`, for FLOP projections). Nothing is called during decoding: every method here prunes at prefill
-only (the KV-cache semantics of each reference fast path). During a prefill, `state.attention_preview(queries)` gives
-the attention rows the current layer would compute before it runs, and `state.rotary(positions)` the model's RoPE.
+the projected embeddings after it; a method may evict tokens from a layer's KV cache once that layer's prefill is
+done (`cache_keep`), ask for a different attention backend (`attention_backend`), and declare the vision tokens
+entering each layer when they do not depend on the data (`vision_schedule`, for FLOP projections). Nothing is called
+during decoding: every method here prunes at prefill only (the KV-cache semantics of each reference fast path).
+During a prefill, `state.attention_preview(queries)` gives the attention rows the current layer would compute before
+it runs, and `state.rotary(positions)` the model's RoPE.
 """
 
 from __future__ import annotations
