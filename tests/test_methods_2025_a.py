@@ -213,5 +213,9 @@ def test_keep_counts_on_llava_geometry(tiny, images, budget):
 
 
 def test_a_question_reading_method_needs_the_questions(tiny):
+    backend = tiny.model.config.text_config._attn_implementation
     with pytest.raises(ValueError, match="pass questions= to prune"), prune(tiny.model, PRUNERS["cdpruner"](64)):
         pass
+    # refused before installing anything: no hook left behind, the model's own attention backend
+    assert not tiny.model.model._forward_pre_hooks and not tiny.model.model.multi_modal_projector._forward_hooks
+    assert tiny.model.config.text_config._attn_implementation == backend
