@@ -105,6 +105,13 @@ def test_dart_equals_its_attention_mask_reference_and_generates(eight_layers, im
     assert runtime.vision_tokens_per_layer()[0].tolist() == [576, 576] + [68] * 6
 
 
+@torch.no_grad()
+def test_dart_in_a_padded_batch_gives_each_sample_its_own_result(eight_layers, images):
+    """Each row's pivots take their set order from indices without the left padding: batched equals alone."""
+    batched_equals_alone(eight_layers, images, lambda: DART(budget=Budget(64)))
+    schedule_is_what_runs(eight_layers, images, lambda: DART(budget=Budget(64)))
+
+
 # ---------------------------------------------------------------------- VisPruner
 def vispruner_by_the_spec(attention: list[float], features: torch.Tensor, total: int, ratio: float) -> list[int]:
     """§3.3 of the spec with plain lists."""
@@ -171,12 +178,6 @@ def test_vispruner_equals_a_shorter_input_of_the_kept_patches(tiny, images):
                                   lambda features: features[:, [source[0] for source in pruner.sources[0]]])
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("make", [lambda: VisPruner(budget=Budget(64)), lambda: DART(budget=Budget(64))],
-                         ids=["vispruner", "dart"])
-def test_batched_runs_give_each_sample_its_own_result(eight_layers, images, make):
-    batched_equals_alone(eight_layers, images, make)
-    schedule_is_what_runs(eight_layers, images, make)
 
 
 # ---------------------------------------------------------------------- PruMerge / PruMerge+
