@@ -14,7 +14,7 @@ from methods import ConfigError
 
 CASES = [
     (["method=bogus"], "unknown method 'bogus'; valid choices: dart, fastv, none, pdrop, prumerge, random, sparsevlm, "
-                       "visionzip, visipruner, vispruner"),
+                       "visionzip, visipruner"),
     (["model=llava70b"], "valid choices: llava13b, llava7b, tiny"),
     (["task=gqa_full"], "unknown task 'gqa_full'; valid choices: gqa, mmbench_en, mme, mmstar, pope, scienceqa_img, "
                         "seedbench, synthetic, textvqa, vqav2"),
