@@ -78,6 +78,8 @@ def validate(cfg: DictConfig) -> TokenPruner:
         raise ConfigError(f"model.dtype must be auto, float32, float16 or bfloat16, got {cfg.model.get('dtype')!r}")
     pruner = build_pruner(cfg)
     pruner.validate(num_vision=cfg.model.num_vision_tokens, num_layers=cfg.model.num_layers)
+    if cfg.batch_size > 1 and not pruner.supports_batching:
+        raise ConfigError(f"method {pruner.name} supports batch size 1 only; set batch_size=1")
     if cfg.model.source == "hf":
         models.checkpoint_dir(cfg.model)
     check_task(cfg.task)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from harness.config import check_overrides
 from harness.runtime import ProbeResult, PruneState, VisionProbe, prune
 from methods import DART, Budget, ConfigError, PruMerge, VisPruner
 from methods.prumerge import iqr_outliers
@@ -253,6 +254,8 @@ def test_prumerge_has_no_budget_and_runs_alone():
         PruMerge(variant="advanced")
     with pytest.raises(ConfigError, match="neighbours must be below"):
         PruMerge(neighbours=576).validate(576, 32)
+    with pytest.raises(ConfigError, match="supports batch size 1 only; set batch_size=1"):
+        check_overrides(["method=prumerge_plus", "batch_size=16"])
 
 
 @torch.no_grad()
