@@ -22,6 +22,18 @@ def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def choices_message(group: str) -> str:
+    """The valid choices of a config group; models grouped by family (LLaVA-1.5 first), so each family reads whole."""
+    if group != "model":
+        return ", ".join(group_choices(group))
+    from harness.adapters import ADAPTERS, DEFAULT_FAMILY
+
+    by_family: dict[str, list[str]] = {family: [] for family in ADAPTERS}
+    for name in group_choices(group):
+        by_family[OmegaConf.load(CONF_DIR / group / f"{name}.yaml").get("family") or DEFAULT_FAMILY].append(name)
+    return "; ".join(f"{', '.join(names)} ({ADAPTERS[family].title})" for family, names in by_family.items() if names)
+
+
 def method_options(cls: type[TokenPruner]) -> dict[str, dataclasses.Field]:
     """The options a method takes from its config (its dataclass fields; the budget comes from the budget group)."""
     return {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "budget"}
@@ -69,7 +81,7 @@ def validate(cfg: DictConfig) -> TokenPruner:
 
     for group in GROUPS:
         if group not in cfg:
-            raise ConfigError(f"config group {group!r} is missing; choices: {', '.join(group_choices(group))}")
+            raise ConfigError(f"config group {group!r} is missing; choices: {choices_message(group)}")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be a positive whole number, got {cfg.batch_size!r}")
     if cfg.get("flops") not in FLOPS_SOURCES:
@@ -108,7 +120,7 @@ def check_overrides(overrides: list[str]) -> None:
         if key in GROUPS and not override.is_delete():
             value = override.value()
             if value not in group_choices(key):
-                raise ConfigError(f"unknown {key} {value!r}; valid choices: {', '.join(group_choices(key))}")
+                raise ConfigError(f"unknown {key} {value!r}; valid choices: {choices_message(key)}")
             groups[key] = value
     plain = [o for o in parsed if o.key_or_group not in GROUPS and not o.key_or_group.startswith("hydra")
              and not o.is_add() and not o.is_force_add() and not o.is_delete()]
