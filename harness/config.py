@@ -77,6 +77,7 @@ def _has_type(value, expected: type) -> bool:
 def validate(cfg: DictConfig) -> TokenPruner:
     """Everything that can be checked without loading a model; returns the configured pruner."""
     from harness import models
+    from harness.adapters import adapter_of
     from harness.evaluate import check_task
 
     for group in GROUPS:
@@ -90,6 +91,7 @@ def validate(cfg: DictConfig) -> TokenPruner:
         raise ConfigError(f"model.dtype must be auto, float32, float16 or bfloat16, got {cfg.model.get('dtype')!r}")
     pruner = build_pruner(cfg)
     pruner.validate(num_vision=cfg.model.num_vision_tokens, num_layers=cfg.model.num_layers)
+    adapter_of(cfg.model).check_method(pruner, cfg.batch_size)
     if cfg.model.source == "hf":
         models.checkpoint_dir(cfg.model)
     check_task(cfg.task)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from harness.adapters import SUPPORTED_MODELS, adapter_for, adapter_of
 from harness.adapters.llava import LlavaAdapter
+from harness.config import check_overrides
 from harness.models import load
 from methods import ConfigError
 from tests.conftest import tiny_of
@@ -96,3 +97,18 @@ def test_every_supported_class_has_one_adapter_and_others_are_refused(tiny):
     families = r"unknown model\.family 'gemma3'; valid families: llava, qwen2_5_vl, qwen2_vl"
     with pytest.raises(ConfigError, match=families):
         adapter_of(OmegaConf.create({"family": "gemma3"}))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["method=pdrop", "budget=16"], "method pdrop with positions=compact is not defined on Qwen2.5-VL's M-RoPE (3-row "
+                                    "image-grid positions): use method.positions=original"),
+    (["method=visionzip", "budget=64"], "method visionzip reduces the vision features before the language model"),
+    (["method=fastv", "budget=16", "batch_size=2"], "Qwen2.5-VL gives images of different sizes different numbers "
+                                                    "of vision tokens"),
+    (["method=fastv", "budget=65"], "budget must be in 1..64"),
+])
+def test_what_the_runtime_does_not_define_on_qwen_is_refused_before_loading(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        check_overrides(["model=tiny_qwen25vl", *overrides])
+    assert message in str(error.value)
+    check_overrides(["model=tiny_qwen25vl", "method=pdrop", "budget=16", "method.positions=original"])

@@ -15,6 +15,8 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from methods.base import ConfigError, TokenPruner
+
 Images = list[list[Image.Image]] | None  # the images of each prompt, in order (None: a text-only batch)
 
 
@@ -29,6 +31,16 @@ class ModelAdapter:
     architectures: ClassVar[tuple[str, ...]]
     #: rows of RoPE position ids the language model takes: 1 (1-D RoPE) or 3 (M-RoPE: t, h, w)
     position_rows: ClassVar[int] = 1
+    #: whether every image gives the same number of vision tokens (else images of different sizes cannot share a
+    #: batch: the runtime needs the same count in every row)
+    fixed_vision_tokens: ClassVar[bool] = True
+
+    def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
+        """Refuse, before anything loads, what the runtime does not define on this family; the message names why and
+        what would work."""
+        if batch_size > 1 and not self.fixed_vision_tokens:
+            raise ConfigError(f"{self.title} gives images of different sizes different numbers of vision tokens, and "
+                              "the pruning runtime needs the same number in every row of a batch: set batch_size=1")
 
     # ------------------------------------------------------------------ loading
     def config_class(self):
@@ -88,6 +100,12 @@ class ModelAdapter:
             edges = (padded[1:] - padded[:-1]).nonzero()[:, 0].tolist()
             spans.append(list(zip(edges[0::2], edges[1::2], strict=True)))
         return spans
+
+
+def reduces_before_llm(pruner: TokenPruner) -> bool:
+    """Whether the method reduces the vision features before the language model (on LLaVA-1.5's projector)."""
+    return pruner.needs_vision_probe or \
+        type(pruner).reduce_image_features is not TokenPruner.reduce_image_features
 
 
 def byte_vocab(specials: list[str]) -> dict[str, int]:

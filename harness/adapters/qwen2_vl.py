@@ -20,7 +20,8 @@ from typing import ClassVar
 import torch
 from omegaconf import DictConfig
 
-from harness.adapters.base import Images, ModelAdapter, byte_vocab
+from harness.adapters.base import Images, ModelAdapter, byte_vocab, reduces_before_llm
+from methods.base import ConfigError, TokenPruner
 
 SYSTEM_PROMPT = "You are a helpful assistant."  # lmms-eval's `system_prompt` default for the Qwen wrappers
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -66,6 +67,7 @@ class Qwen2VLAdapter(ModelAdapter):
     title = "Qwen2-VL"
     architectures = ("Qwen2VLForConditionalGeneration",)
     position_rows = 3
+    fixed_vision_tokens = False
     #: the image processor's merge of 2x2 ViT patches into one vision token
     merge_size: ClassVar[int] = 2
 
@@ -84,6 +86,18 @@ class Qwen2VLAdapter(ModelAdapter):
         width = spec.vision_hidden_size
         return dict(depth=spec.vision_layers, embed_dim=width, hidden_size=spec.hidden_size, num_heads=4,
                     mlp_ratio=2, patch_size=spec.patch_size, spatial_merge_size=self.merge_size)
+
+    def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
+        super().check_method(pruner, batch_size)
+        if reduces_before_llm(pruner):
+            raise ConfigError(f"method {pruner.name} reduces the vision features before the language model, which the "
+                              f"runtime supports on LLaVA-1.5's projector only (CLS attention, one (images, tokens, "
+                              f"d) tensor); {self.title}'s ViT has no CLS and its merger output is flat: use an "
+                              f"in-LLM method (fastv, random, pdrop, sparsevlm, visipruner)")
+        if pruner.positions == "compact":
+            # Renumbering a 2-D image grid is not defined, and no public Qwen port does it (models.md trap 3).
+            raise ConfigError(f"method {pruner.name} with positions=compact is not defined on {self.title}'s M-RoPE "
+                              f"(3-row image-grid positions): use method.positions=original")
 
     # ------------------------------------------------------------------ loading
     def image_processor(self, spec: DictConfig, path: Path | None = None):
