@@ -14,7 +14,7 @@ from harness.models import load
 from methods import ConfigError
 from tests.conftest import tiny_of
 
-QWEN = ["tiny_qwen2vl", "tiny_qwen25vl"]
+QWEN = ["tiny_qwen2vl", "tiny_qwen25vl", "tiny_qwen3vl"]
 
 
 @pytest.fixture(scope="module", params=QWEN)
@@ -27,7 +27,7 @@ def solid(width: int, height: int, colour=(200, 40, 90)) -> Image.Image:
 
 
 def test_prompt_equals_the_lmms_eval_qwen_wrappers(qwen):
-    """lmms-eval's `qwen2_vl` / `qwen2_5_vl` (simple) build, for a context and one image:
+    """lmms-eval's `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` (simple) build, for a context and one image:
     [{"role": "system", "content": "You are a helpful assistant."},
      {"role": "user", "content": [{"type": "image", "image": ...}, {"type": "text", "text": context}]}]
     with any literal "<image>" removed from the context, rendered by the processor's chat template with
@@ -44,25 +44,27 @@ def test_prompt_equals_the_lmms_eval_qwen_wrappers(qwen):
 
 
 def test_each_image_is_one_run_of_vision_tokens_sized_by_the_pixel_bounds(qwen):
-    # 28 px per vision token within 28² .. 28²·64 px: 100x90 -> 4x3 tokens (rounded to 112x84); 336x336 -> 12x12,
-    # scaled down to the 64-token bound -> 8x8.
+    # Qwen2/2.5-VL: 28 px per vision token within 28² .. 28²·64 px: 100x90 -> 4x3 tokens (rounded to 112x84); Qwen3-VL:
+    # 32 px within 32² .. 32²·64: 100x90 -> 3x3 (96x96). 336x336 is scaled down to the 64-token bound: 8x8.
     images = [solid(100, 90), solid(336, 336, (10, 200, 30))]
     inputs = qwen.inputs([images], ["Which is larger?"])
     ids = inputs["input_ids"][0]
     config = qwen.model.config
     spans = qwen.adapter.image_spans(qwen.model, inputs["input_ids"])
-    assert [end - start for start, end in spans[0]] == [12, 64]
-    assert inputs["image_grid_thw"].tolist() == [[1, 6, 8], [1, 16, 16]]
+    small, grid = (9, [1, 6, 6]) if qwen.adapter.family == "qwen3_vl" else (12, [1, 6, 8])
+    assert [end - start for start, end in spans[0]] == [small, 64]
+    assert inputs["image_grid_thw"].tolist() == [grid, [1, 16, 16]]
     for start, end in spans[0]:  # the markers around each run are text tokens
         assert ids[start - 1] == config.vision_start_token_id and ids[end] == config.vision_end_token_id
-    assert int(qwen.adapter.vision_mask(qwen.model, inputs["input_ids"]).sum()) == 76
+    assert int(qwen.adapter.vision_mask(qwen.model, inputs["input_ids"]).sum()) == small + 64
 
 
 def test_a_batch_is_left_padded_with_one_span_per_image(qwen):
     inputs = qwen.inputs([solid(100, 90), solid(336, 336)], ["Short?", "A longer question about the picture?"])
     assert (inputs["attention_mask"][:, -1] == 1).all() and (inputs["attention_mask"][0, 0] == 0)
     spans = qwen.adapter.image_spans(qwen.model, inputs["input_ids"])
-    assert [[end - start for start, end in row] for row in spans] == [[12], [64]]
+    assert [[end - start for start, end in row] for row in spans] == [[9 if qwen.adapter.family == "qwen3_vl" else 12],
+                                                                       [64]]
 
 
 @torch.no_grad()
@@ -88,13 +90,13 @@ def test_a_checkpoint_directory_loads_with_the_conf_pixel_bounds(tmp_path):
 
 def test_every_supported_class_has_one_adapter_and_others_are_refused(tiny):
     assert set(SUPPORTED_MODELS) == {"LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                                     "Qwen2_5_VLForConditionalGeneration"}
+                                     "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"}
     assert isinstance(adapter_for(tiny.model), LlavaAdapter)
     assert tiny.adapter.decoder_layers(tiny.model) is tiny.model.model.language_model.layers
     assert tiny.adapter.projector(tiny.model) is tiny.model.model.multi_modal_projector
     with pytest.raises(ConfigError, match=r"^LlamaModel is not supported; supported: LlavaForConditionalGeneration, "):
         adapter_for(tiny.model.model.language_model)
-    families = r"unknown model\.family 'gemma3'; valid families: llava, qwen2_5_vl, qwen2_vl"
+    families = r"unknown model\.family 'gemma3'; valid families: llava, qwen2_5_vl, qwen2_vl, qwen3_vl"
     with pytest.raises(ConfigError, match=families):
         adapter_of(OmegaConf.create({"family": "gemma3"}))
 

@@ -26,11 +26,13 @@ from methods.base import ConfigError, TokenPruner
 SYSTEM_PROMPT = "You are a helpful assistant."  # lmms-eval's `system_prompt` default for the Qwen wrappers
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
-# The ChatML rendering of the Qwen2-VL / Qwen2.5-VL checkpoints' template for images and text (default system turn,
+# The ChatML rendering of the Qwen2-VL / Qwen2.5-VL checkpoints' template for images and text (a default system turn,
 # each image as vision_start + image_pad + vision_end), for the tiny models, whose tokenizer is made in code.
-TINY_CHAT_TEMPLATE = (
+DEFAULT_SYSTEM_TURN = (
     "{% if messages[0]['role'] != 'system' %}<|im_start|>system{{ '\\n' }}You are a helpful assistant.<|im_end|>"
     "{{ '\\n' }}{% endif %}"
+)
+CHAT_TURNS = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}{{ '\\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
@@ -68,6 +70,8 @@ class Qwen2VLAdapter(ModelAdapter):
     architectures = ("Qwen2VLForConditionalGeneration",)
     position_rows = 3
     fixed_vision_tokens = False
+    #: the tiny models' chat template (Qwen3-VL's checkpoints have no default system turn)
+    tiny_chat_template: ClassVar[str] = DEFAULT_SYSTEM_TURN + CHAT_TURNS
     #: the image processor's merge of 2x2 ViT patches into one vision token
     merge_size: ClassVar[int] = 2
 
@@ -86,6 +90,23 @@ class Qwen2VLAdapter(ModelAdapter):
         width = spec.vision_hidden_size
         return dict(depth=spec.vision_layers, embed_dim=width, hidden_size=spec.hidden_size, num_heads=4,
                     mlp_ratio=2, patch_size=spec.patch_size, spatial_merge_size=self.merge_size)
+
+    def tiny_text_config(self, spec: DictConfig, tokenizer) -> dict:
+        return dict(
+            vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_kv_heads, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                             "mrope_section": self.mrope_section(spec.hidden_size // spec.num_heads)},
+            bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+
+    def mrope_section(self, head_dim: int) -> list[int]:
+        """M-RoPE frequency sections (t, h, w) summing to head_dim / 2, in the 7B's 16:24:24 proportions."""
+        half = head_dim // 2
+        t = round(half * 16 / 64)
+        h = (half - t) // 2
+        return [t, h, half - t - h]
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         super().check_method(pruner, batch_size)
@@ -122,24 +143,16 @@ class Qwen2VLAdapter(ModelAdapter):
         return model, processor
 
     def build_tiny(self, spec: DictConfig, tokenizer=None):
-        """Qwen2-VL geometry (patch 14, 2x2 merge, M-RoPE sections in the 7B's proportions) with tiny widths."""
+        """The family's geometry (2x2 merge, M-RoPE sections in the 7B's proportions) with tiny widths."""
         tokenizer = tokenizer or tiny_tokenizer()
         model_class, processor_class = self.classes()
         processor = images_only(processor_class)(image_processor=self.image_processor(spec), tokenizer=tokenizer,
-                                                 video_processor=None, chat_template=TINY_CHAT_TEMPLATE)
+                                                 video_processor=None, chat_template=self.tiny_chat_template)
         ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
             ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
             ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-        head_dim = spec.hidden_size // spec.num_heads
         config = self.config_class()(
-            text_config=dict(
-                vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-                num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-                num_key_value_heads=spec.num_kv_heads, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                 "mrope_section": _mrope_section(head_dim)},
-                bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            ),
+            text_config=self.tiny_text_config(spec, tokenizer),
             vision_config=self.tiny_vision_config(spec),
             **ids,
         )
@@ -168,14 +181,6 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def projector(self, model) -> torch.nn.Module:
         return model.model.visual.merger
-
-
-def _mrope_section(head_dim: int) -> list[int]:
-    """M-RoPE frequency sections (t, h, w) summing to head_dim / 2, in the 7B's 16:24:24 proportions."""
-    half = head_dim // 2
-    t = round(half * 16 / 64)
-    h = (half - t) // 2
-    return [t, h, half - t - h]
 
 
 def _chat_template(path: Path) -> str | None:
