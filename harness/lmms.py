@@ -101,9 +101,7 @@ class Prunebench(lmms):
                 torch.cuda.reset_peak_memory_stats(self.loaded.device)
         loaded, pruner = self.loaded, self.pruner
         _, _, _, gen_kwargs, visuals, _ = batch[0]
-        if any(len(visual) > 1 for *_, visual, _ in batch):
-            raise NotImplementedError("samples with several images are not supported yet (LLaVA-1.5 takes one)")
-        images = [visual[0] for *_, visual, _ in batch] if visuals else None
+        images = [list(visual) for *_, visual, _ in batch] if visuals else None  # the adapter says how many it takes
         inputs = loaded.inputs(images, [context for _, _, context, *_ in batch])
         sampling = bool(gen_kwargs.get("do_sample")) and gen_kwargs.get("temperature", 0) > 0
         options = {"max_new_tokens": gen_kwargs.get("max_new_tokens", 32), "do_sample": sampling}
@@ -128,6 +126,8 @@ class Prunebench(lmms):
         first = out.logits[0].float().log_softmax(dim=-1).topk(min(FIRST_TOKEN_TOP_K, out.logits[0].shape[-1]))
         per_layer = runtime.vision_tokens_per_layer().tolist() if runtime.active else [[0] * loaded.num_layers] * len(
             batch)
+        # The unpruned count: a pre-LLM reduction leaves the prompt's placeholders in place.
+        unpruned = loaded.adapter.vision_mask(loaded.model, inputs["input_ids"]).sum(1).tolist()
         records = []
         for row, (_, sample_id, _, _, _, doc) in enumerate(batch):
             record = {
@@ -139,6 +139,9 @@ class Prunebench(lmms):
                 "vision_tokens_per_layer": per_layer[row],
                 "tokens_per_layer": schedule.tokens,
                 "mean_vision_tokens": sum(per_layer[row]) / len(per_layer[row]),
+                "vision_tokens_unpruned": unpruned[row],
+                "mean_vision_fraction": sum(per_layer[row]) / len(per_layer[row]) / unpruned[row] if unpruned[row]
+                else None,
                 "prefill_ms": 1e3 * timer.prefill_seconds,
                 "decode_ms_per_token": 1e3 * timer.decode_seconds / timer.decode_steps if timer.decode_steps else None,
                 "kv_cache_bytes": timer.kv_bytes // len(batch),

@@ -151,7 +151,9 @@ def summarize(records: list[dict], evaluation: Evaluation, cfg: DictConfig, prun
         "primary_metric": evaluation.primary_metric,
         "higher_is_better": evaluation.higher_is_better,
         "method_stats": {key: _mean_of(records, key) for key in pruner.record_keys},
-        "tokens": {"per_layer": per_layer, "mean_vision_tokens": statistics.fmean(per_layer) if per_layer else None},
+        "tokens": {"per_layer": per_layer, "mean_vision_tokens": statistics.fmean(per_layer) if per_layer else None,
+                   # T̄_in over each sample's own unpruned count: comparable across image sizes
+                   "mean_vision_fraction": _mean_of(records, "mean_vision_fraction")["mean"]},
         "cost": {
             "prefill_ms": _median([r["prefill_ms"] for r in records]),
             "decode_ms_per_token": _median([r["decode_ms_per_token"] for r in records]),
