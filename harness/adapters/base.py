@@ -84,6 +84,10 @@ class ModelAdapter:
         """The module whose output is the language model's vision tokens (LLaVA's projector, Qwen's merger)."""
         raise NotImplementedError
 
+    def deepstack_layers(self, model) -> int:
+        """How many first decoder layers get visual features added after they run (Qwen3-VL's DeepStack); 0: none."""
+        return 0
+
     def image_token_id(self, model) -> int:
         return model.config.image_token_id
 

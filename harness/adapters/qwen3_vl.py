@@ -50,5 +50,4 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                     deepstack_visual_indexes=list(range(spec.vision_layers - 1)))
 
     def deepstack_layers(self, model) -> int:
-        """How many first decoder layers receive DeepStack features after they run."""
         return len(model.config.vision_config.deepstack_visual_indexes)
