@@ -16,7 +16,10 @@ for the last prompt token (the query every importance decision reads), without t
   against the attention it receives; sinks = attention above the layer's 99th percentile and norm below its median;
 - the three stages: per layer the vision attention mass, VisiPruner's largest single-token cosine drop
   1 - min_j cos(O - c_j, O), and, with `method=...`, the vision tokens entering each layer under that method;
-- pruning explained (with `method=...`): the patches kept at each layer where the method changes the count.
+- pruning explained (with `method=...`): the method's selection record (`harness.records`) on the image, one panel
+  per layer where its vision tokens change: patches kept, merged into other tokens, dropped; pre-LLM methods too.
+
+`from_run=RUN sample_id=ID` draws a finished run's recorded selections of one sample the same way, without a model.
 
 Attention rows and values come from the pruning runtime's probes: the model keeps its sdpa backend. Everything is
 written to `<output_dir>/analysis/<model>/<name>/` (PNGs and analysis.json).
@@ -39,13 +42,19 @@ from PIL import Image, ImageOps
 from harness.config import CONF_DIR, check_overrides, compose, validate
 from harness.evaluate import ROOT
 from harness.models import LoadedModel, load
+from harness.records import recorded, samples_path
+from harness.results import STARTED
 from harness.runtime import ProbeResult, prune
 from methods import ConfigError, Probe, TokenPruner, VisiPruner
 
 USAGE = """usage: python -m harness.analyze [model=...] (image=PATH question=TEXT | sample=TASK:INDEX [question=TEXT])
                                   [method=... budget=N ...] [layers=L1,L2,...] [topk=K] [name=NAME]
-Any other key=value is a prunebench config override (model.*, method.*, device, output_dir)."""
-ANALYSIS_KEYS = ("image", "question", "sample", "layers", "topk", "name")
+       python -m harness.analyze from_run=RUN_DIR|SAMPLES_JSONL sample_id=ID [image=PATH] [output_dir=DIR]
+Any other key=value is a prunebench config override (model.*, method.*, device, output_dir). With from_run= the
+recorded selections of one sample are drawn (pruning.png) without loading a model; the image is read from the run's
+local task unless image= gives it."""
+ANALYSIS_KEYS = ("image", "question", "sample", "layers", "topk", "name", "from_run", "sample_id")
+RECORD_PATCH_PIXELS = 14  # a recorded grid is drawn at LLaVA-1.5's crop size (24 patches of 14 pixels: 336)
 SINK_ATTENTION_QUANTILE = 0.99  # a sink receives more attention than 99% of the layer's vision tokens ...
 SINK_NORM_QUANTILE = 0.5  # ... while its value L1 norm is below the layer's median
 SINK_RULE = "attention above the layer's 99th percentile of vision attention and value L1 norm below its median"
@@ -84,7 +93,12 @@ class Insight:
     cosine_drop: torch.Tensor  # (L,) 1 - min_j cos(O - c_j, O) over vision tokens j
     drop_token: torch.Tensor  # (L,) the vision token j of that minimum
     vision_tokens: list[int] | None = None  # with a method: vision tokens entering each layer
-    kept_patches: dict[int, list[int]] | None = None  # with a method: layer -> kept patches (0..V-1), where it changes
+    selections: dict | None = None  # with a method: its selection record (`harness.records`)
+
+    @property
+    def kept_patches(self) -> dict[int, list[int]]:
+        """Layer -> patches (0..V-1) kept as themselves, wherever the method changes the vision tokens."""
+        return {e["layer"]: e["kept"] for e in self.selections["layers"] if not e.get("cache")}
 
     @property
     def vision_attention_mass(self) -> torch.Tensor:
@@ -158,20 +172,12 @@ def cosine_drops(probes: dict[int, ProbeResult], vision: torch.Tensor) -> tuple[
     return 1 - lowest.values, lowest.indices
 
 
-def method_pass(loaded: LoadedModel, inputs: dict, pruner: TokenPruner, sample_id: str, vision: torch.Tensor):
-    """The method's prefill: vision tokens entering each layer, and the patches (0..V-1) kept wherever that count
-    changes; no patches for a pre-LLM reduction, whose tokens are reduced features in the first slots."""
-    with prune(loaded.model, pruner, sample_ids=[sample_id]) as runtime:
+def method_pass(loaded: LoadedModel, inputs: dict, pruner: TokenPruner, sample_id: str) -> tuple[list[int], dict]:
+    """The method's prefill: vision tokens entering each layer, and its selection record (pre-LLM reductions and
+    merges included)."""
+    with prune(loaded.model, pruner, sample_ids=[sample_id], record=True) as runtime:
         loaded.model(**inputs)
-    counts = runtime.vision_tokens_per_layer()[0].tolist()
-    if type(pruner).reduce_image_features is not TokenPruner.reduce_image_features:
-        return counts, None
-    kept = {}
-    for layer, count in enumerate(counts):
-        if count != (counts[layer - 1] if layer else len(vision)):
-            index = runtime.layers[layer].orig_index[0]
-            kept[layer] = (index[torch.isin(index, vision)] - vision[0]).unique().tolist()
-    return counts, kept
+    return runtime.vision_tokens_per_layer()[0].tolist(), runtime.recorder.record(0)
 
 
 @torch.no_grad()
@@ -192,7 +198,7 @@ def analyze(loaded: LoadedModel, request: Request, pruner: TokenPruner | None) -
         cosine_drop=drop.float().cpu(), drop_token=drop_token.cpu(),
     )
     if pruner is not None:
-        insight.vision_tokens, insight.kept_patches = method_pass(loaded, inputs, pruner, request.source, vision)
+        insight.vision_tokens, insight.selections = method_pass(loaded, inputs, pruner, request.source)
     return insight
 
 
@@ -229,7 +235,8 @@ def report(insight: Insight, loaded: LoadedModel, request: Request, method: dict
                         "visipruner_layer_threshold": VisiPruner.layer_threshold},
     }
     if method is not None:
-        result["pruning"] = {"vision_tokens_per_layer": insight.vision_tokens, "kept_patches": insight.kept_patches}
+        result["pruning"] = {"vision_tokens_per_layer": insight.vision_tokens, "kept_patches": insight.kept_patches,
+                             "selections": insight.selections}
     return result
 
 
@@ -364,18 +371,39 @@ def plot_stages(insight: Insight, method: dict | None, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_pruning(insight: Insight, image: Image.Image, method: dict, path: Path) -> Path:
-    side = insight.grid_side
-    fig, axes = _panel_grid(len(insight.kept_patches), width=2.6)
-    for ax, (layer, patches) in zip(axes, insight.kept_patches.items(), strict=False):
-        dropped = np.ones(side * side)
-        dropped[patches] = 0
-        dropped = dropped.reshape(side, side)
+@dataclass
+class PruningPanel:
+    title: str
+    kept: list[int]  # patches kept as themselves: clear
+    merged: list[int]  # patches that live on only inside merged tokens: half dark
+
+
+def pruning_panels(selections: dict) -> list[PruningPanel]:
+    """One panel per snapshot of a selection record: each layer where the method changes the vision tokens."""
+    panels = []
+    for entry in selections["layers"]:
+        where = "before the LLM" if entry.get("pre_llm") else f"layer {entry['layer']}"
+        merged = sorted(set().union(*entry["merged"]) - set(entry["kept"]))
+        counts = f"{len(entry['kept'])} kept" + (f", {len(entry['merged'])} merged" if entry["merged"] else "")
+        if entry.get("unsourced"):
+            counts += f", {entry['unsourced']} no patch"
+        panels.append(PruningPanel(f"{where}{' (KV cache)' if entry.get('cache') else ''}: {counts}",
+                                   entry["kept"], merged))
+    return panels
+
+
+def plot_pruning(selections: dict, image: Image.Image, title: str, path: Path) -> Path:
+    grid = tuple(selections["grid"])
+    panels = pruning_panels(selections)
+    fig, axes = _panel_grid(len(panels), width=2.6)
+    for ax, panel in zip(axes, panels, strict=False):
+        dropped = np.ones(grid[0] * grid[1])
+        dropped[panel.merged] = 0.5
+        dropped[panel.kept] = 0
+        dropped = dropped.reshape(grid)
         _overlay(ax, image, dropped, cmap="gray_r", alpha=0.75 * dropped, vmin=0, vmax=1)
-        count = insight.vision_tokens[layer]  # merged tokens share their image's last patch
-        shown = f", {len(patches)} patches" if len(patches) != count else ""
-        ax.set_title(f"layer {layer}: {count} enter{shown}", fontsize=8)
-    fig.suptitle(f"{method['name']}: vision patches kept (clear) and dropped (dark)", fontsize=9)
+        ax.set_title(panel.title, fontsize=8)
+    fig.suptitle(f"{title}: patches kept (clear), merged (half dark), dropped (dark)", fontsize=9)
     return _save(fig, path)
 
 
@@ -462,8 +490,49 @@ def request_of(own: dict[str, str], cfg: DictConfig, method: dict | None) -> Req
     return Request(image, question, source, own.get("name", name), layers, topk)
 
 
+def run_from_record(own: dict[str, str], overrides: list[str]) -> Path:
+    """Draw one sample's recorded selections (`from_run=`, `sample_id=`) on its image; no model is loaded."""
+    extra = [arg for arg in overrides if not arg.startswith("output_dir=")] + sorted(
+        set(own) - {"from_run", "sample_id", "image", "name"})
+    if extra:
+        raise ConfigError(f"from_run= takes sample_id=, image=, name= and output_dir= only, got {' '.join(extra)}")
+    path = samples_path(own["from_run"])
+    records = recorded(path)
+    sample_id = own.get("sample_id")
+    if sample_id not in records:
+        some = ", ".join(list(records)[:5])
+        raise ConfigError(f"sample_id={sample_id} has no selections on record in {path}; it holds {len(records)} "
+                          f"samples, e.g. {some}")
+    started = path.parent / STARTED
+    config = json.loads(started.read_text())["config"] if started.is_file() else {}
+    if "image" in own:
+        image = Image.open(Path(own["image"]).expanduser()).convert("RGB")
+    elif config.get("task", {}).get("source") == "local":
+        image = read_sample(OmegaConf.create(config["task"]), int(sample_id.rpartition("/")[2]))[0]
+    else:
+        raise ConfigError(f"{path.parent} has no local task to read the image of {sample_id} from: give image=PATH")
+    selections = records[sample_id]["selections"]
+    label = "_".join(path.parent.parts[-2:])  # <method>_<budget> in results/<model>/<task>/<method>/<budget>
+    output_dir = next((arg.partition("=")[2] for arg in overrides), "results")
+    out = Path(output_dir) / "analysis" / config.get("model", {}).get("name", "from_run") / own.get(
+        "name", f"{sample_id.replace('/', '-')}_{label}_recorded")
+    panels = pruning_panels(selections)
+    for panel in panels:
+        print(panel.title)
+    if not panels:
+        print(f"the record of {sample_id} shows no change: every patch entered every layer; nothing drawn")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    rows, cols = selections["grid"]
+    image = ImageOps.fit(image, (cols * RECORD_PATCH_PIXELS, rows * RECORD_PATCH_PIXELS))
+    print(f"wrote {plot_pruning(selections, image, f'{label} on {sample_id}, as recorded', out / 'pruning.png')}")
+    return out
+
+
 def run(argv: list[str]) -> Path:
     own, overrides = parse(argv)
+    if "from_run" in own:
+        return run_from_record(own, overrides)
     overrides += sample_overrides(own)
     check_overrides(overrides)
     cfg = compose(overrides)
@@ -481,11 +550,10 @@ def run(argv: list[str]) -> Path:
                plot_attention(insight, image, out / "attention_to_image.png"),
                plot_sinks(insight, out / "sinks.png"),
                plot_stages(insight, method, out / "stages.png")]
-    if method is not None and insight.kept_patches:
-        figures.append(plot_pruning(insight, image, method, out / "pruning.png"))
+    if method is not None and insight.selections["layers"]:
+        figures.append(plot_pruning(insight.selections, image, method["name"], out / "pruning.png"))
     elif method is not None:
-        result["pruning"]["note"] = ("no patch overlay: the method reduces features before the language model"
-                                     if insight.kept_patches is None else "the method kept every vision token")
+        result["pruning"]["note"] = "the method kept every vision token"
     result["figures"] = [p.name for p in figures]
     (out / "analysis.json").write_text(json.dumps(result, indent=1))
     print(lens_table(result))

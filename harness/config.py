@@ -34,9 +34,21 @@ def choices_message(group: str) -> str:
     return "; ".join(f"{', '.join(names)} ({ADAPTERS[family].title})" for family, names in by_family.items() if names)
 
 
+#: Method options left out of conf/method/*.yaml, so that every earlier run keeps its config key; given as
+#: +method.KEY=VALUE.
+ADDED_OPTIONS = {"generator_seed": "+method.generator_seed=N seeds every sample's draws with N (a record's "
+                                   "generator_seed)"}
+
+
 def method_options(cls: type[TokenPruner]) -> dict[str, dataclasses.Field]:
     """The options a method takes from its config (its dataclass fields; the budget comes from the budget group)."""
     return {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "budget"}
+
+
+def valid_options(cls: type[TokenPruner]) -> str:
+    options = method_options(cls)
+    listed = ", ".join(sorted(key for key in options if key not in ADDED_OPTIONS))
+    return f"valid options: {listed}" + "".join(f"; {hint}" for key, hint in ADDED_OPTIONS.items() if key in options)
 
 
 def budget_of(cfg: DictConfig) -> Budget:
@@ -59,7 +71,7 @@ def build_pruner(cfg: DictConfig) -> TokenPruner:
     fields = method_options(cls)
     for key, value in options.items():
         if key not in fields:
-            raise ConfigError(f"unknown option {key!r} for method {name}; valid options: {', '.join(sorted(fields))}")
+            raise ConfigError(f"unknown option {key!r} for method {name}; {valid_options(cls)}")
         default = fields[key].default
         if default not in (dataclasses.MISSING, None) and not _has_type(value, type(default)):
             raise ConfigError(f"method {name} option {key} must be {type(default).__name__}, got {value!r}")
@@ -85,6 +97,8 @@ def validate(cfg: DictConfig) -> TokenPruner:
             raise ConfigError(f"config group {group!r} is missing; choices: {choices_message(group)}")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be a positive whole number, got {cfg.batch_size!r}")
+    if not isinstance(cfg.get("record_selections"), bool):
+        raise ConfigError(f"record_selections must be true or false, got {cfg.get('record_selections')!r}")
     if cfg.get("flops") not in FLOPS_SOURCES:
         raise ConfigError(f"flops must be one of {', '.join(FLOPS_SOURCES)}, got {cfg.get('flops')!r}")
     if cfg.model.get("dtype") not in ("auto", "float32", "float16", "bfloat16"):
@@ -140,8 +154,8 @@ def check_overrides(overrides: list[str]) -> None:
 
 def _unknown_key_message(key: str, parent: str, node, base: DictConfig) -> str:
     if parent == "method":
-        options = ", ".join(sorted(method_options(METHODS[base.method.name])))
-        return f"unknown option {key.split('.')[-1]!r} for method {base.method.name}; valid options: {options}"
+        method = base.method.name
+        return f"unknown option {key.split('.')[-1]!r} for method {method}; {valid_options(METHODS[method])}"
     if isinstance(node, DictConfig):
         where = f"under {parent!r}" if parent else "at the top level"
         return f"unknown key {key!r}; valid keys {where}: {', '.join(sorted(str(k) for k in node))}"

@@ -1,7 +1,8 @@
 """prunebench as an lmms-eval model: any supported Hugging Face model with any pruner.
 
 The harness hands `simple_evaluate` an instance (`Prunebench.for_run`), which appends each finished sample's record
-(output, vision tokens per layer, latency, KV bytes, first-token distribution) to the run's samples.jsonl and
+(output, vision tokens per layer, latency, KV bytes, first-token distribution, and with `record_selections`
+the patches behind the vision tokens wherever they change: `harness.records`) to the run's samples.jsonl and
 returns stored outputs for samples a killed run already finished. lmms-eval's own CLI builds it from
 `--model prunebench --model_args model=llava7b,method=fastv,budget=128` (any other `key=value` is a Hydra override,
 e.g. `method.k=3`); the package declares the `lmms_eval.models` entry point for that (`harness.lmms_entry`).
@@ -107,7 +108,8 @@ class Prunebench(lmms):
         options = {"max_new_tokens": gen_kwargs.get("max_new_tokens", 32), "do_sample": sampling}
         if sampling:
             options.update(temperature=gen_kwargs["temperature"], top_p=gen_kwargs.get("top_p") or 1.0)
-        with prune(loaded.model, pruner, sample_ids=[sample_id for _, sample_id, *_ in batch]) as runtime, \
+        with prune(loaded.model, pruner, sample_ids=[sample_id for _, sample_id, *_ in batch],
+                   record=self.cfg.record_selections) as runtime, \
                 ForwardTimer(loaded.model) as timer:
             out = loaded.model.generate(**inputs, **options, return_dict_in_generate=True, output_logits=True)
         method_fields = [pruner.record(row) if runtime.active else {} for row in range(len(batch))]
@@ -157,6 +159,8 @@ class Prunebench(lmms):
             elif pruner.budget.tokens is not None and not pruner.uses_budget:
                 record["note"] = f"method {pruner.name} has no token budget: budget {pruner.budget.label} ignored"
             record.update(method_fields[row])
+            if runtime.active and runtime.recorder is not None:
+                record["selections"] = runtime.recorder.record(row)
             records.append(record)
         return records
 

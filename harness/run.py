@@ -27,8 +27,8 @@ from harness.results import RESULT, SAMPLES, STARTED, read_samples, write_json_a
 from harness.tracking import log_run
 from methods.base import ConfigError, TokenPruner
 
-# Keys that change where or whether a run happens, not what it computes.
-NON_RESULT_KEYS = ("force", "output_dir", "wandb")
+# Keys that change where or whether a run happens, or what it writes down, not what it computes.
+NON_RESULT_KEYS = ("force", "output_dir", "wandb", "record_selections")
 
 
 def result_dir(cfg: DictConfig, pruner: TokenPruner) -> Path:

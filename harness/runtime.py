@@ -11,6 +11,9 @@ them on exit. During prefill it:
 - records attention probes and applies post-softmax edits through one registered attention function, which
   delegates to the model's own backend (sdpa or eager) and computes explicit softmax rows only where asked.
 
+With `record=True` the runtime's `recorder` follows which image patches each vision token stands for through the
+pre-LLM reduction, every applied `Selection` and cache eviction (`harness.records`).
+
 Each layer's KV cache keeps what that layer saw during prefill, so caches differ in length per layer. During decode
 the runtime maps the model's full-length mask onto each layer's cache and, for compact positions, shifts the new
 tokens' positions by the number of tokens that layer dropped. `generate()` works unchanged.
@@ -31,6 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
 
 from harness.cost import decoding, forward_cache
+from harness.records import SelectionRecorder
 from methods.base import ConfigError, Probe, Selection, TokenPruner
 
 SUPPORTED_BACKENDS = ("sdpa", "eager")
@@ -114,8 +118,10 @@ class LayerRecord:
 class PruningRuntime:
     """Installed by `prune()`; holds the hooks and the per-prefill state."""
 
-    def __init__(self, model, pruner: TokenPruner, sample_ids: list | None = None):
+    def __init__(self, model, pruner: TokenPruner, sample_ids: list | None = None, record: bool = False):
         self.model, self.pruner, self.sample_ids = model, pruner, sample_ids
+        #: with `record`: the patches behind every vision token, wherever they change (`harness.records`)
+        self.recorder = SelectionRecorder.for_model(model.config) if record else None
         self.llava = model.model
         self.lm = self.llava.language_model
         self.text_config = self.lm.config
@@ -210,6 +216,8 @@ class PruningRuntime:
             rotary=self._rotary,
         )
         self._pos_emb = None
+        if self.active and self.recorder is not None:
+            self.recorder.begin(is_vision)
         if self.active:
             self._timed(self.pruner.begin, self.state)
         return None
@@ -241,6 +249,8 @@ class PruningRuntime:
         if reduced is None:
             return None
         self._image_slots, self._reduced_slots = args[0].shape[1], reduced.shape[1]
+        if self.recorder is not None:
+            self.recorder.reduce(self.pruner.sources, reduced.shape[1], reduced.shape[0])
         return (reduced, *args[1:])
 
     def _pad_reduced_features(self, module, args, output):
@@ -275,10 +285,14 @@ class PruningRuntime:
             self._apply(self._reduced_slots_keep())
             self._reduced_slots = None
             changed = True
+            if self.recorder is not None:
+                self.recorder.reduced()
         selection = self._timed(self.pruner.select, layer, state)
         if selection is not None:
             self._apply(selection)
             changed = True
+            if self.recorder is not None:
+                self.recorder.select(layer, selection)
         if changed:
             self._pos_emb = self.lm.rotary_emb(state.hidden_states, position_ids=state.positions)
         self._probe_request = (layer, p) if (p := self._timed(self.pruner.probe, layer, state)) else None
@@ -340,6 +354,8 @@ class PruningRuntime:
         cached.values = cached.values.transpose(1, 2)[rows, keep].transpose(1, 2).contiguous()
         record = self.layers[layer]
         record.orig_index, record.changed = record.orig_index.gather(1, keep), True
+        if self.recorder is not None:
+            self.recorder.evict(layer, keep, self.state.is_vision)
         return None
 
     def _apply(self, selection: Selection) -> None:
@@ -534,7 +550,9 @@ def _register_attention(base: str) -> str:
 
 
 @contextlib.contextmanager
-def prune(model, pruner: TokenPruner, sample_ids: list | None = None) -> Iterator[PruningRuntime]:
-    """Run `model` (a `LlavaForConditionalGeneration`) with `pruner` inside the block."""
-    with PruningRuntime(model, pruner, sample_ids) as runtime:
+def prune(model, pruner: TokenPruner, sample_ids: list | None = None,
+          record: bool = False) -> Iterator[PruningRuntime]:
+    """Run `model` (a `LlavaForConditionalGeneration`) with `pruner` inside the block; with `record`, the runtime's
+    `recorder` keeps each sample's selections."""
+    with PruningRuntime(model, pruner, sample_ids, record) as runtime:
         yield runtime

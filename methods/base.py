@@ -80,11 +80,14 @@ class Selection:
     merged: optional (B, m, d) new tokens placed right after the kept vision tokens of each row (they count as
         vision tokens); `merged_positions` (B, m) gives their RoPE positions, required when positions are kept
         original (in compact mode positions are renumbered anyway).
+    merged_sources: per row, per merged token, the indices into the current vision tokens that it merges (for the
+        selection record, `harness.records`; without it merged tokens are recorded with no sources).
     """
 
     keep: torch.Tensor
     merged: torch.Tensor | None = None
     merged_positions: torch.Tensor | None = None
+    merged_sources: list[list[list[int]]] | None = None
 
 
 @dataclass
@@ -117,6 +120,9 @@ class TokenPruner:
     positions: Positions = "original"
 
     budget: Budget = dataclasses.field(default_factory=Budget, repr=False)
+    #: set by `reduce_image_features`: per image, per output token, the indices into the token axis of the features
+    #: it was given that the token comes from ([i] kept, several merged, [] none of them: e.g. CLIP's CLS)
+    sources: list[list[list[int]]] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.positions not in ("original", "compact"):
@@ -146,7 +152,8 @@ class TokenPruner:
     def reduce_image_features(self, features: torch.Tensor, vision: VisionProbe | None) -> torch.Tensor | None:
         """Pre-LLM reduction of (images, V, d_vision) features before the projector, to (images, V', d_vision);
         None leaves them alone. The runtime drops the V - V' freed slots before decoder layer 0. `vision` holds the
-        feature layer's CLS attention, keys and full output when `needs_vision_probe` is set."""
+        feature layer's CLS attention, keys and full output when `needs_vision_probe` is set. A method sets
+        `self.sources` (see the field) so that its selection is on record."""
         return None
 
     def select(self, layer: int, state: PruneState) -> Selection | None:

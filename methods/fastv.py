@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from methods.base import ConfigError, Probe, ScorerPruner
+from methods.base import ConfigError, Probe, ScorerPruner, Selection
 
 if TYPE_CHECKING:
     from harness.runtime import PruneState
@@ -56,4 +56,16 @@ class FastV(ScorerPruner):
     def score(self, state: PruneState) -> torch.Tensor:
         attention = state.probes[self.k - 1].attention[:, :, -1]  # (B, H, keys): the last prompt token's row
         vision = state.vision_index
-        return attention.mean(dim=1).gather(1, vision)
+        self.scores = attention.mean(dim=1).gather(1, vision)
+        return self.scores
+
+    def select(self, layer: int, state: PruneState) -> Selection | None:
+        selection = super().select(layer, state)
+        if selection is not None:  # how close the cut was: the last kept score minus the first dropped one
+            kept = selection.keep.shape[1]
+            ranked = self.scores.topk(min(kept + 1, self.scores.shape[1]), dim=-1).values.float()
+            self.margins = (ranked[:, kept - 1] - ranked[:, kept]).tolist() if kept < self.scores.shape[1] else None
+        return selection
+
+    def record(self, row: int) -> dict:
+        return {"score_margin": self.margins[row] if self.margins is not None else None}

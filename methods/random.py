@@ -26,17 +26,28 @@ def sample_seed(seed: int, sample_id) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def generator_seed(seed: int, sample_id, explicit: int | None) -> int:
+    """The seed of a method's generator for one sample: `explicit` where the user set one (to replay a recorded
+    draw), else derived from the method's `seed` and the sample id."""
+    return explicit if explicit is not None else sample_seed(seed, sample_id)
+
+
 @dataclass
 class RandomPruner(ScorerPruner):
-    """Options: `k` (layer whose input is pruned; 0 = before the language model), `seed`, `positions`."""
+    """Options: `k` (layer whose input is pruned; 0 = before the language model), `seed`, `generator_seed` (null;
+    set: every sample's generator seed, as recorded), `positions`."""
 
     name: ClassVar[str] = "random"
     seed: int = 0
+    generator_seed: int | None = None
 
     def score(self, state: PruneState) -> torch.Tensor:
         device = state.is_vision.device
-        rows = []
-        for sample_id in state.sample_ids:
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, sample_id))
-            rows.append(torch.rand(state.num_vision, generator=generator))
+        self.drawn_seeds = [generator_seed(self.seed, sample_id, self.generator_seed)
+                            for sample_id in state.sample_ids]
+        rows = [torch.rand(state.num_vision, generator=torch.Generator().manual_seed(seed))
+                for seed in self.drawn_seeds]
         return torch.stack(rows).to(device)
+
+    def record(self, row: int) -> dict:
+        return {"generator_seed": self.drawn_seeds[row]}

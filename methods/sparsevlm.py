@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from methods.base import ConfigError, Probe, Selection, TokenPruner, scale_layers
-from methods.random import sample_seed
+from methods.random import generator_seed
 
 if TYPE_CHECKING:
     from harness.runtime import PruneState
@@ -45,10 +45,14 @@ RECYCLED_FRACTION = 0.3
 
 
 def density_peak_merge(tokens: torch.Tensor, clusters: int, generator: torch.Generator) -> torch.Tensor:
-    """DPC-kNN clustering of (n, d) tokens into `clusters` means, as SparseVLM's `cluster_and_merge` computes it
-    (distance L2/√d; density exp(−mean squared distance to the k = `clusters` nearest, self included) plus 1e-6
-    noise; centres = top `clusters` by density × distance to the nearest denser token; each token joins its nearest
-    centre; a cluster's value is its sum / (size + 1e-6))."""
+    """DPC-kNN clustering of (n, d) tokens into `clusters` means, as SparseVLM's `cluster_and_merge` computes it."""
+    return cluster_means(tokens, density_peak_clusters(tokens, clusters, generator), clusters)
+
+
+def density_peak_clusters(tokens: torch.Tensor, clusters: int, generator: torch.Generator) -> torch.Tensor:
+    """(n,) cluster of each of (n, d) tokens under DPC-kNN: distance L2/√d; density exp(−mean squared distance to
+    the k = `clusters` nearest, self included) plus 1e-6 noise; centres = top `clusters` by density × distance to the
+    nearest denser token; each token joins its nearest centre."""
     n, dim = tokens.shape
     distance = (tokens[:, None] - tokens[None]).norm(dim=-1) / dim**0.5  # as the reference: no cdist shortcut
     nearest = distance.topk(clusters, dim=-1, largest=False).values
@@ -59,6 +63,12 @@ def density_peak_merge(tokens: torch.Tensor, clusters: int, generator: torch.Gen
     centres = (parent_distance * density).topk(clusters).indices
     assignment = distance[centres].argmin(dim=0)
     assignment[centres] = torch.arange(clusters, device=tokens.device)
+    return assignment
+
+
+def cluster_means(tokens: torch.Tensor, assignment: torch.Tensor, clusters: int) -> torch.Tensor:
+    """(clusters, d): each cluster's sum / (size + 1e-6), as the reference merges."""
+    n, dim = tokens.shape
     sizes = torch.zeros(clusters, dtype=tokens.dtype, device=tokens.device).index_add_(
         0, assignment, torch.ones(n, dtype=tokens.dtype, device=tokens.device)) + 1e-6
     return torch.zeros(clusters, dim, dtype=tokens.dtype, device=tokens.device).index_add_(
@@ -68,7 +78,8 @@ def density_peak_merge(tokens: torch.Tensor, clusters: int, generator: torch.Gen
 @dataclass
 class SparseVLM(TokenPruner):
     """Options: `version` (1.5 | 2.0), `layers` (pruning layers, default 2/6/15), `recycle` (null: on for 1.5, off for
-    2.0), `positions` (auto: compact for 1.5, original for 2.0), `seed` (DPC tie-break noise)."""
+    2.0), `positions` (auto: compact for 1.5, original for 2.0), `seed` (DPC tie-break noise, per sample from the seed
+    and the sample id), `generator_seed` (null; set: that noise generator's seed for every sample, as recorded)."""
 
     name: ClassVar[str] = "sparsevlm"
     uses_budget: ClassVar[bool] = True
@@ -80,6 +91,7 @@ class SparseVLM(TokenPruner):
     recycle: bool | None = None
     positions: str = "auto"
     seed: int = 0
+    generator_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.version not in SCHEDULES:
@@ -118,13 +130,15 @@ class SparseVLM(TokenPruner):
     def begin(self, state: PruneState) -> None:
         pruning = scale_layers(list(self.layers), state.num_layers)
         self.schedule = dict(zip(pruning, SCHEDULES[self.version][self.budget.tokens], strict=True))
-        self.generator = torch.Generator().manual_seed(sample_seed(self.seed, state.sample_ids[0]))
+        self.drawn_seed = generator_seed(self.seed, state.sample_ids[0], self.generator_seed)
+        self.generator = torch.Generator().manual_seed(self.drawn_seed)
         self.entering: list[int] = []
 
     def record(self, row: int) -> dict:
         # The reference counter appends each layer's vision count after that layer's pruning.
         after = [*self.entering[1:], self.entering[-1]]
-        return {"counter_mean_vision_tokens": sum(after) / len(after)}
+        return {"counter_mean_vision_tokens": sum(after) / len(after), "raters": self.raters.tolist(),
+                "generator_seed": self.drawn_seed}
 
     def select(self, layer: int, state: PruneState) -> Selection | None:
         if layer == 0:
@@ -165,8 +179,11 @@ class SparseVLM(TokenPruner):
         dropped = deleted.nonzero()[:, 0]
         recycled = dropped[scores[dropped].topk(int(dropped.numel() * RECYCLED_FRACTION) + 1).indices]
         clusters = int(recycled.numel() / 10) + 1
-        merged = density_peak_merge(state.hidden_states[0, vision[recycled]], clusters, self.generator)
-        return Selection(keep=keep[None], merged=merged[None])
+        tokens = state.hidden_states[0, vision[recycled]]
+        assignment = density_peak_clusters(tokens, clusters, self.generator)
+        members = [recycled[assignment == cluster].tolist() for cluster in range(clusters)]
+        return Selection(keep=keep[None], merged=cluster_means(tokens, assignment, clusters)[None],
+                         merged_sources=[members])
 
     @staticmethod
     def rope_bias(state: PruneState, queries: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,31 @@ class VisionZip(TokenPruner):
         is_target = torch.zeros(metric.shape[1], dtype=torch.bool, device=hidden.device)
         is_target[torch.arange(0, metric.shape[1], step, device=hidden.device)[:contextual]] = True
         similarity = metric[:, ~is_target] @ metric[:, is_target].transpose(1, 2)
-        assign = torch.zeros_like(similarity, dtype=hidden.dtype).scatter_(2, similarity.argmax(dim=2, keepdim=True), 1)
+        joins = similarity.argmax(dim=2, keepdim=True)
+        assign = torch.zeros_like(similarity, dtype=hidden.dtype).scatter_(2, joins, 1)
         counts = assign.sum(dim=1).clamp(min=1)[..., None]
         contextual_tokens = rest[:, is_target] + assign.transpose(1, 2) @ rest[:, ~is_target] / counts
+        self.sources = self.token_sources(is_dominant, is_target, joins[..., 0], features.shape[1])
         return torch.cat([dominant_tokens, contextual_tokens], dim=1)
+
+    @staticmethod
+    def token_sources(is_dominant: torch.Tensor, is_target: torch.Tensor, joins: torch.Tensor,
+                      feature_slots: int) -> list[list[list[int]]]:
+        """Per image, the feature slots behind each output token: a dominant token its own, a contextual token its
+        target's and those of the tokens that joined it. The feature layer holds CLS first, the projector's features
+        hold it only under the `full` strategy (LLaVA's default drops it: then CLS comes from no slot)."""
+        shift = is_dominant.shape[1] - feature_slots  # 1 when the features lack CLS
+
+        def slots(tokens: list[int]) -> list[int]:
+            return [token - shift for token in tokens if token >= shift]
+
+        sources = []
+        for dominant, rest, joined in zip(is_dominant, (~is_dominant).nonzero()[:, 1].view(len(is_dominant), -1),
+                                          joins.tolist(), strict=True):
+            targets, others = rest[is_target].tolist(), rest[~is_target].tolist()
+            members = [[target] for target in targets]
+            for other, target in zip(others, joined, strict=True):
+                members[target].append(other)
+            kept = [slots([token]) for token in dominant.nonzero()[:, 0].tolist()]
+            sources.append(kept + [slots(m) for m in members])
+        return sources

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import AttentionEdit, ConfigError, Probe, Selection, TokenPruner, scale_layers
-from methods.random import sample_seed
+from methods.random import generator_seed
 
 if TYPE_CHECKING:
     from harness.runtime import ProbeResult, PruneState
@@ -49,7 +49,8 @@ class VisiPruner(TokenPruner):
     """Options: `mode` (subset of shallow/middle/deep), `shallow_mid_layer` S, `layer_threshold`,
     `tokens_threshold`, `exit_threshold` (the code's hidden 0.999), `exit_after` (its hidden 2), `layer0_rule`
     (`auto`: 13b for a 40-layer model, else 7b), `variant` (code|paper), `score_dtype` (model|float32|float16),
-    `attention` (eager, as the reference, or the model's own backend), `seed` (paper variant's random sink)."""
+    `attention` (eager, as the reference, or the model's own backend), `seed` (paper variant's random sink, per sample
+    from the seed and the sample id), `generator_seed` (null; set: the sink generator's seed for every sample)."""
 
     name: ClassVar[str] = "visipruner"
     supports_batching: ClassVar[bool] = False  # f, the kept set and the exit layer differ per sample
@@ -66,6 +67,7 @@ class VisiPruner(TokenPruner):
     score_dtype: str = "model"
     attention: str = "eager"
     seed: int = 0
+    generator_seed: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,18 +111,25 @@ class VisiPruner(TokenPruner):
         self.num_vision = vision.numel()
         self.shallow_end = self.mid_layer(state.num_layers)
         self.rule = self.layer0_rule if self.layer0_rule != "auto" else ("13b" if state.num_layers == 40 else "7b")
+        self.drawn_seed = None
         if self.variant == "paper":  # the paper's random sink patch, reproducible per sample
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, state.sample_ids[0]))
-            self.sink = int(torch.randint(self.num_vision, (1,), generator=generator))
+            self.drawn_seed = generator_seed(self.seed, state.sample_ids[0], self.generator_seed)
+            self.sink = int(torch.randint(self.num_vision, (1,), generator=torch.Generator().manual_seed(
+                self.drawn_seed)))
         else:
             self.sink = 0  # the code always merges onto the first patch
         self.filter_layer: int | None = None
         self.kept: int | None = None
         self.exit_layer: int | None = None
         self.exit_count = 0
+        self.checks: list[dict] = []
 
     def record(self, row: int) -> dict:
-        return {"filter_layer": self.filter_layer, "kept_tokens": self.kept, "exit_layer": self.exit_layer}
+        """Besides f, the kept count and the exit layer: each tested layer's largest single-token cosine drop
+        1 - min_j cos(O - c_j, O) (None: no vision token left), and in the deep stage whether it qualified."""
+        seed = {} if self.drawn_seed is None else {"generator_seed": self.drawn_seed}
+        return {"filter_layer": self.filter_layer, "kept_tokens": self.kept, "exit_layer": self.exit_layer,
+                "layer_checks": self.checks, **seed}
 
     def end(self, state: PruneState) -> None:
         """The reference also tests the last layer: a filtering layer found there is recorded (nothing is left to
@@ -162,6 +171,7 @@ class VisiPruner(TokenPruner):
             return None
         vision = state.vision_index[0]
         cosine, distance = self.contributions(probe, vision)
+        self.checks.append({"layer": layer - 1, "cosine_drop": 1 - float(cosine.min()) if cosine.numel() else None})
         if self.filter_layer is None:
             if not (cosine < self.layer_threshold).any():
                 return None
@@ -170,6 +180,7 @@ class VisiPruner(TokenPruner):
             self.kept = keep.numel()
             return Selection(keep=keep[None])
         qualifies = bool((cosine >= self.exit_threshold).all())  # no kept token: trivially true, as in the code
+        self.checks[-1]["qualifies"] = qualifies
         self.exit_count = self.exit_count + 1 if qualifies else (0 if self.variant == "paper" else self.exit_count)
         if self.exit_count < self.exit_after:
             return None

@@ -1,0 +1,139 @@
+"""Every selection on record: which original image patches each vision token stands for, layer by layer.
+
+`SelectionRecorder` follows the vision tokens of each batch row through one prefill. Every vision token carries its
+*sources*: the patches of the image's grid (row-major indices 0..h*w-1) it comes from, one for a patch kept as it
+is, several for a merged token, none for a token that is no patch (CLIP's CLS, which VisionZip keeps as a dominant
+token). Wherever the set of vision tokens changes, the recorder writes a snapshot of that layer's vision tokens:
+
+    {"layer": 2, "kept": [patch, ...], "merged": [[patch, ...], ...]}
+
+`kept` holds the patches that enter the layer as themselves (sorted), `merged` the sources of each merged token (in
+sequence order; a pre-LLM output token counts as merged where it has several sources), `unsourced` (only where
+non-zero) how many tokens are no patch. A pre-LLM reduction is recorded as
+layer 0 with `"pre_llm": true`; a cache eviction as `"cache": true` (the vision tokens whose K/V stay in that
+layer's cache; the layer itself saw them all). A sample's record is `{"grid": [h, w], "layers": [...]}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from harness.results import SAMPLES, read_samples
+from methods.base import ConfigError, Selection
+
+
+class Token(NamedTuple):
+    sources: tuple[int, ...]  # the patches it comes from
+    merged: bool = False  # a merged token, whatever its number of sources
+
+
+@dataclass
+class SelectionRecorder:
+    grid: tuple[int, int]  # the vision tower's patch grid (rows, columns)
+    slots: int  # <image> placeholders per image: the patches, plus CLS under LLaVA's `full` feature strategy
+    tokens: list[list[Token]] = field(default_factory=list)  # per row, the current vision tokens' sources
+    layers: list[list[dict]] = field(default_factory=list)  # per row, the snapshots of this prefill
+    reduction: list[list[Token]] | None = None  # per image, a pre-LLM reduction's sources, until layer 0 applies it
+
+    @classmethod
+    def for_model(cls, config) -> SelectionRecorder:
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        return cls(grid=(side, side), slots=side * side + (config.vision_feature_select_strategy == "full"))
+
+    def _patches(self, slot: int) -> tuple[int, ...]:
+        """The patch of one slot of an image's features: under the `full` strategy slot 0 is CLS, no patch."""
+        cls_slots = self.slots - self.grid[0] * self.grid[1]
+        return (slot - cls_slots,) if slot >= cls_slots else ()
+
+    def begin(self, is_vision: torch.Tensor) -> None:
+        """A new prefill; every row holds one image (LLaVA-1.5's single-image prompts)."""
+        if int(is_vision[0].sum()) != self.slots:
+            raise ValueError(f"selections are recorded for one image per sample ({self.slots} vision tokens), got "
+                             f"{int(is_vision[0].sum())}; set record_selections=false")
+        self.tokens = [[Token(self._patches(slot)) for slot in range(self.slots)] for _ in range(is_vision.shape[0])]
+        self.layers = [[] for _ in range(is_vision.shape[0])]
+
+    def reduce(self, sources: list[list[list[int]]] | None, reduced_slots: int, images: int) -> None:
+        """A pre-LLM method's `sources` (per image, per output token, indices into its features' token axis);
+        None when the method does not expose them: its tokens are then recorded as unsourced."""
+        if sources is None:
+            self.reduction = [[Token(())] * reduced_slots for _ in range(images)]
+            return
+        self.reduction = [[Token(patches, merged=len(patches) > 1) for patches in
+                           (tuple(sorted({p for slot in token for p in self._patches(slot)})) for token in image)]
+                          for image in sources]
+
+    def reduced(self) -> None:
+        """The reduction reaches decoder layer 0 (one image per row: image i is row i)."""
+        for row, image in enumerate(self.reduction):
+            self._enter(row, 0, list(image), pre_llm=True)
+        self.reduction = None
+
+    def select(self, layer: int, selection: Selection) -> None:
+        """A `Selection` applied to the input of `layer`: merged tokens join in sequence order after the kept ones
+        (as `PruningRuntime._apply` places them), their sources the union of the merged current tokens'."""
+        for row, current in enumerate(self.tokens):
+            tokens = [current[i] for i in selection.keep[row].tolist()]
+            if selection.merged is not None:
+                merged = (selection.merged_sources[row] if selection.merged_sources is not None
+                          else [[] for _ in range(selection.merged.shape[1])])
+                tokens += [Token(tuple(sorted({p for i in members for p in current[i].sources})), merged=True)
+                           for members in merged]
+            self._enter(row, layer, tokens)
+
+    def evict(self, layer: int, keep: torch.Tensor, is_vision: torch.Tensor) -> None:
+        """`cache_keep` left `keep` ((B, k) current-sequence indices) in `layer`'s cache."""
+        ordinal = is_vision.long().cumsum(1) - 1  # sequence index -> index among the current vision tokens
+        for row, current in enumerate(self.tokens):
+            kept = [current[int(ordinal[row, i])] for i in keep[row].tolist() if is_vision[row, i]]
+            if len(kept) != len(current):
+                self.layers[row].append(snapshot(layer, kept, cache=True))
+
+    def _enter(self, row: int, layer: int, tokens: list[Token], **flags) -> None:
+        if tokens != self.tokens[row]:
+            self.layers[row].append(snapshot(layer, tokens, **flags))
+            self.tokens[row] = tokens
+
+    def record(self, row: int) -> dict:
+        return {"grid": list(self.grid), "layers": self.layers[row]}
+
+
+def snapshot(layer: int, tokens: list[Token], **flags) -> dict:
+    entry = {"layer": layer, **flags, "kept": sorted(t.sources[0] for t in tokens if not t.merged and t.sources),
+             "merged": [list(t.sources) for t in tokens if t.merged]}
+    unsourced = sum(not t.merged and not t.sources for t in tokens)
+    if unsourced:
+        entry["unsourced"] = unsourced
+    return entry
+
+
+def first_pruning(selections: dict) -> dict | None:
+    """The snapshot of the first layer whose vision tokens changed (cache evictions aside); None if none did."""
+    return next((entry for entry in selections["layers"] if not entry.get("cache")), None)
+
+
+def represented(entry: dict) -> set[int]:
+    """Every patch a snapshot's tokens stand for, kept or merged."""
+    return set(entry["kept"]).union(*entry["merged"])
+
+
+def samples_path(run: str | Path) -> Path:
+    """A run's samples file, from the run's directory or the file itself."""
+    path = Path(run)
+    path = path / SAMPLES if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"{run} is neither a run directory holding {SAMPLES} nor a samples file")
+    return path
+
+
+def recorded(path: Path) -> dict[str, dict]:
+    """The samples of a run that have selections on record, by id."""
+    records = {r["id"]: r for r in read_samples(path) if "selections" in r}
+    if not records:
+        raise ConfigError(f"{path} has no selections on record: rerun it with record_selections=true")
+    return records
