@@ -109,7 +109,7 @@ class Prunebench(lmms):
         if sampling:
             options.update(temperature=gen_kwargs["temperature"], top_p=gen_kwargs.get("top_p") or 1.0)
         with prune(loaded.model, pruner, sample_ids=[sample_id for _, sample_id, *_ in batch],
-                   record=self.cfg.record_selections) as runtime, \
+                   record=self.cfg.record_selections and loaded.adapter.fixed_vision_tokens) as runtime, \
                 ForwardTimer(loaded.model) as timer:
             out = loaded.model.generate(**inputs, **options, return_dict_in_generate=True, output_logits=True)
         method_fields = [pruner.record(row) if runtime.active else {} for row in range(len(batch))]
@@ -161,6 +161,8 @@ class Prunebench(lmms):
             record.update(method_fields[row])
             if runtime.active and runtime.recorder is not None:
                 record["selections"] = runtime.recorder.record(row)
+            elif runtime.active and self.cfg.record_selections:  # the recorder knows one fixed patch grid per image
+                record["selections_note"] = f"selections are not recorded on {loaded.adapter.title} yet"
             records.append(record)
         return records
 
