@@ -47,12 +47,13 @@ from harness.results import STARTED
 from harness.runtime import ProbeResult, prune
 from methods import ConfigError, Probe, TokenPruner, VisiPruner
 
-USAGE = """usage: python -m harness.analyze [model=...] (image=PATH question=TEXT | sample=TASK:INDEX [question=TEXT])
+USAGE = """usage: python -m harness.analyze [model=...] [image=PATH question=TEXT | sample=TASK:INDEX [question=TEXT]]
                                   [method=... budget=N ...] [layers=L1,L2,...] [topk=K] [name=NAME]
        python -m harness.analyze from_run=RUN_DIR|SAMPLES_JSONL sample_id=ID [image=PATH] [output_dir=DIR]
-Any other key=value is a prunebench config override (model.*, method.*, device, output_dir). With from_run= the
-recorded selections of one sample are drawn (pruning.png) without loading a model; the image is read from the run's
-local task unless image= gives it."""
+With no image= or sample=, the first question of the configured task (by default synthetic:0, on the default model
+and method, as `python -m harness` runs them). Any other key=value is a prunebench config override (model.*,
+method.*, device, output_dir). With from_run= the recorded selections of one sample are drawn (pruning.png) without
+loading a model; the image is read from the run's local task unless image= gives it."""
 ANALYSIS_KEYS = ("image", "question", "sample", "layers", "topk", "name", "from_run", "sample_id")
 RECORD_PATCH_PIXELS = 14  # a recorded grid is drawn at LLaVA-1.5's crop size (24 patches of 14 pixels: 336)
 SINK_ATTENTION_QUANTILE = 0.99  # a sink receives more attention than 99% of the layer's vision tokens ...
@@ -461,6 +462,9 @@ def method_of(cfg: DictConfig, pruner: TokenPruner) -> dict | None:
 
 
 def request_of(own: dict[str, str], cfg: DictConfig, method: dict | None) -> Request:
+    if not own.keys() & {"image", "sample", "question"}:  # nothing named: the configured task's first question
+        own = {**own, "sample": f"{cfg.task.name}:0"}
+        sample_overrides(own)  # the same check as a given sample=: a local task
     if ("image" in own) == ("sample" in own):
         raise ConfigError(f"give either image=PATH (with question=TEXT) or sample=TASK:INDEX\n{USAGE}")
     if "image" in own:

@@ -18,6 +18,15 @@ CONVENTIONS = ("exact", "average")
 FLOPS_SOURCES = ("projected", "counted", "fvcore")
 
 
+class Refusal(ConfigError):
+    """The method refuses this configuration on this model (a budget out of its reach, a batch size it cannot run).
+    In a sweep the job leaves a record of it where its result would have gone (see `harness.run`)."""
+
+    def __init__(self, reason: str, pruner: TokenPruner):
+        super().__init__(reason)
+        self.pruner = pruner
+
+
 def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
@@ -104,8 +113,14 @@ def validate(cfg: DictConfig) -> TokenPruner:
     if cfg.model.get("dtype") not in ("auto", "float32", "float16", "bfloat16"):
         raise ConfigError(f"model.dtype must be auto, float32, float16 or bfloat16, got {cfg.model.get('dtype')!r}")
     pruner = build_pruner(cfg)
-    pruner.validate(num_vision=cfg.model.num_vision_tokens, num_layers=cfg.model.num_layers)
-    adapter_of(cfg.model).check_method(pruner, cfg.batch_size)
+    try:
+        pruner.validate(num_vision=cfg.model.num_vision_tokens, num_layers=cfg.model.num_layers)
+        if cfg.batch_size > 1 and not pruner.supports_batching:
+            raise ConfigError(f"method {pruner.name} supports batch size 1 only (it decides per sample); "
+                              f"set batch_size=1, got {cfg.batch_size}")
+        adapter_of(cfg.model).check_method(pruner, cfg.batch_size)
+    except ConfigError as error:
+        raise Refusal(str(error), pruner) from None
     if cfg.model.source == "hf":
         models.checkpoint_dir(cfg.model)
     check_task(cfg.task)

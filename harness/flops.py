@@ -6,11 +6,12 @@ activations, softmax, residual adds) is not, as in fvcore, torch's FlopCounterMo
 Attention counts the whole n_q × n_k rectangle (no causal halving), as the sdpa kernels' formulas and the papers do.
 
 **Breakdown** (`PhaseFlops`, one per phase: the prefill, and all decode steps together): vision encoder (the patch
-convolution and every CLIP layer that runs: Hugging Face runs the whole tower although LLaVA reads layer -2),
-projector, language model per decoder layer (q/k/v/o projections, SwiGLU MLP, attention, and within attention the
-**vision-related** part: the query-key pairs where a vision token is the query or the key), lm_head, the method's own
-work (probes, scoring, selection: whatever runs as the method's code, see `harness.runtime.in_method_work`), and
-`other` (counted work outside these components; none in LLaVA-1.5, whose RoPE tables are element-wise).
+convolution and every CLIP layer that runs: Hugging Face runs the whole tower although LLaVA reads layer -2; on Qwen
+the ViT blocks and Qwen3-VL's DeepStack mergers), projector (Qwen: the merger), language model per decoder layer
+(q/k/v/o projections, SwiGLU MLP, attention, and within attention the **vision-related** part: the query-key pairs
+where a vision token is the query or the key), lm_head, the method's own work (probes, scoring, selection: whatever
+runs as the method's code, see `harness.runtime.in_method_work`), and `other` (counted work outside these components;
+none in LLaVA-1.5 or the Qwen models, whose RoPE tables are element-wise).
 
 **Counted** (`FlopCounter`): torch's `FlopCounterMode` sees every aten op as it is dispatched, through generate(), the
 pruning runtime's hooks and the KV cache, on any device including `meta`. fvcore (`harness.fvcore_flops`,
@@ -23,8 +24,9 @@ tokens that call saw (the runtime's records: vision tokens entering the layer in
 the layer's KV cache for decode steps, whose queries are text).
 
 **Projected** (`project`): the same breakdown from an `Architecture` (read from a LLaVA config, so full-size models
-need no weights) and a `Schedule` (tokens and vision tokens entering each layer, the KV caches, the decode steps).
-Tests hold the projection to the counter on executed tiny models and on the 7B config on `meta`.
+need no weights; `QwenArchitecture` for Qwen2-VL, Qwen2.5-VL and Qwen3-VL, whose vision tokens and tower FLOPs follow
+the image size) and a `Schedule` (tokens and vision tokens entering each layer, the KV caches, the decode steps).
+Tests hold the projection to the counter on executed tiny models and on the 7B configs on `meta`.
 
 **The papers' convention** (`paper_vision_token_flops`, `paper_vision_attention`): FastV, SparseVLM and VisiPruner
 report "FLOPs" of the language model's prefill over the vision tokens only, per layer 4nd² + 2n²d + 3ndm with n the
@@ -34,6 +36,7 @@ vision tokens entering the layer, in multiply-adds (half our unit). Dense LLaVA-
         [output=json]
     python -m harness.flops model=llava7b method=visipruner results_dir=results/llava7b/<task>/visipruner/none
     python -m harness.flops model=tiny_trained method=fastv budget=64 counter=fvcore  # one prompt, counted too
+    python -m harness.flops model_config=Qwen2.5-VL-7B-Instruct method=none image=448x448 [min_pixels=] [max_pixels=]
 """
 
 from __future__ import annotations
@@ -141,8 +144,9 @@ class PhaseFlops:
 
 # ---------------------------------------------------------------------------------------------------- projection
 @dataclass(frozen=True)
-class Architecture:
-    """What the FLOPs of a LLaVA model depend on (CLIP vision tower, 2-layer MLP projector, LLaMA language model)."""
+class LanguageModel:
+    """What the FLOPs of a decoder-only language model depend on: every family here has q/k/v/o projections with
+    grouped K/V heads, a SwiGLU MLP and an lm_head (biases, norms and Qwen3's q/k-norm are not matrix products)."""
 
     layers: int
     hidden: int
@@ -151,6 +155,39 @@ class Architecture:
     kv_heads: int
     head_dim: int
     vocab: int
+
+    @staticmethod
+    def fields(text) -> dict:
+        """The `LanguageModel` fields of a text config."""
+        return dict(
+            layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
+            heads=text.num_attention_heads, kv_heads=text.num_key_value_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            vocab=text.vocab_size)
+
+    def layer(self, queries: int, pairs: int, text_pairs: int) -> LayerFlops:
+        """One decoder layer over `queries` query tokens attending over `pairs` query-key pairs, of which
+        `text_pairs` have a text query and a text key (linear in all three, so sums over calls add up)."""
+        q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        per_pair = 4 * self.heads * self.head_dim
+        return LayerFlops(
+            projections=2 * queries * (2 * self.hidden * q_out + 2 * self.hidden * kv_out),
+            mlp=2 * queries * 3 * self.hidden * self.intermediate,
+            attention=per_pair * pairs,
+            vision_attention=per_pair * (pairs - text_pairs),
+        )
+
+    def lm_head(self, positions: int) -> float:
+        return 2 * positions * self.hidden * self.vocab
+
+    def kv_cache_bytes(self, cache_tokens: list[int], element_size: int) -> int:
+        return 2 * self.kv_heads * self.head_dim * sum(cache_tokens) * element_size
+
+
+@dataclass(frozen=True)
+class Architecture(LanguageModel):
+    """What the FLOPs of a LLaVA model depend on (CLIP vision tower, 2-layer MLP projector, LLaMA language model)."""
+
     vision_layers: int
     vision_hidden: int
     vision_intermediate: int
@@ -168,10 +205,8 @@ class Architecture:
         feature_layers = feature_layers if isinstance(feature_layers, list) else [feature_layers]
         read = max(layer % (vision.num_hidden_layers + 1) for layer in feature_layers)  # hidden state 0: embeddings
         return cls(
-            layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
-            heads=text.num_attention_heads, kv_heads=text.num_key_value_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-            vocab=text.vocab_size, vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size,
+            **LanguageModel.fields(text),
+            vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size,
             vision_intermediate=vision.intermediate_size, image_size=vision.image_size, patch_size=vision.patch_size,
             channels=vision.num_channels,
             image_features=patches + (config.vision_feature_select_strategy == "full"),
@@ -192,23 +227,109 @@ class Architecture:
     def projector(self, features: int) -> float:
         return 2 * features * (self.vision_hidden * self.hidden + self.hidden * self.hidden)
 
-    def layer(self, queries: int, pairs: int, text_pairs: int) -> LayerFlops:
-        """One decoder layer over `queries` query tokens attending over `pairs` query-key pairs, of which
-        `text_pairs` have a text query and a text key (linear in all three, so sums over calls add up)."""
-        q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        per_pair = 4 * self.heads * self.head_dim
-        return LayerFlops(
-            projections=2 * queries * (2 * self.hidden * q_out + 2 * self.hidden * kv_out),
-            mlp=2 * queries * 3 * self.hidden * self.intermediate,
-            attention=per_pair * pairs,
-            vision_attention=per_pair * (pairs - text_pairs),
+
+QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# The pixel bounds of the checkpoints' own preprocessor_config.json (min, max), for a model conf that names none.
+QWEN_PROCESSOR_PIXELS = {"qwen2_vl": (3136, 12845056), "qwen2_5_vl": (3136, 12845056), "qwen3_vl": (65536, 16777216)}
+
+
+@dataclass(frozen=True)
+class QwenArchitecture(LanguageModel):
+    """What the FLOPs of Qwen2-VL, Qwen2.5-VL and Qwen3-VL depend on, for the images of one sample (dynamic resolution:
+    the vision tokens follow each image's size; a `Schedule` of it has `images=1`). The ViT embeds each patch with a
+    Conv3d over `temporal_patch_size` frames (a still image is one such pair), runs its blocks over each image's
+    patches (Qwen2.5-VL: within windows, except in the full-attention blocks), and its merger maps each `merge_size`²
+    patches to one LLM token; Qwen3-VL's DeepStack mergers do the same on the outputs of some blocks, for the first
+    decoder layers."""
+
+    vision_layers: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_mlp_matrices: int  # 2 (fc1, fc2) or 3 (SwiGLU: gate, up, down)
+    patch_size: int
+    temporal_patch_size: int
+    channels: int
+    merge_size: int
+    grids: tuple[tuple[int, int], ...]  # each image's patch rows and columns, after the processor's resize
+    window: int = 0  # Qwen2.5-VL: the side of an attention window in LLM tokens (0: no windows)
+    full_attention_blocks: tuple[int, ...] = ()  # Qwen2.5-VL: the blocks that attend over the whole image
+    deepstack_mergers: int = 0  # Qwen3-VL
+
+    @classmethod
+    def from_config(cls, config, grids: list[tuple[int, int]]) -> QwenArchitecture:
+        """`grids`: each image's patch rows and columns (a sample's `image_grid_thw[:, 1:]`, or `image_grid`)."""
+        vision = config.vision_config
+        qwen2 = config.model_type == "qwen2_vl"  # its ViT width is `embed_dim`; `hidden_size` is the merger's output
+        width = vision.embed_dim if qwen2 else vision.hidden_size
+        merge = vision.spatial_merge_size
+        return cls(
+            **LanguageModel.fields(config.text_config),
+            vision_layers=vision.depth, vision_hidden=width,
+            vision_intermediate=width * vision.mlp_ratio if qwen2 else vision.intermediate_size,
+            vision_mlp_matrices=3 if config.model_type == "qwen2_5_vl" else 2,
+            patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+            channels=vision.in_channels, merge_size=merge, grids=tuple((int(r), int(c)) for r, c in grids),
+            window=getattr(vision, "window_size", 0) // merge // vision.patch_size,
+            full_attention_blocks=tuple(getattr(vision, "fullatt_block_indexes", ())),
+            deepstack_mergers=len(getattr(vision, "deepstack_visual_indexes", ())),
         )
 
-    def lm_head(self, positions: int) -> float:
-        return 2 * positions * self.hidden * self.vocab
+    @property
+    def patches(self) -> int:
+        return sum(rows * columns for rows, columns in self.grids)
 
-    def kv_cache_bytes(self, cache_tokens: list[int], element_size: int) -> int:
-        return 2 * self.kv_heads * self.head_dim * sum(cache_tokens) * element_size
+    @property
+    def image_features(self) -> int:
+        """Vision tokens of the images in the prompt."""
+        return self.patches // self.merge_size**2
+
+    def vision_encoder(self) -> float:
+        """The images: the patch Conv3d, every ViT block, and the DeepStack mergers (all patches, whatever is
+        pruned)."""
+        d, patches = self.vision_hidden, self.patches
+        convolution = 2 * patches * self.channels * self.temporal_patch_size * self.patch_size**2 * d
+        linear = 2 * patches * (4 * d * d + self.vision_mlp_matrices * d * self.vision_intermediate)
+        attention = sum(4 * d * sum(n * n for n in self.attention_groups(block)) for block in range(self.vision_layers))
+        deepstack = self.deepstack_mergers * self.projector(self.image_features)
+        return convolution + self.vision_layers * linear + attention + deepstack
+
+    def attention_groups(self, block: int) -> list[int]:
+        """Patches attending to each other in ViT block `block`: each image, or (Qwen2.5-VL's windowed blocks) each
+        window of each image: windows of `window`² LLM tokens tile the merged grid from its top-left corner, cut at
+        the bottom and right edges."""
+        if not self.window or block in self.full_attention_blocks:
+            return [rows * columns for rows, columns in self.grids]
+        groups = []
+        for grid in self.grids:
+            rows, columns = (side // self.merge_size for side in grid)
+            spans = [[min(self.window, side - start) for start in range(0, side, self.window)]
+                     for side in (rows, columns)]
+            groups += [r * c * self.merge_size**2 for r in spans[0] for c in spans[1]]
+        return groups
+
+    def projector(self, features: int) -> float:
+        """The merger: the `merge_size`² patches of each LLM token concatenated, then two linear layers."""
+        merged = self.merge_size**2 * self.vision_hidden
+        return 2 * features * (merged * merged + merged * self.hidden)
+
+
+def image_grid(config, height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The patch rows and columns of a `height`×`width` image after the Qwen processor's `smart_resize`: each side
+    rounded to a multiple of patch × merge, the area brought within [min_pixels, max_pixels]."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    vision = config.vision_config
+    resized = smart_resize(height, width, vision.patch_size * vision.spatial_merge_size, min_pixels, max_pixels)
+    return resized[0] // vision.patch_size, resized[1] // vision.patch_size
+
+
+def model_architecture(config, grids: list[tuple[int, int]] | None = None) -> Architecture | QwenArchitecture:
+    """The architecture of a LLaVA or Qwen config; a Qwen one for a sample's images of `grids` patches."""
+    if config.model_type in QWEN_MODEL_TYPES:
+        if grids is None:
+            raise ConfigError(f"{config.model_type} has dynamic resolution: its FLOPs need the image sizes")
+        return QwenArchitecture.from_config(config, grids)
+    return Architecture.from_config(config)
 
 
 @dataclass
@@ -268,9 +389,18 @@ def static_vision_schedule(pruner: TokenPruner, num_vision: int, num_layers: int
     return schedule
 
 
+def vision_modules(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(vision tower, projector): LLaVA's CLIP tower and MLP projector, or a Qwen ViT and its merger (which runs
+    inside the ViT; the innermost module counts)."""
+    inner = model.model
+    if hasattr(inner, "visual"):
+        return inner.visual, inner.visual.merger
+    return inner.vision_tower, inner.multi_modal_projector
+
+
 class FlopCounter(FlopCounterMode):
-    """Counts every FLOP that runs inside the block on `model` (a `LlavaForConditionalGeneration`), split into
-    `prefill` and `decode` `PhaseFlops` of the whole batch.
+    """Counts every FLOP that runs inside the block on `model` (a LLaVA or Qwen-VL `...ForConditionalGeneration`), split
+    into `prefill` and `decode` `PhaseFlops` of the whole batch.
 
     A forward of the model whose KV cache already holds tokens is a decode step; everything else (including the
     vision tower, which generate() may run before the first forward) is prefill. The vision-related attention split
@@ -289,10 +419,11 @@ class FlopCounter(FlopCounterMode):
         self._handles: list = []
 
     def __enter__(self) -> FlopCounter:
-        llava = self.model.model
+        inner = self.model.model
+        vision_tower, projector = vision_modules(self.model)
         scopes: dict[torch.nn.Module, object] = {
-            llava.vision_tower: "vision", llava.multi_modal_projector: "projector", self.model.lm_head: "lm_head"}
-        for index, layer in enumerate(llava.language_model.layers):
+            vision_tower: "vision", projector: "projector", self.model.lm_head: "lm_head"}
+        for index, layer in enumerate(inner.language_model.layers):
             attention = layer.self_attn
             for projection in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
                 scopes[projection] = (index, "projections")
@@ -431,7 +562,8 @@ def cost_fields(records: list[dict], source: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- CLI
 OPTIONS = {"text_tokens": DEFAULT_TEXT_TOKENS, "decode_steps": 0, "results_dir": None, "output": "table",
-           "counter": None}
+           "counter": None, "model_config": None, "image": None, "min_pixels": None, "max_pixels": None}
+DEFAULT_IMAGE = "448x448"  # width x height of the image of a dynamic-resolution (Qwen) model
 COUNTERS = ("fvcore",)
 
 
@@ -479,10 +611,19 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
         raise ConfigError(f"counter must be one of {', '.join(COUNTERS)}, got {options['counter']!r}")
     if options["counter"] and options["results_dir"]:
         raise ConfigError("counter counts one prompt of its own: pass counter or results_dir, not both")
-    for key in ("text_tokens", "decode_steps"):
+    if options["counter"] and options["model_config"]:
+        raise ConfigError("counter loads the model of a conf (model=...): pass counter or model_config, not both")
+    for key in ("text_tokens", "decode_steps", "min_pixels", "max_pixels"):
+        if options[key] is None:  # pixel bounds left to the model conf
+            continue
         if not str(options[key]).isdigit():
             raise ConfigError(f"{key} must be a whole number, got {options[key]!r}")
         options[key] = int(options[key])
+    if options["image"] is not None:
+        width, _, height = options["image"].partition("x")
+        if not (width.isdigit() and height.isdigit() and int(width) and int(height)):
+            raise ConfigError(f"image must be WIDTHxHEIGHT in pixels (e.g. image={DEFAULT_IMAGE}), got "
+                              f"{options['image']!r}")
     return options, overrides
 
 
@@ -500,7 +641,14 @@ def report(options: dict, overrides: list[str]) -> dict:
     except HydraException as error:
         raise ConfigError(f"{error} (this command's own options: {', '.join(OPTIONS)})") from error
     pruner = build_pruner(cfg)
-    arch = Architecture.from_config(model_config(cfg.model))
+    config = shipped_config(options["model_config"]) if options["model_config"] else model_config(cfg.model)
+    name = Path(options["model_config"]).name.removesuffix(".json") if options["model_config"] else cfg.model.name
+    image = projected_image(config, options, cfg.model)
+    if image and (options["counter"] or options["results_dir"]):
+        # Both would need each sample's own image size: runs do not record it yet, the counter loads LLaVA prompts.
+        raise ConfigError(f"counter and results_dir project LLaVA-1.5 (fixed-size images); {name} is projected for "
+                          f"one image size: pass image=WIDTHxHEIGHT (and the method's budget) instead")
+    arch = model_architecture(config, image and [image["patch_grid"]])
     pruner.validate(arch.image_features, arch.layers)
     results_dir, text, steps = options["results_dir"], options["text_tokens"], options["decode_steps"]
     counted = None
@@ -517,12 +665,13 @@ def report(options: dict, overrides: list[str]) -> dict:
     pruned = projection(arch, vision, text, steps)
     return {
         "unit": UNIT,
-        "model": cfg.model.name,
+        "model": name,
         "method": cfg.method.get("label", cfg.method.name),
         "budget": {"tokens": pruner.budget.tokens, "convention": pruner.budget.convention,
                    "used": pruner.uses_budget},
         "source": source,
         "prompt": {"vision_tokens": arch.image_features, "text_tokens": text, "total": arch.image_features + text},
+        **({"image": image} if image else {}),
         "decode_steps": steps,
         "dense": dense,
         "pruned": pruned,
@@ -536,6 +685,40 @@ def report(options: dict, overrides: list[str]) -> dict:
         },
         **({"counted": counted} if counted else {}),
     }
+
+
+def shipped_config(name: str):
+    """`model_config=`: a config.json path, or the name of one shipped in harness/model_configs/ (no weights), read by
+    the config class its `model_type` names."""
+    from transformers import AutoConfig
+
+    from harness.models import MODEL_CONFIGS
+
+    path = Path(name) if name.endswith(".json") else MODEL_CONFIGS / f"{name}.json"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in MODEL_CONFIGS.glob("*.json")))
+        raise ConfigError(f"model_config={name}: no such config file; shipped: {shipped}, or a path to a config.json")
+    return AutoConfig.from_pretrained(path)
+
+
+def projected_image(config, options: dict, spec) -> dict | None:
+    """The image of a dynamic-resolution model: its size, its size after the processor's resize within the pixel
+    bounds (options, else the model conf's, else the checkpoint processor's), and its patch grid; None for a model
+    that resizes every image to one size."""
+    if config.model_type not in QWEN_MODEL_TYPES:
+        if any(options[key] is not None for key in ("image", "min_pixels", "max_pixels")):
+            raise ConfigError(f"image, min_pixels and max_pixels set the image of a dynamic-resolution model (Qwen); "
+                              f"{config.model_type} resizes every image to {config.vision_config.image_size} px")
+        return None
+    width, height = (int(side) for side in (options["image"] or DEFAULT_IMAGE).split("x"))
+    bounds = []
+    for key, default in zip(("min_pixels", "max_pixels"), QWEN_PROCESSOR_PIXELS[config.model_type], strict=True):
+        chosen = options[key] if options[key] is not None else spec.get(key)
+        bounds.append(default if chosen is None else chosen)
+    grid = image_grid(config, height, width, *bounds)
+    patch = config.vision_config.patch_size
+    return {"size": [width, height], "resized": [grid[1] * patch, grid[0] * patch], "patch_grid": list(grid),
+            "pixel_bounds": bounds}
 
 
 @torch.no_grad()
@@ -585,10 +768,14 @@ def _si(value: float | None) -> str:
 def format_table(report: dict) -> str:
     dense, pruned, ratio, prompt, budget = (report[k] for k in ("dense", "pruned", "ratio", "prompt", "budget"))
     method = report["method"]
+    image = report.get("image")
     lines = [
         f"{report['model']}: {prompt['total']}-token prompt ({prompt['vision_tokens']} vision + {prompt['text_tokens']}"
         f" text); {method}" + (f" budget={budget['tokens']} ({budget['convention']})" if budget["used"] else "")
         + f"; {report['source']}; T̄_in = {pruned['mean_vision_tokens']:.1f}",
+        *([f"image {'x'.join(map(str, image['size']))} px, resized to {'x'.join(map(str, image['resized']))} "
+           f"(pixel bounds {image['pixel_bounds'][0]}..{image['pixel_bounds'][1]}) = "
+           f"{image['patch_grid'][1]}x{image['patch_grid'][0]} patches"] if image else []),
         f"{UNIT}. Not projected: the method's own work (counted in runs and by harness.bench).",
         f"{'':36}{'dense':>13}{method:>13}{'ratio':>8}",
     ]

@@ -114,7 +114,9 @@ class Prunebench(lmms):
             out = loaded.model.generate(**inputs, **options, return_dict_in_generate=True, output_logits=True)
         method_fields = [pruner.record(row) if runtime.active else {} for row in range(len(batch))]
         schedule = flops.executed_schedule(runtime, timer.decode_steps)
-        architecture = flops.Architecture.from_config(loaded.model.config)
+        # Dynamic-resolution models: the image sizes the processor chose (one sample per batch there).
+        grids = [tuple(grid) for grid in inputs["image_grid_thw"][:, 1:].tolist()] if "image_grid_thw" in inputs else []
+        architecture = flops.model_architecture(loaded.model.config, grids)
         if self.cfg.flops == "counted":  # an untimed replay, after the timed run (whose method state is read above)
             prefill, decode = flops.count_generation(loaded.model, pruner, inputs, [item[1] for item in batch],
                                                      **options)

@@ -33,6 +33,9 @@ from harness.evaluate import ROOT
 from methods.base import ConfigError
 
 SUPPORTED_ARCHITECTURES = tuple(SUPPORTED_MODELS)
+# What `AutoProcessor` reads from a checkpoint directory, by what it is: any one of the names will do.
+PROCESSOR_FILES = {"a tokenizer": ("tokenizer.json", "tokenizer.model"),
+                   "an image processor config": ("preprocessor_config.json", "processor_config.json")}
 # The configs of supported Hub checkpoints (no weights), for FLOP projections and random-weight benchmarks.
 MODEL_CONFIGS = ROOT / "harness" / "model_configs"
 
@@ -95,6 +98,13 @@ def checkpoint_dir(spec: DictConfig) -> Path:
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelNotAvailable(f"model.path={path} has no config.json: it is not a Hugging Face checkpoint")
+        missing = [f"{what} ({' or '.join(names)})" for what, names in PROCESSOR_FILES.items()
+                   if not any(os.path.isfile(os.path.join(path, name)) for name in names)]
+        if missing:  # converted checkpoints often ship weights and config only; AutoProcessor would fail after them
+            raise ModelNotAvailable(
+                f"model.path={path} has no processor files: {', '.join(missing)} missing. Save the processor of "
+                f"the checkpoint it was converted from into it, e.g.:\n  python -c \"from transformers import "
+                f"AutoProcessor; AutoProcessor.from_pretrained('llava-hf/llava-1.5-7b-hf').save_pretrained('{path}')\"")
         return Path(path)
     from huggingface_hub import try_to_load_from_cache
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 RESULT, SAMPLES, STARTED = "result.json", "samples.jsonl", "config.json"
+REFUSED = "refused.json"  # in place of result.json: the configuration the method refused, and why
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -4,6 +4,8 @@ Nothing is lost when a run dies: each finished sample is appended (and fsync'ed)
 same configuration resumes after the last complete line, and result.json is written atomically at the end. Rerunning
 a finished configuration is skipped unless `force=true`. Jobs that map to one directory (a method that ignores the
 budget, swept over budgets by a parallel launcher) run one at a time: the later one finds the run finished.
+A configuration the method refuses (e.g. a budget its schedule cannot reach on this model) leaves `refused.json`, its
+config and the reason, where its result would have gone, so that a sweep's leaderboard lists it.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from harness import flops
-from harness.config import validate
+from harness.config import Refusal, validate
 from harness.evaluate import Evaluation, evaluate
 from harness.lmms import Prunebench
-from harness.results import RESULT, SAMPLES, STARTED, read_samples, write_json_atomic, write_record
+from harness.results import REFUSED, RESULT, SAMPLES, STARTED, read_samples, write_json_atomic, write_record
 from harness.tracking import log_run
 from methods.base import ConfigError, TokenPruner
 
@@ -55,7 +57,11 @@ def one_job_at_a_time(out: Path, world: int) -> Iterator[None]:
 
 
 def run(cfg: DictConfig) -> Path:
-    pruner = validate(cfg)
+    try:
+        pruner = validate(cfg)
+    except Refusal as refusal:
+        record_refusal(cfg, refusal)
+        raise
     config = OmegaConf.to_container(cfg, resolve=True)
     if not pruner.uses_budget:  # a budget the method ignores changes nothing: one run serves every budget
         config["budget"], config["budget_convention"] = None, "exact"
@@ -64,6 +70,17 @@ def run(cfg: DictConfig) -> Path:
     out = result_dir(cfg, pruner)
     with one_job_at_a_time(out, world):
         return run_in(out, cfg, pruner, config, rank, world)
+
+
+def record_refusal(cfg: DictConfig, refusal: Refusal) -> None:
+    """`refused.json` in the configuration's result directory, unless a finished run already holds it."""
+    out = result_dir(cfg, refusal.pruner)
+    if (out / RESULT).exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / REFUSED, {"method": cfg.method.get("label", cfg.method.name), "model": cfg.model.name,
+                                      "task": cfg.task.name, "reason": str(refusal),
+                                      "config": OmegaConf.to_container(cfg, resolve=True)})
 
 
 def run_in(out: Path, cfg: DictConfig, pruner: TokenPruner, config: dict, rank: int, world: int) -> Path:
@@ -83,6 +100,7 @@ def run_in(out: Path, cfg: DictConfig, pruner: TokenPruner, config: dict, rank: 
         for name in (RESULT, SAMPLES, STARTED):
             (out / name).unlink(missing_ok=True)
     write_json_atomic(started, {"config_key": key, "config": config})
+    (out / REFUSED).unlink(missing_ok=True)  # this configuration runs: an earlier one's refusal no longer holds
     shard = out / (SAMPLES if world == 1 else f"samples.rank{rank}.jsonl")
     done = {r["id"]: r for r in read_samples(shard, repair=True)}
     for other in [out / SAMPLES, *out.glob("samples.rank*.jsonl")]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,6 +184,15 @@ def test_cli_writes_the_figures_and_the_numbers(tmp_path, capsys):
     assert len(result["vision_attention"]["tokens"]) == 4 and len(result["value_l1_norms"][0]) == 576
     assert result["pruning"]["vision_tokens_per_layer"] == [576, 576, 64, 64]
     assert len(result["pruning"]["kept_patches"]["2"]) == 64
+
+
+def test_no_arguments_analyse_the_default_tasks_first_question_with_the_default_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default output_dir, results/, relative to the working directory
+    out = analyze.run([])
+    assert out == Path("results") / "analysis" / "tiny_trained" / "synthetic-0_visipruner"
+    result = json.loads((out / "analysis.json").read_text())
+    assert result["input"]["question"] == synthetic_samples(1, seed=1)[0].question  # the shipped split's seed
+    assert result["method"] == {"name": "visipruner", "budget": "none"} and len(result["logit_lens"]) == 8
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -34,6 +34,9 @@ CASES = [
     (["method=random", "budget=64", "method.positions=shuffled"], "positions must be 'original' or 'compact'"),
     (["method=random", "budget=192", "budget_convention=average", "method.k=7"], "unreachable"),
     (["batch_size=0"], "batch_size must be a positive whole number"),
+    (["method=visipruner", "batch_size=4"], "method visipruner supports batch size 1 only (it decides per sample); "
+                                            "set batch_size=1, got 4"),
+    (["method=sparsevlm", "budget=64", "batch_size=2"], "method sparsevlm supports batch size 1 only"),
     (["model=llava7b"], "huggingface-cli download llava-hf/llava-1.5-7b-hf"),
     (["model=llava13b", "model.path=/nonexistent/dir"], "are not on this machine"),
     (["model=tiny_trained", "model.path=./no/such/dir"], "Make it with: python -m harness.train_tiny"),
@@ -45,6 +48,22 @@ def test_bad_input_is_refused_with_the_valid_choices(overrides, message):
     with pytest.raises(ConfigError) as error:
         check_overrides(overrides)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("present", [[], ["tokenizer.json"]])
+def test_a_checkpoint_directory_without_processor_files_is_refused_before_loading(tmp_path, present):
+    # Weights and config only, as converted checkpoints often come: AutoProcessor would fail after the weights loaded.
+    for name in ["config.json", *present]:
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(ConfigError) as error:
+        check_overrides(["model=llava7b", f"model.path={tmp_path}"])
+    missing = ["an image processor config (preprocessor_config.json or processor_config.json)"]
+    if not present:
+        missing.insert(0, "a tokenizer (tokenizer.json or tokenizer.model)")
+    assert str(error.value) == (
+        f"model.path={tmp_path} has no processor files: {', '.join(missing)} missing. Save the processor of the "
+        "checkpoint it was converted from into it, e.g.:\n  python -c \"from transformers import AutoProcessor; "
+        f"AutoProcessor.from_pretrained('llava-hf/llava-1.5-7b-hf').save_pretrained('{tmp_path}')\"")
 
 
 def test_good_input_passes():
