@@ -55,15 +55,18 @@ class ProbeResult:
     attention: torch.Tensor  # (B, H, q, keys) post-softmax probabilities, in the model's dtype
     values: torch.Tensor | None  # (B, H, keys, head_dim), key/value heads repeated to H
     output: torch.Tensor | None = None  # (B, q, H * head_dim): the layer's own attention output rows, before o_proj
+    keys: torch.Tensor | None = None  # (B, kv_heads, keys, head_dim): the layer's keys after RoPE, as cached
 
 
 @dataclass
 class VisionProbe:
-    """The vision tower's feature layer (the one LLaVA reads), for pre-LLM methods."""
+    """One vision-tower layer, for pre-LLM methods: the feature layer (the one LLaVA reads) unless the method's
+    `vision_probe_layer` names another."""
 
     hidden: torch.Tensor  # (images, 1 + patches, d_vision): the layer's output, CLS first
     cls_attention: torch.Tensor  # (images, heads, 1 + patches): softmax attention of the CLS query
     keys: torch.Tensor  # (images, heads, 1 + patches, head_dim): the layer's keys (k_proj output, per head)
+    cls_query: torch.Tensor | None = None  # (images, heads, 1, head_dim): the CLS query (q_proj output, unscaled)
 
 
 @dataclass
@@ -84,6 +87,8 @@ class PruneState:
     attention_preview: Callable[[torch.Tensor], torch.Tensor] | None = None
     #: `rotary(positions)`: the model's RoPE (cos, sin), each (B, n, head_dim), at (B, n) position ids
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: `final_norm(hidden)`: the language model's last norm (the one before lm_head), e.g. for DART's duplication
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -165,11 +170,13 @@ class PruningRuntime:
                 self._handles.append(projector.register_forward_pre_hook(self._reduce_features))
             self._handles.append(projector.register_forward_hook(self._reduce_embeddings))
             if self.pruner.needs_vision_probe:
-                feature_layer = self.model.config.vision_feature_layer
-                if not isinstance(feature_layer, int):
+                probed_layer = self.pruner.vision_probe_layer
+                if probed_layer is None:
+                    probed_layer = self.model.config.vision_feature_layer
+                if not isinstance(probed_layer, int):
                     raise ConfigError("the vision probe needs a single vision_feature_layer")
                 tower = self.llava.vision_tower
-                encoder_layer = getattr(tower, "vision_model", tower).encoder.layers[feature_layer]
+                encoder_layer = getattr(tower, "vision_model", tower).encoder.layers[probed_layer]
                 self._handles.append(encoder_layer.self_attn.register_forward_pre_hook(
                     self._probe_vision_attention, with_kwargs=True))
                 self._handles.append(encoder_layer.register_forward_hook(self._probe_vision_output))
@@ -221,6 +228,7 @@ class PruningRuntime:
             positions=positions.expand(batch, -1),
             input_ids=input_ids,
             rotary=self._rotary,
+            final_norm=self.lm.norm,
         )
         self._pos_emb = None
         if self.active and self.recorder is not None:
@@ -494,22 +502,25 @@ class PruningRuntime:
         if edit is None:
             output, weights = base_fn(module, query, key, value, attention_mask, **kwargs)
             # Eager hands back its own probabilities: the probe reads them; sdpa does not: the probe computes them.
-            self._timed(lambda: self._store_probe(layer, probe, _rows(weights, probe.queries) if weights is not None
+            self._timed(lambda: self._store_probe(layer, probe, None if probe.queries is None
+                                                  else _rows(weights, probe.queries) if weights is not None
                                                   else _softmax_rows(query, keys, attention_mask, scaling,
-                                                                     probe.queries), values, output))
+                                                                     probe.queries), values, output, key))
             return output, weights
         # An edited layer is computed explicitly (eager arithmetic); every other layer keeps the model's backend.
         probs = self._timed(edit, _softmax_rows(query, keys, attention_mask, scaling, rows=None), self.state)
         output = (probs @ values).transpose(1, 2).contiguous()
         if probe is not None:
-            self._store_probe(layer, probe, _rows(probs, probe.queries), values, output)
+            rows = None if probe.queries is None else _rows(probs, probe.queries)
+            self._store_probe(layer, probe, rows, values, output, key)
         return output, None
 
-    def _store_probe(self, layer: int, probe: Probe, attention: torch.Tensor, values: torch.Tensor,
-                     output: torch.Tensor) -> None:
+    def _store_probe(self, layer: int, probe: Probe, attention: torch.Tensor | None, values: torch.Tensor,
+                     output: torch.Tensor, keys: torch.Tensor) -> None:
         batch = torch.arange(output.shape[0], device=output.device)[:, None]
-        rows = output[batch, probe.queries].flatten(2)  # (B, q, H * head_dim)
-        self.state.probes[layer] = ProbeResult(probe.queries, attention, values if probe.values else None, rows)
+        rows = None if probe.queries is None else output[batch, probe.queries].flatten(2)  # (B, q, H * head_dim)
+        self.state.probes[layer] = ProbeResult(probe.queries, attention, values if probe.values else None, rows,
+                                               keys if probe.keys else None)
 
     # ------------------------------------------------------------------ results
     def vision_tokens_per_layer(self) -> torch.Tensor:
@@ -518,12 +529,13 @@ class PruningRuntime:
 
 
 def _cls_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A CLIP attention layer's softmax row of the CLS query and its keys, from the layer's normed input."""
+    """A CLIP attention layer's softmax row of the CLS query, that query and its keys, from the layer's normed
+    input."""
     shape = (*hidden.shape[:2], -1, attention.head_dim)
     queries = attention.q_proj(hidden[:, :1]).view(hidden.shape[0], 1, -1, attention.head_dim).transpose(1, 2)
     keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
     scores = (queries @ keys.transpose(-1, -2)).float() * attention.scale
-    return {"cls_attention": scores.softmax(-1).to(hidden.dtype)[:, :, 0], "keys": keys}
+    return {"cls_attention": scores.softmax(-1).to(hidden.dtype)[:, :, 0], "keys": keys, "cls_query": queries}
 
 
 def _base_attention(base: str):

@@ -97,10 +97,12 @@ class Selection:
 class Probe:
     """Record softmax attention rows of `queries` ((B, q) indices into the current sequence) in one layer, averaged
     over nothing: the result is (B, heads, q, keys). `values=True` also records the layer's value vectors
-    (B, heads, keys, head_dim), repeated over query-head groups."""
+    (B, heads, keys, head_dim), repeated over query-head groups; `keys=True` its keys after RoPE (B, kv_heads, keys,
+    head_dim), as the KV cache holds them. `queries=None` records no attention rows (keys or values only)."""
 
-    queries: torch.Tensor
+    queries: torch.Tensor | None
     values: bool = False
+    keys: bool = False
 
 
 AttentionEdit = Callable[[torch.Tensor, "PruneState"], torch.Tensor]
@@ -120,6 +122,8 @@ class TokenPruner:
     needs_vision_probe: ClassVar[bool] = False
     #: whether `reduce_image_embeddings` reads each sample's question text (the caller passes it to `prune()`)
     needs_question: ClassVar[bool] = False
+    #: the vision-tower layer the `VisionProbe` records (None: the feature layer LLaVA reads; -1: the last layer)
+    vision_probe_layer: ClassVar[int | None] = None
     #: per-sample numbers from `record()` whose means go into result.json (`method_stats`)
     record_keys: ClassVar[tuple[str, ...]] = ()
     #: RoPE positions of surviving tokens: kept original (FastV) or renumbered contiguously (SparseVLM, PDrop)

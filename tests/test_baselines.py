@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness.cost import returned_cache
-from harness.runtime import ProbeResult, PruneState, VisionProbe, prune
+from harness.runtime import ProbeResult, PruneState, PruningRuntime, VisionProbe, prune
 from methods import Budget, ConfigError, FastV, PDrop, Probe, SparseVLM, TokenPruner, VisionZip
 from methods.sparsevlm import density_peak_merge
 from tests.conftest import tiny_model
@@ -158,10 +158,16 @@ METHODS_THAT_ONLY_DROP = {
 @torch.no_grad()
 @pytest.mark.parametrize("method", sorted(METHODS_THAT_ONLY_DROP))
 def test_drop_only_methods_equal_their_attention_mask_reference(eight_layers, images, method):
-    model = eight_layers.model
-    inputs = eight_layers.inputs(images[:1], [QUESTION])
+    assert_equals_attention_mask_reference(eight_layers, images, METHODS_THAT_ONLY_DROP[method]())
+
+
+def assert_equals_attention_mask_reference(loaded, images, pruner: TokenPruner) -> PruningRuntime:
+    """A drop-only method's physically pruned run (logits, KV caches, generation) equals the model that keeps every
+    token but hides the dropped ones' keys in the same layers."""
+    model = loaded.model
+    inputs = loaded.inputs(images[:1], [QUESTION])
     n = inputs["input_ids"].shape[1]
-    with prune(model, METHODS_THAT_ONLY_DROP[method](), sample_ids=["s"]) as runtime:
+    with prune(model, pruner, sample_ids=["s"]) as runtime:
         out = model(**inputs, use_cache=True)
         tokens, _ = generate(model, inputs)
     kept = [record.orig_index[0] for record in runtime.layers]
@@ -173,6 +179,7 @@ def test_drop_only_methods_equal_their_attention_mask_reference(eight_layers, im
         reference_tokens, _ = generate(model, inputs)
     assert (out.logits[0] - reference[0, kept[-1]]).abs().max() <= 1e-4
     assert torch.equal(tokens, reference_tokens)
+    return runtime
 
 
 @torch.no_grad()

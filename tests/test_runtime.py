@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness.cost import forward_cache, returned_cache
-from harness.runtime import prune
+from harness.runtime import PruningRuntime, prune
 from methods import Budget, Probe, RandomPruner, Selection, TokenPruner
 from tests.conftest import tiny_model
 
@@ -156,29 +156,38 @@ class AverageAdjacentFeatures(TokenPruner):
 
 @torch.no_grad()
 def test_pre_llm_reduction_equals_a_shorter_input(tiny, images):
-    inputs = tiny.inputs(images[:1], [QUESTION])
-    with prune(tiny.model, AverageAdjacentFeatures(positions="compact")) as runtime:
-        logits = tiny.model(**inputs).logits
-        tokens, _ = generate(tiny.model, inputs)
+    runtime = assert_equals_a_shorter_input(
+        tiny, images, AverageAdjacentFeatures(positions="compact"),
+        lambda features: AverageAdjacentFeatures().reduce_image_features(features, None))
     assert runtime.vision_tokens_per_layer().tolist() == [[288] * 4]
 
-    # Reference: the same reduction as a plain projector hook, on a prompt with 288 <image> placeholders.
-    image_id = tiny.model.config.image_token_id
+
+def assert_equals_a_shorter_input(loaded, images, pruner: TokenPruner, reduce) -> PruningRuntime:
+    """A pre-LLM reduction run by the runtime equals `reduce` (features -> the same reduced features) as a plain
+    projector hook on a prompt that only ever had as many <image> placeholders as reduced tokens."""
+    inputs = loaded.inputs(images[:1], [QUESTION])
+    with prune(loaded.model, pruner, sample_ids=["s"]) as runtime:
+        logits = loaded.model(**inputs).logits
+        tokens, _ = generate(loaded.model, inputs)
+    count = runtime.vision_tokens_per_layer()[0, 0].item()
+    assert runtime.vision_tokens_per_layer().tolist() == [[count] * len(runtime.layers)] and count < 576
+
+    image_id = loaded.model.config.image_token_id
     ids = inputs["input_ids"][0]
     first = int((ids == image_id).nonzero()[0])
-    short_ids = torch.cat([ids[: first + 288], ids[first + 576:]])[None]
+    short_ids = torch.cat([ids[: first + count], ids[first + 576:]])[None]
     short = {"input_ids": short_ids, "attention_mask": torch.ones_like(short_ids),
              "pixel_values": inputs["pixel_values"]}
-    projector = tiny.model.model.multi_modal_projector
-    handle = projector.register_forward_pre_hook(
-        lambda module, args: (AverageAdjacentFeatures().reduce_image_features(args[0], None),))
+    projector = loaded.model.model.multi_modal_projector
+    handle = projector.register_forward_pre_hook(lambda module, args: (reduce(args[0]),))
     try:
-        reference = tiny.model(**short).logits
-        reference_tokens, _ = generate(tiny.model, short)
+        reference = loaded.model(**short).logits
+        reference_tokens, _ = generate(loaded.model, short)
     finally:
         handle.remove()
     assert (logits - reference).abs().max() <= 1e-5
     assert torch.equal(tokens[0, ids.numel():], reference_tokens[0, short_ids.shape[1]:])
+    return runtime
 
 
 @torch.no_grad()
