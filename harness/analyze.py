@@ -173,10 +173,12 @@ def cosine_drops(probes: dict[int, ProbeResult], vision: torch.Tensor) -> tuple[
     return 1 - lowest.values, lowest.indices
 
 
-def method_pass(loaded: LoadedModel, inputs: dict, pruner: TokenPruner, sample_id: str) -> tuple[list[int], dict]:
+def method_pass(loaded: LoadedModel, inputs: dict, pruner: TokenPruner, sample_id: str,
+                question: str) -> tuple[list[int], dict]:
     """The method's prefill: vision tokens entering each layer, and its selection record (pre-LLM reductions and
     merges included)."""
-    with prune(loaded.model, pruner, sample_ids=[sample_id], record=True) as runtime:
+    with prune(loaded.model, pruner, sample_ids=[sample_id], record=True,
+               questions=[question]) as runtime:
         loaded.model(**inputs)
     return runtime.vision_tokens_per_layer()[0].tolist(), runtime.recorder.record(0)
 
@@ -199,7 +201,8 @@ def analyze(loaded: LoadedModel, request: Request, pruner: TokenPruner | None) -
         cosine_drop=drop.float().cpu(), drop_token=drop_token.cpu(),
     )
     if pruner is not None:
-        insight.vision_tokens, insight.selections = method_pass(loaded, inputs, pruner, request.source)
+        insight.vision_tokens, insight.selections = method_pass(loaded, inputs, pruner, request.source,
+                                                                  request.question)
     return insight
 
 

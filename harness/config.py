@@ -134,6 +134,8 @@ def validate(cfg: DictConfig) -> TokenPruner:
         raise Refusal(str(error), pruner) from None
     if cfg.model.source == "hf":
         models.checkpoint_dir(cfg.model)
+    if type(pruner).check_model is not TokenPruner.check_model:
+        pruner.check_model(models.model_config(cfg.model))
     check_task(cfg.task)
     return pruner
 

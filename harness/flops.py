@@ -519,11 +519,11 @@ def executed_schedule(runtime: PruningRuntime, decode_steps: int) -> Schedule:
 
 # ---------------------------------------------------------------------------------------------------- runs
 @torch.no_grad()
-def count_generation(model, pruner: TokenPruner, inputs: dict, sample_ids: list,
+def count_generation(model, pruner: TokenPruner, inputs: dict, sample_ids: list, questions: list[str] | None = None,
                      **generate_options) -> tuple[PhaseFlops, PhaseFlops]:
     """Replay a batch's generation (the timed run's `generate_options`) under the counter: (prefill, decode) FLOPs
     per sample."""
-    with prune(model, pruner, sample_ids) as runtime, FlopCounter(model, runtime) as counter:
+    with prune(model, pruner, sample_ids, questions=questions) as runtime, FlopCounter(model, runtime) as counter:
         model.generate(**inputs, **generate_options)
     rows = inputs["input_ids"].shape[0]
     return counter.prefill.scaled(1 / rows), counter.decode.scaled(1 / rows)

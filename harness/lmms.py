@@ -103,13 +103,15 @@ class Prunebench(lmms):
         loaded, pruner = self.loaded, self.pruner
         _, _, _, gen_kwargs, visuals, _ = batch[0]
         images = [list(visual) for *_, visual, _ in batch] if visuals else None  # the adapter says how many it takes
-        inputs = loaded.inputs(images, [context for _, _, context, *_ in batch])
+        questions = [context for _, _, context, *_ in batch]
+        inputs = loaded.inputs(images, questions)
         sampling = bool(gen_kwargs.get("do_sample")) and gen_kwargs.get("temperature", 0) > 0
         options = {"max_new_tokens": gen_kwargs.get("max_new_tokens", 32), "do_sample": sampling}
         if sampling:
             options.update(temperature=gen_kwargs["temperature"], top_p=gen_kwargs.get("top_p") or 1.0)
         with prune(loaded.model, pruner, sample_ids=[sample_id for _, sample_id, *_ in batch],
-                   record=self.cfg.record_selections and loaded.adapter.fixed_vision_tokens) as runtime, \
+                   record=self.cfg.record_selections and loaded.adapter.fixed_vision_tokens,
+                   questions=questions) as runtime, \
                 ForwardTimer(loaded.model) as timer:
             out = loaded.model.generate(**inputs, **options, return_dict_in_generate=True, output_logits=True)
         method_fields = [pruner.record(row) if runtime.active else {} for row in range(len(batch))]
@@ -119,7 +121,7 @@ class Prunebench(lmms):
         architecture = flops.model_architecture(loaded.model.config, grids)
         if self.cfg.flops == "counted":  # an untimed replay, after the timed run (whose method state is read above)
             prefill, decode = flops.count_generation(loaded.model, pruner, inputs, [item[1] for item in batch],
-                                                     **options)
+                                                     questions, **options)
         else:
             prefill, decode = flops.project(architecture, schedule)
             if self.cfg.flops == "fvcore":  # an untimed traced prefill replaces the projected one

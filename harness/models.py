@@ -86,23 +86,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def checkpoint_dir(spec: DictConfig) -> Path:
-    """The local directory of an `hf` model's checkpoint, or ModelNotAvailable saying how to get it."""
+def checkpoint_dir(spec: DictConfig, option: str = "model.path") -> Path:
+    """The local directory of an `hf` model's checkpoint, or ModelNotAvailable saying how to get it (`option`: the
+    setting that points to it)."""
     path = os.path.expanduser(spec.path)
     if (ROOT / path).is_dir():  # a directory under the repository root, whatever the working directory
         path = str(ROOT / path)
     if path.startswith((os.sep, ".")) and not os.path.isdir(path):
         made_by = f" Make it with: {spec.made_by}, or point" if spec.get("made_by") else " Point"
-        raise ModelNotAvailable(f"model.path={path} does not exist; the weights of model '{spec.name}' are not on "
-                                f"this machine.{made_by} model.path at a local checkpoint directory.")
+        raise ModelNotAvailable(f"{option}={path} does not exist; the weights of model '{spec.name}' are not on "
+                                f"this machine.{made_by} {option} at a local checkpoint directory.")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ModelNotAvailable(f"model.path={path} has no config.json: it is not a Hugging Face checkpoint")
+            raise ModelNotAvailable(f"{option}={path} has no config.json: it is not a Hugging Face checkpoint")
         missing = [f"{what} ({' or '.join(names)})" for what, names in PROCESSOR_FILES.items()
                    if not any(os.path.isfile(os.path.join(path, name)) for name in names)]
         if missing:  # converted checkpoints often ship weights and config only; AutoProcessor would fail after them
             raise ModelNotAvailable(
-                f"model.path={path} has no processor files: {', '.join(missing)} missing. Save the processor of "
+                f"{option}={path} has no processor files: {', '.join(missing)} missing. Save the processor of "
                 f"the checkpoint it was converted from into it, e.g.:\n  python -c \"from transformers import "
                 f"AutoProcessor; AutoProcessor.from_pretrained('llava-hf/llava-1.5-7b-hf').save_pretrained('{path}')\"")
         return Path(path)
@@ -114,7 +115,7 @@ def checkpoint_dir(spec: DictConfig) -> Path:
     raise ModelNotAvailable(
         f"the weights of model '{spec.name}' ({path}) are not on this machine, and runs never download them.\n"
         f"  Download them once with:  huggingface-cli download {path}\n"
-        f"  or point to a local copy:  model.path=/path/to/checkpoint  (a directory with config.json and weights)"
+        f"  or point to a local copy:  {option}=/path/to/checkpoint  (a directory with config.json and weights)"
     )
 
 

@@ -7,8 +7,9 @@ tower and projector are, which ids are vision tokens), so every supported family
 them on exit. During prefill it:
 
 - locates the vision tokens from the model's image token id (never from fixed offsets), and each image's run of them;
-- lets a pre-LLM method reduce the vision features before the projector (the freed placeholder slots are dropped
-  before decoder layer 0, so the language model sees exactly the shorter sequence);
+- lets a pre-LLM method reduce the vision features before the projector, or the projected embeddings after it (the
+  freed placeholder slots are dropped before decoder layer 0, so the language model sees exactly the shorter
+  sequence);
 - before each decoder layer, applies the pruner's `Selection`: it physically gathers the hidden states, the
   4-D mask and the RoPE positions (kept original, or renumbered contiguously as a shorter input would get them),
   with as many position rows as the model's RoPE takes (M-RoPE: the (3, B, n) ids the model computed), and on
@@ -134,8 +135,9 @@ class LayerRecord:
 class PruningRuntime:
     """Installed by `prune()`; holds the hooks and the per-prefill state."""
 
-    def __init__(self, model, pruner: TokenPruner, sample_ids: list | None = None, record: bool = False):
-        self.model, self.pruner, self.sample_ids = model, pruner, sample_ids
+    def __init__(self, model, pruner: TokenPruner, sample_ids: list | None = None, record: bool = False,
+                 questions: list[str] | None = None):
+        self.model, self.pruner, self.sample_ids, self.questions = model, pruner, sample_ids, questions
         #: with `record`: the patches behind every vision token, wherever they change (`harness.records`)
         self.recorder = SelectionRecorder.for_model(model.config) if record else None
         self.adapter = adapter_for(model)
@@ -161,6 +163,8 @@ class PruningRuntime:
 
     # ------------------------------------------------------------------ install / remove
     def __enter__(self) -> PruningRuntime:
+        if self.pruner.needs_question and self.questions is None:
+            raise ValueError(f"method {self.pruner.name} reads the question text: pass questions= to prune()")
         base = self.pruner.attention_backend or self.text_config._attn_implementation or "sdpa"
         if base not in SUPPORTED_BACKENDS:
             raise ConfigError(
@@ -171,10 +175,13 @@ class PruningRuntime:
         self._token = _ACTIVE.set(self)
         self._handles.append(self.multimodal.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         self._handles.append(self.lm.register_forward_pre_hook(self._on_language_model_call, with_kwargs=True))
-        if type(self.pruner).reduce_image_features is not TokenPruner.reduce_image_features:
+        reduces_features = type(self.pruner).reduce_image_features is not TokenPruner.reduce_image_features
+        self._reduces_embeddings = type(self.pruner).reduce_image_embeddings is not TokenPruner.reduce_image_embeddings
+        if reduces_features or self._reduces_embeddings:
             projector = self.adapter.projector(self.model)
-            self._handles.append(projector.register_forward_pre_hook(self._reduce_features))
-            self._handles.append(projector.register_forward_hook(self._pad_reduced_features))
+            if reduces_features:
+                self._handles.append(projector.register_forward_pre_hook(self._reduce_features))
+            self._handles.append(projector.register_forward_hook(self._reduce_embeddings))
             if self.pruner.needs_vision_probe:
                 feature_layer = self.model.config.vision_feature_layer
                 if not isinstance(feature_layer, int):
@@ -290,18 +297,32 @@ class PruningRuntime:
     def _probe_vision_output(self, module, args, output):
         self._vision_probe["hidden"] = output[0] if isinstance(output, tuple) else output
 
-    def _reduce_features(self, module, args):
+    def _vision(self) -> VisionProbe | None:
         # generate() may run the vision tower before the model call that starts the prefill: use no prefill state.
-        vision = VisionProbe(**self._vision_probe) if self.pruner.needs_vision_probe else None
-        reduced = self._timed(self.pruner.reduce_image_features, args[0], vision)
-        if reduced is None:
-            return None
-        self._image_slots, self._reduced_slots = args[0].shape[1], reduced.shape[1]
+        return VisionProbe(**self._vision_probe) if self.pruner.needs_vision_probe else None
+
+    def _reduced(self, slots_in: int, reduced: torch.Tensor) -> None:
+        """Note a pre-LLM reduction from `slots_in` to `reduced.shape[1]` tokens per image; the slots of the
+        model's <image> placeholders stay those before the first reduction of this prefill."""
+        if self._reduced_slots is None:
+            self._image_slots = slots_in
+        self._reduced_slots = reduced.shape[1]
         if self.recorder is not None:
             self.recorder.reduce(self.pruner.sources, reduced.shape[1], reduced.shape[0])
+
+    def _reduce_features(self, module, args):
+        reduced = self._timed(self.pruner.reduce_image_features, args[0], self._vision())
+        if reduced is None:
+            return None
+        self._reduced(args[0].shape[1], reduced)
         return (reduced, *args[1:])
 
-    def _pad_reduced_features(self, module, args, output):
+    def _reduce_embeddings(self, module, args, output):
+        if self._reduces_embeddings:
+            reduced = self._timed(self.pruner.reduce_image_embeddings, output, self._vision(), self.questions)
+            if reduced is not None:
+                self._reduced(output.shape[1], reduced)
+                output = reduced
         if self._reduced_slots is None:
             return None
         # The model scatters features into every <image> placeholder; fill the freed slots with zeros and drop
@@ -616,8 +637,9 @@ def _register_attention(base: str) -> str:
 
 @contextlib.contextmanager
 def prune(model, pruner: TokenPruner, sample_ids: list | None = None,
-          record: bool = False) -> Iterator[PruningRuntime]:
-    """Run `model` (any supported class) with `pruner` inside the block; with `record`, the runtime's
-    `recorder` keeps each sample's selections."""
-    with PruningRuntime(model, pruner, sample_ids, record) as runtime:
+          record: bool = False, questions: list[str] | None = None) -> Iterator[PruningRuntime]:
+    """Run `model` (any supported class) with `pruner` inside the block; with `record`, the runtime's `recorder`
+    keeps each sample's selections. `questions`: each sample's question text, for methods that read it
+    (`needs_question`)."""
+    with PruningRuntime(model, pruner, sample_ids, record, questions) as runtime:
         yield runtime

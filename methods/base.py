@@ -10,12 +10,13 @@ During one prefill the runtime calls, for each decoder layer `l` in order:
 3. `attention_edit(l, state)`: a function applied to layer `l`'s post-softmax attention probabilities, or None.
 
 `begin(state)` opens each prefill and `end(state)` closes it (after the last layer). Pre-LLM methods may implement
-`reduce_image_features`, called on the vision features before the projector; a method may evict tokens from a
-layer's KV cache once that layer's prefill is done (`cache_keep`), ask for a different attention backend
-(`attention_backend`), and declare the vision tokens entering each layer when they do not depend on the data
-(`vision_schedule`, for FLOP projections). Nothing is called during decoding: every method here prunes at prefill
-only (the KV-cache semantics of each reference fast path). During a prefill, `state.attention_preview(queries)` gives
-the attention rows the current layer would compute before it runs, and `state.rotary(positions)` the model's RoPE.
+`reduce_image_features`, called on the vision features before the projector, or `reduce_image_embeddings`, called on
+the projected embeddings after it; a method may evict tokens from a layer's KV cache once that layer's prefill is
+done (`cache_keep`), ask for a different attention backend (`attention_backend`), and declare the vision tokens
+entering each layer when they do not depend on the data (`vision_schedule`, for FLOP projections). Nothing is called
+during decoding: every method here prunes at prefill only (the KV-cache semantics of each reference fast path).
+During a prefill, `state.attention_preview(queries)` gives the attention rows the current layer would compute before
+it runs, and `state.rotary(positions)` the model's RoPE.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from harness.runtime import PruneState, VisionProbe
 
 Positions = Literal["original", "compact"]
+#: `score_dtype` options besides "model" (the model's own dtype: fp16 on GPU, like the reference implementations)
+SCORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 Convention = Literal["exact", "average"]
 
 
@@ -126,8 +129,11 @@ class TokenPruner:
     uses_budget: ClassVar[bool] = False
     #: whether a padded batch of several samples is supported (else the runtime refuses batch size > 1)
     supports_batching: ClassVar[bool] = True
-    #: whether `reduce_image_features` needs the vision tower's CLS attention and keys (`VisionProbe`)
+    #: whether `reduce_image_features` / `reduce_image_embeddings` need the vision tower's CLS attention and keys
+    #: (`VisionProbe`)
     needs_vision_probe: ClassVar[bool] = False
+    #: whether `reduce_image_embeddings` reads each sample's question text (the caller passes it to `prune()`)
+    needs_question: ClassVar[bool] = False
     #: per-sample numbers from `record()` whose means go into result.json (`method_stats`)
     record_keys: ClassVar[tuple[str, ...]] = ()
     #: RoPE positions of surviving tokens: kept original (FastV) or renumbered contiguously (SparseVLM, PDrop)
@@ -151,6 +157,10 @@ class TokenPruner:
             raise ConfigError(
                 f"budget must be in 1..{num_vision} (the model's vision tokens), got {self.budget.tokens}")
 
+    def check_model(self, config) -> None:
+        """Check what the method needs from the model beyond its geometry (e.g. weights of its own), from the model's
+        `LlavaConfig` before the model is loaded. Called only for methods that override it."""
+
     @property
     def attention_backend(self) -> str | None:
         """The attention backend the method runs the language model with (None: the model's own)."""
@@ -169,6 +179,13 @@ class TokenPruner:
         None leaves them alone. The runtime drops the V - V' freed slots before decoder layer 0. `vision` holds the
         feature layer's CLS attention, keys and full output when `needs_vision_probe` is set. A method sets
         `self.sources` (see the field) so that its selection is on record."""
+        return None
+
+    def reduce_image_embeddings(self, embeddings: torch.Tensor, vision: VisionProbe | None,
+                                questions: list[str] | None) -> torch.Tensor | None:
+        """Pre-LLM reduction of the projector's output, (images, V, d_model) embeddings in the language model's input
+        space, to (images, V', d_model); None leaves them alone. Freed slots are dropped as for
+        `reduce_image_features`. `vision` as there; `questions`: each image's question text when `needs_question`."""
         return None
 
     def select(self, layer: int, state: PruneState) -> Selection | None:

@@ -34,14 +34,13 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 
-from methods.base import AttentionEdit, ConfigError, Probe, Selection, TokenPruner, scale_layers
+from methods.base import SCORE_DTYPES, AttentionEdit, ConfigError, Probe, Selection, TokenPruner, scale_layers
 from methods.random import generator_seed
 
 if TYPE_CHECKING:
     from harness.runtime import ProbeResult, PruneState
 
 STAGES = ("shallow", "middle", "deep")
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass
@@ -78,7 +77,7 @@ class VisiPruner(TokenPruner):
             if not 0 < getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be in (0, 1), got {getattr(self, key)}")
         choices = {"layer0_rule": ("auto", "7b", "13b"), "variant": ("code", "paper"),
-                   "score_dtype": ("model", *DTYPES), "attention": ("eager", "model")}
+                   "score_dtype": ("model", *SCORE_DTYPES), "attention": ("eager", "model")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {getattr(self, key)!r}")
@@ -192,7 +191,7 @@ class VisiPruner(TokenPruner):
         weights, values = probe.attention[0, :, -1], probe.values[0]  # (H, n), (H, n, D)
         output = probe.output[0, -1]  # O: the layer's own output row, heads concatenated, before o_proj
         if self.score_dtype != "model":
-            dtype = DTYPES[self.score_dtype]
+            dtype = SCORE_DTYPES[self.score_dtype]
             weights, values, output = weights.to(dtype), values.to(dtype), output.to(dtype)
         contribution = (weights[:, vision, None] * values[:, vision]).transpose(0, 1).flatten(1)  # (V, H*D)
         without = output[None] - contribution

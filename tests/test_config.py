@@ -13,8 +13,8 @@ from harness.config import CONF_DIR, check_overrides
 from methods import ConfigError
 
 CASES = [
-    (["method=bogus"], "unknown method 'bogus'; valid choices: fastv, none, pdrop, random, sparsevlm, visionzip, "
-                       "visipruner"),
+    (["method=bogus"], "unknown method 'bogus'; valid choices: cdpruner, divprune, fastv, holov, none, pdrop, random, "
+                       "sparsevlm, visionzip, visipruner"),
     (["model=llava70b"], "valid choices: llava13b, llava7b, tiny"),
     (["task=gqa_full"], "unknown task 'gqa_full'; valid choices: gqa, mmbench_en, mme, mmstar, pope, scienceqa_img, "
                         "seedbench, synthetic, textvqa, vqav2"),

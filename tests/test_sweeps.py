@@ -49,6 +49,26 @@ def test_the_same_sweep_with_the_submitit_local_launcher(tmp_path):
     check_sweep(tmp_path)
 
 
+def test_every_registered_method_sweeps_at_the_published_budgets_into_the_leaderboard(tmp_path):
+    from methods import METHODS
+
+    names = sorted(METHODS)  # each method's config is conf/method/<name>.yaml
+    # 8 layers: cheaper than the tiny model's 16, and PDrop's stages cannot reach 64 there (a refusal to account for)
+    sweep = run("-m", "harness", "-m", "model=tiny", "model.num_layers=8", f"method={','.join(names)}",
+                "budget=192,128,64", "task.limit=1", f"output_dir={tmp_path}", timeout=1200)
+    run("-m", "harness.leaderboard", str(tmp_path))
+    with open(tmp_path / "leaderboard.csv") as f:
+        rows = {(r["method"], r["budget"]): r for r in csv.DictReader(f)}
+    missing = 0
+    for name in names:
+        budgets = {budget for method, budget in rows if method == name}
+        assert budgets == {"none"} or budgets <= {"192", "128", "64"}, (name, budgets)
+        missing += 0 if budgets == {"none"} else 3 - len(budgets)
+    # A configuration a method refuses is reported and the sweep goes on; no method may vanish without a word.
+    assert sweep.stderr.count("prunebench: error:") == missing
+    assert all(float(row["mean_vision_tokens"]) > 0 for row in rows.values())  # T̄_in recorded for every run
+
+
 def test_two_jobs_of_one_result_directory_run_one_after_the_other(tmp_path):
     # What a parallel launcher does with `none` at two budgets: without the directory's lock both would evaluate,
     # appending to one samples file; with it the later one finds the run finished.

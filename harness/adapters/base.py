@@ -107,9 +107,9 @@ class ModelAdapter:
 
 
 def reduces_before_llm(pruner: TokenPruner) -> bool:
-    """Whether the method reduces the vision features before the language model (on LLaVA-1.5's projector)."""
-    return pruner.needs_vision_probe or \
-        type(pruner).reduce_image_features is not TokenPruner.reduce_image_features
+    """Whether the method reduces the vision features before the language model (around LLaVA-1.5's projector)."""
+    hooks = ("reduce_image_features", "reduce_image_embeddings")
+    return pruner.needs_vision_probe or any(getattr(type(pruner), h) is not getattr(TokenPruner, h) for h in hooks)
 
 
 def byte_vocab(specials: list[str]) -> dict[str, int]:

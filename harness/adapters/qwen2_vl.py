@@ -112,9 +112,9 @@ class Qwen2VLAdapter(ModelAdapter):
         super().check_method(pruner, batch_size)
         if reduces_before_llm(pruner):
             raise ConfigError(f"method {pruner.name} reduces the vision features before the language model, which the "
-                              f"runtime supports on LLaVA-1.5's projector only (CLS attention, one (images, tokens, "
-                              f"d) tensor); {self.title}'s ViT has no CLS and its merger output is flat: use an "
-                              f"in-LLM method (fastv, random, pdrop, sparsevlm, visipruner)")
+                              f"runtime supports around LLaVA-1.5's projector only (one (images, tokens, d) tensor, "
+                              f"a CLS token); {self.title}'s ViT has no CLS and its merger output is flat: use "
+                              f"a method that prunes inside the language model (e.g. fastv, random, pdrop)")
         if pruner.positions == "compact":
             # Renumbering a 2-D image grid is not defined, and no public Qwen port does it (models.md trap 3).
             raise ConfigError(f"method {pruner.name} with positions=compact is not defined on {self.title}'s M-RoPE "
