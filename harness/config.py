@@ -61,12 +61,23 @@ def valid_options(cls: type[TokenPruner]) -> str:
 
 
 def budget_of(cfg: DictConfig) -> Budget:
-    tokens, convention = cfg.budget, cfg.budget_convention
+    tokens, convention, retain = cfg.budget, cfg.budget_convention, cfg.get("retain")
     if convention not in CONVENTIONS:
         raise ConfigError(f"budget_convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)):
         raise ConfigError(f"budget must be a whole number of vision tokens (or null), got {tokens!r}")
-    return Budget(tokens, convention)
+    if retain is None:
+        return Budget(tokens, convention)
+    if tokens is not None:
+        raise ConfigError(f"give budget (vision tokens) or retain (a fraction of them), not both: got budget={tokens} "
+                          f"and retain={retain}")
+    if isinstance(retain, bool) or not isinstance(retain, (int, float)) or not 0 < retain <= 1:
+        raise ConfigError(f"retain must be a fraction of each image's vision tokens in (0, 1], got {retain!r}")
+    from harness.adapters import adapter_of
+
+    # Where every image has the same count, the fraction is a token count before loading (reference schedules).
+    fixed = "model" in cfg and adapter_of(cfg.model).fixed_vision_tokens
+    return Budget(round(retain * cfg.model.num_vision_tokens) if fixed else None, convention, float(retain))
 
 
 def build_pruner(cfg: DictConfig) -> TokenPruner:

@@ -31,6 +31,7 @@ from methods.base import ConfigError, TokenPruner
 
 # Keys that change where or whether a run happens, or what it writes down, not what it computes.
 NON_RESULT_KEYS = ("force", "output_dir", "wandb", "record_selections")
+ADDED_KEYS = ("retain",)
 
 
 def result_dir(cfg: DictConfig, pruner: TokenPruner) -> Path:
@@ -40,7 +41,8 @@ def result_dir(cfg: DictConfig, pruner: TokenPruner) -> Path:
 
 
 def config_key(config: dict) -> str:
-    defining = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
+    # Keys added after runs were made count only when set, so those runs keep their keys.
+    defining = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS and not (k in ADDED_KEYS and v is None)}
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
 
