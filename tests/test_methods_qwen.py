@@ -17,7 +17,7 @@ from tests.conftest import tiny_of
 # What runs on Qwen where the LLaVA default does not: original positions (M-RoPE has no compact renumbering).
 QWEN_OPTIONS = {"pdrop": ["method.positions=original"], "sparsevlm": ["method.version='2.0'"]}
 PRE_LLM = "reduces the vision features before the language model"
-REFUSED = {"visionzip": PRE_LLM, "divprune": PRE_LLM, "holov": PRE_LLM, "cdpruner": PRE_LLM}
+REFUSED = {name: PRE_LLM for name in ("visionzip", "divprune", "holov", "cdpruner", "vispruner", "prumerge")}
 BUDGET = {"sparsevlm": 64, "visionzip": 64}  # methods with reference schedules for fixed budgets only
 
 
