@@ -168,6 +168,7 @@ class PruningRuntime:
 
     # ------------------------------------------------------------------ install / remove
     def __enter__(self) -> PruningRuntime:
+        self.adapter.check_method(self.pruner)  # what the family does not define (the harness refused it already)
         if self.pruner.needs_question and self.questions is None:
             raise ValueError(f"method {self.pruner.name} reads the question text: pass questions= to prune()")
         base = self.pruner.attention_backend or self.text_config._attn_implementation or "sdpa"

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from harness.runtime import prune
-from methods import Budget, Probe, RandomPruner, TokenPruner
+from methods import Budget, ConfigError, Probe, RandomPruner, TokenPruner
 from tests.conftest import tiny_of
 from tests.test_runtime import QUESTION, KeepAll, generate, hide_keys_from
 
@@ -143,3 +143,9 @@ def test_the_attention_preview_is_what_the_layer_computes(qwen, pictures):
     with prune(qwen.model, pruner) as runtime:
         qwen.model(**inputs)
     assert (pruner.preview - runtime.state.probes[1].attention.float()).abs().max() <= 1e-5
+
+
+def test_compact_positions_are_refused_on_m_rope(qwen):
+    pruner = RandomPruner(k=1, budget=Budget(8), positions="compact")
+    with pytest.raises(ConfigError, match=r"positions=compact is not defined on .*M-RoPE"), prune(qwen.model, pruner):
+        pass
