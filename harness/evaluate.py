@@ -79,7 +79,7 @@ def check_task(task: DictConfig) -> None:
         return
     raise ConfigError(
         f"task {task.name} needs the dataset {path!r}, which is not in this machine's Hugging Face cache, and runs "
-        f"never download data.\n  Download it once:  huggingface-cli download --repo-type dataset {path}\n"
+        f"never download data.\n  Download it once:  hf download --repo-type dataset {path}\n"
         f"  or point the task at a local copy of it:  task.data=<directory>  (docs/tasks.md: the layout)\n"
         f"  or allow this run to:  task.download=true  (needs network; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE unset)")
 
@@ -116,7 +116,7 @@ def local_files(task: DictConfig) -> LocalFiles:
     if missing:
         raise ConfigError(
             f"task {task.name}: {root} has no {' and no '.join(missing)}; a local copy keeps the Hugging Face "
-            f"repository's layout (docs/tasks.md), e.g. huggingface-cli download --repo-type dataset "
+            f"repository's layout (docs/tasks.md), e.g. hf download --repo-type dataset "
             f"{registered_config(task).get('dataset_path')} --local-dir {root}; other layouts: set task.data_files")
     return LocalFiles(registered_config(task)["test_split"], found[0], found[1] if len(found) > 1 else None)
 

@@ -114,7 +114,7 @@ def checkpoint_dir(spec: DictConfig, option: str = "model.path") -> Path:
         return Path(cached).parent
     raise ModelNotAvailable(
         f"the weights of model '{spec.name}' ({path}) are not on this machine, and runs never download them.\n"
-        f"  Download them once with:  huggingface-cli download {path}\n"
+        f"  Download them once with:  hf download {path}\n"
         f"  or point to a local copy:  {option}=/path/to/checkpoint  (a directory with config.json and weights)"
     )
 

@@ -14,7 +14,8 @@ from methods import ConfigError
 
 CASES = [
     (["method=bogus"], "unknown method 'bogus'; valid choices: cdpruner, dart, divprune, fastv, holov, none, pdrop, "
-                       "prumerge, prumerge_plus, random, sparsevlm, visionzip, visipruner, vispruner"),
+                       "prumerge, prumerge_plus, random, sparsevlm, visionzip, visipruner, visipruner_middle, "
+                       "visipruner_middle_deep, vispruner"),
     (["model=llava70b"], "valid choices: llava13b, llava7b, tiny"),
     (["task=gqa_full"], "unknown task 'gqa_full'; valid choices: gqa, mmbench_en, mme, mmstar, pope, scienceqa_img, "
                         "seedbench, synthetic, textvqa, vqav2"),
@@ -37,7 +38,7 @@ CASES = [
     (["method=visipruner", "batch_size=4"], "method visipruner supports batch size 1 only (it decides per sample); "
                                             "set batch_size=1, got 4"),
     (["method=sparsevlm", "budget=64", "batch_size=2"], "method sparsevlm supports batch size 1 only"),
-    (["model=llava7b"], "huggingface-cli download llava-hf/llava-1.5-7b-hf"),
+    (["model=llava7b"], "hf download llava-hf/llava-1.5-7b-hf"),
     (["model=llava13b", "model.path=/nonexistent/dir"], "are not on this machine"),
     (["model=tiny_trained", "model.path=./no/such/dir"], "Make it with: python -m harness.train_tiny"),
 ]
@@ -78,7 +79,7 @@ def test_cli_reports_bad_input_fast_and_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "harness", "model=llava7b", f"output_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "prunebench: error:" in proc.stderr and "huggingface-cli download" in proc.stderr
+    assert "prunebench: error:" in proc.stderr and "hf download" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.perf_counter() - start < 60
     assert not any(tmp_path.iterdir()), "nothing may be written for a refused run"

@@ -100,6 +100,6 @@ def test_mme_refuses_a_limit_that_splits_a_question_pair(copies):
 def test_a_hub_task_without_a_copy_or_cache_names_every_way_to_get_its_data(monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
-    with pytest.raises(ConfigError, match=r"huggingface-cli download --repo-type dataset lmms-lab-encoder/POPE(.|\n)*"
+    with pytest.raises(ConfigError, match=r"hf download --repo-type dataset lmms-lab-encoder/POPE(.|\n)*"
                                           r"task\.data=<directory>(.|\n)*task\.download=true"):
         validate(compose(["model=tiny", "task=pope"]))

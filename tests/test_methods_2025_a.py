@@ -134,7 +134,7 @@ def test_cdpruner_question_text_and_segments():
 def test_cdpruner_text_tower_is_resolved_and_checked_before_loading():
     llava = model_config(compose(["model=llava7b"]).model)
     assert text_tower_for(llava.vision_config) == "openai/clip-vit-large-patch14-336"
-    fetch = "huggingface-cli download openai/clip-vit-large-patch14-336"
+    fetch = "hf download openai/clip-vit-large-patch14-336"
     with pytest.raises(ModelNotAvailable, match=re.escape(fetch)):
         CDPruner(budget=Budget(64)).check_model(llava)  # not in this machine's cache: stops here, never downloads
     assert validate(compose(["method=cdpruner", "model=tiny_trained", "budget=64"])).text_tower == "tiny"

@@ -147,7 +147,7 @@ def test_visionzip_record_holds_its_dominant_patches_and_contextual_merges(tiny,
         candidates = [hidden[t + 1] + hidden[[o + 1 for o in sources if o != t]].mean(0) for t in sources]
         assert any(torch.allclose(c, token, atol=1e-5) for c in candidates for token in contextual), sources
     assert int(runtime.layers[0].vision_tokens[0]) == 64
-    counts, selections = analyze.method_pass(tiny, inputs, VisionZip(budget=Budget(64)), "a")  # analyze's overlay
+    counts, selections = analyze.method_pass(tiny, inputs, VisionZip(budget=Budget(64)), "a", "q")  # analyze's overlay
     assert counts == [64] * 4 and selections == record
     path = analyze.plot_pruning(selections, images[0], "visionzip", tmp_path / "pruning.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
