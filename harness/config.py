@@ -31,6 +31,18 @@ def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def choices_message(group: str) -> str:
+    """The valid choices of a config group; models grouped by family (LLaVA-1.5 first), so each family reads whole."""
+    if group != "model":
+        return ", ".join(group_choices(group))
+    from harness.adapters import ADAPTERS, DEFAULT_FAMILY
+
+    by_family: dict[str, list[str]] = {family: [] for family in ADAPTERS}
+    for name in group_choices(group):
+        by_family[OmegaConf.load(CONF_DIR / group / f"{name}.yaml").get("family") or DEFAULT_FAMILY].append(name)
+    return "; ".join(f"{', '.join(names)} ({ADAPTERS[family].title})" for family, names in by_family.items() if names)
+
+
 #: Method options left out of conf/method/*.yaml, so that every earlier run keeps its config key; given as
 #: +method.KEY=VALUE.
 ADDED_OPTIONS = {"generator_seed": "+method.generator_seed=N seeds every sample's draws with N (a record's "
@@ -49,12 +61,23 @@ def valid_options(cls: type[TokenPruner]) -> str:
 
 
 def budget_of(cfg: DictConfig) -> Budget:
-    tokens, convention = cfg.budget, cfg.budget_convention
+    tokens, convention, retain = cfg.budget, cfg.budget_convention, cfg.get("retain")
     if convention not in CONVENTIONS:
         raise ConfigError(f"budget_convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)):
         raise ConfigError(f"budget must be a whole number of vision tokens (or null), got {tokens!r}")
-    return Budget(tokens, convention)
+    if retain is None:
+        return Budget(tokens, convention)
+    if tokens is not None:
+        raise ConfigError(f"give budget (vision tokens) or retain (a fraction of them), not both: got budget={tokens} "
+                          f"and retain={retain}")
+    if isinstance(retain, bool) or not isinstance(retain, (int, float)) or not 0 < retain <= 1:
+        raise ConfigError(f"retain must be a fraction of each image's vision tokens in (0, 1], got {retain!r}")
+    from harness.adapters import adapter_of
+
+    # Where every image has the same count, the fraction is a token count before loading (reference schedules).
+    fixed = "model" in cfg and adapter_of(cfg.model).fixed_vision_tokens
+    return Budget(round(retain * cfg.model.num_vision_tokens) if fixed else None, convention, float(retain))
 
 
 def build_pruner(cfg: DictConfig) -> TokenPruner:
@@ -86,11 +109,12 @@ def _has_type(value, expected: type) -> bool:
 def validate(cfg: DictConfig) -> TokenPruner:
     """Everything that can be checked without loading a model; returns the configured pruner."""
     from harness import models
+    from harness.adapters import adapter_of
     from harness.evaluate import check_task
 
     for group in GROUPS:
         if group not in cfg:
-            raise ConfigError(f"config group {group!r} is missing; choices: {', '.join(group_choices(group))}")
+            raise ConfigError(f"config group {group!r} is missing; choices: {choices_message(group)}")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be a positive whole number, got {cfg.batch_size!r}")
     if not isinstance(cfg.get("record_selections"), bool):
@@ -105,6 +129,7 @@ def validate(cfg: DictConfig) -> TokenPruner:
         if cfg.batch_size > 1 and not pruner.supports_batching:
             raise ConfigError(f"method {pruner.name} supports batch size 1 only (it decides per sample); "
                               f"set batch_size=1, got {cfg.batch_size}")
+        adapter_of(cfg.model).check_method(pruner, cfg.batch_size)
     except ConfigError as error:
         raise Refusal(str(error), pruner) from None
     if cfg.model.source == "hf":
@@ -139,7 +164,7 @@ def check_overrides(overrides: list[str]) -> None:
         if key in GROUPS and not override.is_delete():
             value = override.value()
             if value not in group_choices(key):
-                raise ConfigError(f"unknown {key} {value!r}; valid choices: {', '.join(group_choices(key))}")
+                raise ConfigError(f"unknown {key} {value!r}; valid choices: {choices_message(key)}")
             groups[key] = value
     plain = [o for o in parsed if o.key_or_group not in GROUPS and not o.key_or_group.startswith("hydra")
              and not o.is_add() and not o.is_force_add() and not o.is_delete()]

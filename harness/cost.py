@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.adapters import adapter_for
+
 CACHE_NAMES = ("cache", "past_key_values")  # transformers 5.24 renamed past_key_values to cache: read both
 
 
@@ -45,10 +47,10 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 @dataclass
 class ForwardTimer:
-    """Times each forward of `model` (a LLaVA model) inside the block: the first on an empty cache is the prefill, the
-    rest decode steps. The prefill runs from the start of the vision tower to the first token's logits, also when
-    generate() encodes the image before that forward (transformers 5 does). On GPU the device is synchronised around
-    each timed span so the times are the device's."""
+    """Times each forward of `model` (any supported model) inside the block: the first on an empty cache is the
+    prefill, the rest decode steps. The prefill runs from the start of the vision tower to the first token's logits,
+    also when generate() encodes the image before that forward (transformers 5 does). On GPU the device is
+    synchronised around each timed span so the times are the device's."""
 
     model: torch.nn.Module
     prefill_seconds: float = 0.0
@@ -61,7 +63,8 @@ class ForwardTimer:
         self._in_forward = False
         self._handles = [self.model.register_forward_pre_hook(self._start, with_kwargs=True),
                          self.model.register_forward_hook(self._stop),
-                         self.model.model.vision_tower.register_forward_pre_hook(self._start_encoding)]
+                         adapter_for(self.model).vision_tower(self.model).register_forward_pre_hook(
+                             self._start_encoding)]
         return self
 
     def __exit__(self, *exc) -> None:

@@ -102,9 +102,7 @@ class Prunebench(lmms):
                 torch.cuda.reset_peak_memory_stats(self.loaded.device)
         loaded, pruner = self.loaded, self.pruner
         _, _, _, gen_kwargs, visuals, _ = batch[0]
-        if any(len(visual) > 1 for *_, visual, _ in batch):
-            raise NotImplementedError("samples with several images are not supported yet (LLaVA-1.5 takes one)")
-        images = [visual[0] for *_, visual, _ in batch] if visuals else None
+        images = [list(visual) for *_, visual, _ in batch] if visuals else None  # the adapter says how many it takes
         questions = [context for _, _, context, *_ in batch]
         inputs = loaded.inputs(images, questions)
         sampling = bool(gen_kwargs.get("do_sample")) and gen_kwargs.get("temperature", 0) > 0
@@ -112,12 +110,15 @@ class Prunebench(lmms):
         if sampling:
             options.update(temperature=gen_kwargs["temperature"], top_p=gen_kwargs.get("top_p") or 1.0)
         with prune(loaded.model, pruner, sample_ids=[sample_id for _, sample_id, *_ in batch],
-                   record=self.cfg.record_selections, questions=questions) as runtime, \
+                   record=self.cfg.record_selections and loaded.adapter.fixed_vision_tokens,
+                   questions=questions) as runtime, \
                 ForwardTimer(loaded.model) as timer:
             out = loaded.model.generate(**inputs, **options, return_dict_in_generate=True, output_logits=True)
         method_fields = [pruner.record(row) if runtime.active else {} for row in range(len(batch))]
         schedule = flops.executed_schedule(runtime, timer.decode_steps)
-        architecture = flops.Architecture.from_config(loaded.model.config)
+        # Dynamic-resolution models: the image sizes the processor chose (one sample per batch there).
+        grids = [tuple(grid) for grid in inputs["image_grid_thw"][:, 1:].tolist()] if "image_grid_thw" in inputs else []
+        architecture = flops.model_architecture(loaded.model.config, grids)
         if self.cfg.flops == "counted":  # an untimed replay, after the timed run (whose method state is read above)
             prefill, decode = flops.count_generation(loaded.model, pruner, inputs, [item[1] for item in batch],
                                                      questions, **options)
@@ -131,6 +132,8 @@ class Prunebench(lmms):
         first = out.logits[0].float().log_softmax(dim=-1).topk(min(FIRST_TOKEN_TOP_K, out.logits[0].shape[-1]))
         per_layer = runtime.vision_tokens_per_layer().tolist() if runtime.active else [[0] * loaded.num_layers] * len(
             batch)
+        # The unpruned count: a pre-LLM reduction leaves the prompt's placeholders in place.
+        unpruned = loaded.adapter.vision_mask(loaded.model, inputs["input_ids"]).sum(1).tolist()
         records = []
         for row, (_, sample_id, _, _, _, doc) in enumerate(batch):
             record = {
@@ -142,6 +145,9 @@ class Prunebench(lmms):
                 "vision_tokens_per_layer": per_layer[row],
                 "tokens_per_layer": schedule.tokens,
                 "mean_vision_tokens": sum(per_layer[row]) / len(per_layer[row]),
+                "vision_tokens_unpruned": unpruned[row],
+                "mean_vision_fraction": sum(per_layer[row]) / len(per_layer[row]) / unpruned[row] if unpruned[row]
+                else None,
                 "prefill_ms": 1e3 * timer.prefill_seconds,
                 "decode_ms_per_token": 1e3 * timer.decode_seconds / timer.decode_steps if timer.decode_steps else None,
                 "kv_cache_bytes": timer.kv_bytes // len(batch),
@@ -159,6 +165,8 @@ class Prunebench(lmms):
             record.update(method_fields[row])
             if runtime.active and runtime.recorder is not None:
                 record["selections"] = runtime.recorder.record(row)
+            elif runtime.active and self.cfg.record_selections:  # the recorder knows one fixed patch grid per image
+                record["selections_note"] = f"selections are not recorded on {loaded.adapter.title} yet"
             records.append(record)
         return records
 

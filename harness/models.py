@@ -1,12 +1,14 @@
-"""LLaVA-1.5 on `transformers`' `LlavaForConditionalGeneration`: loading, the vicuna_v1 prompt, batched inputs.
+"""Loading a model of any supported family (`harness.adapters`), its prompts and batched inputs.
 
 Two sources:
-- `hf`: a real checkpoint (`llava-hf/llava-1.5-7b-hf`, a local directory, or the Hub cache), or one that
+- `hf`: a real checkpoint (e.g. `llava-hf/llava-1.5-7b-hf`, a local directory, or the Hub cache), or one that
   `python -m harness.train_tiny` wrote (a directory, absolute or relative to the repository root). Nothing is
   downloaded here: a missing checkpoint stops the run before anything loads, saying what to download or which path
   to set.
-- `tiny`: a LLaVA-1.5-geometry model built offline from a config (336 px / patch 14 -> 576 vision tokens, tiny
-  widths, random weights from a seed, a byte-level tokenizer made in code). Most tests run on it.
+- `tiny`: a model of the family's geometry built offline from a config (tiny widths, random weights from a seed, a
+  byte-level tokenizer made in code). Most tests run on them.
+
+The LLaVA-1.5 names (`vicuna_v1_prompt`, `byte_tokenizer`, ...) live in `harness.adapters.llava`, re-exported here.
 """
 
 from __future__ import annotations
@@ -19,25 +21,23 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from harness.adapters import SUPPORTED_MODELS, ModelAdapter, adapter_for, adapter_of
+from harness.adapters.llava import (  # noqa: F401  (their historical home: callers import them from here)
+    TOKENIZER_SPECIALS,
+    VICUNA_V1_SYSTEM,
+    byte_tokenizer,
+    fast_tokenizer,
+    vicuna_v1_prompt,
+)
 from harness.evaluate import ROOT
 from methods.base import ConfigError
 
-SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+SUPPORTED_ARCHITECTURES = tuple(SUPPORTED_MODELS)
 # What `AutoProcessor` reads from a checkpoint directory, by what it is: any one of the names will do.
 PROCESSOR_FILES = {"a tokenizer": ("tokenizer.json", "tokenizer.model"),
                    "an image processor config": ("preprocessor_config.json", "processor_config.json")}
-# The llava-hf configs of LLaVA-1.5-7B/13B (no weights), for FLOP projections and random-weight benchmarks.
+# The configs of supported Hub checkpoints (no weights), for FLOP projections and random-weight benchmarks.
 MODEL_CONFIGS = ROOT / "harness" / "model_configs"
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-
-
-def vicuna_v1_prompt(question: str, with_image: bool = True) -> str:
-    """The LLaVA-1.5 evaluation prompt (conv_mode vicuna_v1, `<image>` first in the user turn)."""
-    image = "<image>\n" if with_image else ""
-    return f"{VICUNA_V1_SYSTEM} USER: {image}{question} ASSISTANT:"
 
 
 class ModelNotAvailable(ConfigError):
@@ -52,13 +52,18 @@ class LoadedModel:
     device: torch.device
 
     @property
+    def adapter(self) -> ModelAdapter:
+        return adapter_for(self.model)
+
+    @property
     def num_layers(self) -> int:
         return self.model.config.text_config.num_hidden_layers
 
-    def inputs(self, images: list[Image.Image] | None, questions: list[str]):
-        """Processor inputs for a batch (left padding keeps every prompt's last token last)."""
-        prompts = [vicuna_v1_prompt(q, with_image=images is not None) for q in questions]
-        batch = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    def inputs(self, images: list[Image.Image] | list[list[Image.Image]] | None, questions: list[str]):
+        """Processor inputs for a batch: one image per prompt, or a list of images per prompt (left padding keeps
+        every prompt's last token last)."""
+        per_prompt = None if images is None else [row if isinstance(row, list) else [row] for row in images]
+        batch = self.adapter.inputs(self.processor, questions, per_prompt)
         dtype = self.model.dtype
         return {k: (v.to(self.device, dtype) if k == "pixel_values" else v.to(self.device)) for k, v in batch.items()}
 
@@ -115,111 +120,37 @@ def checkpoint_dir(spec: DictConfig, option: str = "model.path") -> Path:
 
 
 def model_config(spec: DictConfig):
-    """The model's `LlavaConfig` without its weights: a tiny model's own, the config.json of a local checkpoint
+    """The model's config without its weights: a tiny model's own, the config.json of a local checkpoint
     directory, or the shipped copy of a Hub checkpoint's (`model_configs/<repo name>.json`)."""
-    from transformers import LlavaConfig
-
     if spec.source == "tiny":
         return build_tiny(spec)[0].config
     path = Path(os.path.expanduser(spec.path))
     for candidate in (path / "config.json", MODEL_CONFIGS / f"{path.name}.json"):
         if candidate.is_file():
-            return LlavaConfig.from_json_file(candidate)
+            return adapter_of(spec).config_class().from_json_file(candidate)
     shipped = ", ".join(sorted(p.stem for p in MODEL_CONFIGS.glob("*.json")))
     raise ModelNotAvailable(f"no config for model '{spec.name}' ({spec.path}): not a local checkpoint directory, and "
                             f"not one of the shipped configs ({shipped})")
 
 
 def load(spec: DictConfig, device: str = "auto") -> LoadedModel:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
+    adapter = adapter_of(spec)
     dev = resolve_device(device)
     dtype = resolve_dtype(spec.dtype, dev)
     if spec.source == "tiny":
-        model, processor = build_tiny(spec)
+        model, processor = adapter.build_tiny(spec)
         model = model.to(dev)
         for parameter in model.parameters():  # weights only: RoPE frequencies stay fp32, as from_pretrained keeps them
             parameter.data = parameter.data.to(dtype)
     else:
-        path = checkpoint_dir(spec)
-        model = LlavaForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation=spec.attn_implementation, device_map={"": dev}
-        )
-        processor = AutoProcessor.from_pretrained(path)
-    if type(model).__name__ not in SUPPORTED_ARCHITECTURES:
-        raise ConfigError(f"{type(model).__name__} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
+        model, processor = adapter.from_pretrained(checkpoint_dir(spec), spec, dtype, dev)
+    if type(model).__name__ not in adapter.architectures:
+        raise ConfigError(f"{type(model).__name__} is not a {adapter.title} class (model.family={adapter.family}); "
+                          f"supported: {SUPPORTED_ARCHITECTURES}")
     processor.tokenizer.padding_side = "left"
     return LoadedModel(spec.name, model.eval(), processor, dev)
 
 
-TOKENIZER_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0-4 in every tiny tokenizer
-
-
-def byte_tokenizer():
-    """One token per byte, no merges: a tokenizer that needs no training (the random-weight tiny model's)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {token: i for i, token in enumerate(TOKENIZER_SPECIALS)}
-    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[char] = len(vocab)
-    return fast_tokenizer(Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")))
-
-
-def fast_tokenizer(backend):
-    """A byte-level `tokenizers` model wrapped as a LLaMA-style tokenizer: `<s>` first, `</s>` ends an answer."""
-    from tokenizers import decoders, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        additional_special_tokens=["<image>"],
-    )
-
-
 def build_tiny(spec: DictConfig, tokenizer=None):
-    """A LLaVA-1.5-geometry model with tiny widths, random weights from `spec.seed`, and `tokenizer` (default: the
-    byte tokenizer)."""
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    tokenizer = tokenizer or byte_tokenizer()
-    size = spec.image_size
-    image_processor = CLIPImageProcessorPil(  # the PIL backend: no torchvision
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=[0.481, 0.458, 0.408], image_std=[0.269, 0.261, 0.276],
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=spec.vision_hidden_size, intermediate_size=2 * spec.vision_hidden_size,
-            num_hidden_layers=spec.vision_layers, num_attention_heads=4, image_size=size, patch_size=spec.patch_size,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-            num_key_value_heads=spec.num_kv_heads, max_position_embeddings=4096,
-            bos_token_id=1, eos_token_id=2, pad_token_id=3,
-        ),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    config.text_config._attn_implementation = spec.attn_implementation
-    config.vision_config._attn_implementation = "sdpa"
-    with torch.random.fork_rng():
-        torch.manual_seed(spec.seed)
-        model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = 3
-    return model.eval(), processor
+    """(model, processor): the tiny offline model of the spec's family (LLaVA-1.5 unless `spec.family` says)."""
+    return adapter_of(spec).build_tiny(spec, tokenizer)

@@ -31,6 +31,7 @@ from methods.base import ConfigError, TokenPruner
 
 # Keys that change where or whether a run happens, or what it writes down, not what it computes.
 NON_RESULT_KEYS = ("force", "output_dir", "wandb", "record_selections")
+ADDED_KEYS = ("retain",)
 
 
 def result_dir(cfg: DictConfig, pruner: TokenPruner) -> Path:
@@ -40,7 +41,8 @@ def result_dir(cfg: DictConfig, pruner: TokenPruner) -> Path:
 
 
 def config_key(config: dict) -> str:
-    defining = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
+    # Keys added after runs were made count only when set, so those runs keep their keys.
+    defining = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS and not (k in ADDED_KEYS and v is None)}
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -169,7 +171,9 @@ def summarize(records: list[dict], evaluation: Evaluation, cfg: DictConfig, prun
         "primary_metric": evaluation.primary_metric,
         "higher_is_better": evaluation.higher_is_better,
         "method_stats": {key: _mean_of(records, key) for key in pruner.record_keys},
-        "tokens": {"per_layer": per_layer, "mean_vision_tokens": statistics.fmean(per_layer) if per_layer else None},
+        "tokens": {"per_layer": per_layer, "mean_vision_tokens": statistics.fmean(per_layer) if per_layer else None,
+                   # T̄_in over each sample's own unpruned count: comparable across image sizes
+                   "mean_vision_fraction": _mean_of(records, "mean_vision_fraction")["mean"]},
         "cost": {
             "prefill_ms": _median([r["prefill_ms"] for r in records]),
             "decode_ms_per_token": _median([r["decode_ms_per_token"] for r in records]),

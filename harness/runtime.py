@@ -1,14 +1,19 @@
-"""The pruning runtime: runs a `TokenPruner` inside a Hugging Face LLaVA forward, prefill and decode.
+"""The pruning runtime: runs a `TokenPruner` inside a Hugging Face vision-language model's forward, prefill and decode.
+
+It reaches the model only through its adapter (`harness.adapters`: where the decoder layers, rotary embedding, vision
+tower and projector are, which ids are vision tokens), so every supported family runs the same code.
 
 `prune(model, pruner)` is a context manager that installs forward hooks (nothing is patched globally) and removes
 them on exit. During prefill it:
 
-- locates the vision tokens from the model's image token id (never from fixed offsets);
+- locates the vision tokens from the model's image token id (never from fixed offsets), and each image's run of them;
 - lets a pre-LLM method reduce the vision features before the projector, or the projected embeddings after it (the
   freed placeholder slots are dropped before decoder layer 0, so the language model sees exactly the shorter
   sequence);
 - before each decoder layer, applies the pruner's `Selection`: it physically gathers the hidden states, the
-  4-D mask and the RoPE positions (kept original, or renumbered contiguously as a shorter input would get them);
+  4-D mask and the RoPE positions (kept original, or renumbered contiguously as a shorter input would get them),
+  with as many position rows as the model's RoPE takes (M-RoPE: the (3, B, n) ids the model computed), and on
+  Qwen3-VL the DeepStack features added after the first layers;
 - records attention probes and applies post-softmax edits through one registered attention function, which
   delegates to the model's own backend (sdpa or eager) and computes explicit softmax rows only where asked.
 
@@ -34,6 +39,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
 
+from harness.adapters import adapter_for
 from harness.cost import decoding, forward_cache
 from harness.records import SelectionRecorder
 from methods.base import ConfigError, Probe, Selection, TokenPruner
@@ -78,14 +84,16 @@ class PruneState:
     hidden_states: torch.Tensor | None = None  # input of the current layer (B, n, d)
     orig_index: torch.Tensor | None = None  # (B, n) original sequence index (merged tokens: their image's last slot)
     is_vision: torch.Tensor | None = None  # (B, n)
+    image_index: torch.Tensor | None = None  # (B, n) the image (0, 1, ...) a vision token shows in its row; -1: text
     valid: torch.Tensor | None = None  # (B, n) False for padding
-    positions: torch.Tensor | None = None  # (B, n) RoPE position ids
+    #: RoPE position ids, (B, n), or (rows, B, n) on M-RoPE models (Qwen: t, h, w); index tokens with [..., b, i]
+    positions: torch.Tensor | None = None
     input_ids: torch.Tensor | None = None  # (B, N) the full prompt
     probes: dict[int, ProbeResult] = field(default_factory=dict)
     #: `attention_preview(queries)`: (B, H, q, n) softmax rows that the *current* layer would compute for `queries`,
     #: from its own input norm and q/k projections, before it runs (PDrop scores the next layer this way)
     attention_preview: Callable[[torch.Tensor], torch.Tensor] | None = None
-    #: `rotary(positions)`: the model's RoPE (cos, sin), each (B, n, head_dim), at (B, n) position ids
+    #: `rotary(positions)`: the model's RoPE (cos, sin), each (B, n, head_dim), at position ids shaped as `positions`
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     #: `final_norm(hidden)`: the language model's last norm (the one before lm_head), e.g. for DART's duplication
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -106,6 +114,14 @@ class PruneState:
     def vision_index(self) -> torch.Tensor:
         """(B, V) current-sequence indices of the vision tokens, ascending."""
         return self.is_vision.nonzero()[:, 1].view(self.batch_size, -1)
+
+    @property
+    def vision_images(self) -> torch.Tensor:
+        """(B, V) the image of each current vision token, in `vision_index` order (a state built without
+        `image_index`: one image per row)."""
+        if self.image_index is None:
+            return torch.zeros_like(self.vision_index)
+        return self.image_index.gather(1, self.vision_index)
 
     @property
     def last_query(self) -> torch.Tensor:
@@ -129,10 +145,11 @@ class PruningRuntime:
         self.model, self.pruner, self.sample_ids, self.questions = model, pruner, sample_ids, questions
         #: with `record`: the patches behind every vision token, wherever they change (`harness.records`)
         self.recorder = SelectionRecorder.for_model(model.config) if record else None
-        self.llava = model.model
-        self.lm = self.llava.language_model
+        self.adapter = adapter_for(model)
+        self.multimodal = model.model  # embeds the image features into the sequence; its call starts a prefill
+        self.lm = self.adapter.language_model(model)
         self.text_config = self.lm.config
-        self.image_token_id = model.config.image_token_id
+        self.image_token_id = self.adapter.image_token_id(model)
         self.state: PruneState | None = None
         self.layers: list[LayerRecord] = []
         self.active = False  # pruning this prefill (False: no image tokens)
@@ -151,6 +168,7 @@ class PruningRuntime:
 
     # ------------------------------------------------------------------ install / remove
     def __enter__(self) -> PruningRuntime:
+        self.adapter.check_method(self.pruner)  # what the family does not define (the harness refused it already)
         if self.pruner.needs_question and self.questions is None:
             raise ValueError(f"method {self.pruner.name} reads the question text: pass questions= to prune()")
         base = self.pruner.attention_backend or self.text_config._attn_implementation or "sdpa"
@@ -161,11 +179,12 @@ class PruningRuntime:
         self._base, self._model_backend = base, self.text_config._attn_implementation
         self.text_config._attn_implementation = _register_attention(base)
         self._token = _ACTIVE.set(self)
-        self._handles.append(self.llava.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        self._handles.append(self.multimodal.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        self._handles.append(self.lm.register_forward_pre_hook(self._on_language_model_call, with_kwargs=True))
         reduces_features = type(self.pruner).reduce_image_features is not TokenPruner.reduce_image_features
         self._reduces_embeddings = type(self.pruner).reduce_image_embeddings is not TokenPruner.reduce_image_embeddings
         if reduces_features or self._reduces_embeddings:
-            projector = self.llava.multi_modal_projector
+            projector = self.adapter.projector(self.model)
             if reduces_features:
                 self._handles.append(projector.register_forward_pre_hook(self._reduce_features))
             self._handles.append(projector.register_forward_hook(self._reduce_embeddings))
@@ -175,13 +194,16 @@ class PruningRuntime:
                     probed_layer = self.model.config.vision_feature_layer
                 if not isinstance(probed_layer, int):
                     raise ConfigError("the vision probe needs a single vision_feature_layer")
-                tower = self.llava.vision_tower
+                tower = self.adapter.vision_tower(self.model)
                 encoder_layer = getattr(tower, "vision_model", tower).encoder.layers[probed_layer]
                 self._handles.append(encoder_layer.self_attn.register_forward_pre_hook(
                     self._probe_vision_attention, with_kwargs=True))
                 self._handles.append(encoder_layer.register_forward_hook(self._probe_vision_output))
         for layer in self.lm.layers:
             self._handles.append(layer.register_forward_pre_hook(self._before_layer, with_kwargs=True))
+        if self.adapter.deepstack_layers(self.model):
+            self.lm._deepstack_process = functools.partial(self._deepstack_process, type(self.lm)._deepstack_process,
+                                                           self.lm)
         if type(self.pruner).end is not TokenPruner.end:
             self._handles.append(self.lm.layers[-1].register_forward_hook(self._after_last_layer))
         if type(self.pruner).cache_keep is not TokenPruner.cache_keep:
@@ -195,6 +217,7 @@ class PruningRuntime:
         self._handles.clear()
         _ACTIVE.reset(self._token)
         self.text_config._attn_implementation = self._model_backend
+        vars(self.lm).pop("_deepstack_process", None)  # the class's own again
 
     # ------------------------------------------------------------------ prefill start
     def _on_model_call(self, module, args, kwargs):
@@ -204,7 +227,7 @@ class PruningRuntime:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("the pruning runtime needs input_ids to locate the vision tokens")
-        is_vision = input_ids == self.image_token_id
+        is_vision = self.adapter.vision_mask(self.model, input_ids)
         counts = is_vision.sum(dim=1)
         self.layers, self._ended = [], False
         self.active = bool(counts.any())
@@ -215,17 +238,15 @@ class PruningRuntime:
             raise ValueError(f"method {self.pruner.name} supports batch size 1 only; set batch_size=1")
         mask2d = kwargs.get("attention_mask")
         valid = mask2d.bool() if mask2d is not None else torch.ones_like(is_vision)
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(batch, -1)
         self._full_len, self._full_valid = input_ids.shape[1], valid
         self.state = PruneState(
             num_layers=len(self.lm.layers),
             sample_ids=list(self.sample_ids) if self.sample_ids is not None else list(range(batch)),
             orig_index=torch.arange(input_ids.shape[1], device=input_ids.device).expand(batch, -1),
             is_vision=is_vision,
+            # each image is one run of vision tokens (`ModelAdapter.image_spans`): count the runs' starts
+            image_index=torch.where(is_vision, (is_vision & ~_shifted_right(is_vision)).long().cumsum(1) - 1, -1),
             valid=valid,
-            positions=positions.expand(batch, -1),
             input_ids=input_ids,
             rotary=self._rotary,
             final_norm=self.lm.norm,
@@ -236,6 +257,34 @@ class PruningRuntime:
         if self.active:
             self._timed(self.pruner.begin, self.state)
         return None
+
+    def _on_language_model_call(self, module, args, kwargs):
+        """The position ids the language model computes RoPE from: M-RoPE models build their (3, B, n) ids from the
+        image grids inside the model call (under generate() with the text row first: (4, B, n)); 1-D models take the
+        caller's (B, n) ids, or count from 0."""
+        if not self.active or decoding(kwargs):
+            return None
+        positions = kwargs.get("position_ids")
+        batch, n = self.state.is_vision.shape
+        if positions is None:
+            positions = torch.arange(n, device=self.state.is_vision.device)
+        if self.adapter.position_rows > 1:
+            positions = positions[-self.adapter.position_rows:] if positions.dim() == 3 else positions[None]
+            self.state.positions = positions.expand(self.adapter.position_rows, batch, -1)
+        else:
+            self.state.positions = positions.expand(batch, -1)
+        return None
+
+    def _deepstack_process(self, add, lm, hidden: torch.Tensor, visual_pos_masks: torch.Tensor,
+                           visual_embeds: torch.Tensor) -> torch.Tensor:
+        """Qwen3-VL adds each vision slot's DeepStack feature after the first decoder layers: once tokens are
+        dropped, the slots' mask and features follow the tokens that layer kept (merged tokens get their slot's)."""
+        if self.active and self._pos_emb is not None:
+            rank = visual_pos_masks.flatten().cumsum(0).view_as(visual_pos_masks) - 1  # (B, N): feature row per slot
+            kept_mask = visual_pos_masks.gather(1, self.state.orig_index)
+            visual_embeds = visual_embeds[rank.gather(1, self.state.orig_index)[kept_mask]]
+            visual_pos_masks = kept_mask
+        return add(lm, hidden, visual_pos_masks, visual_embeds)
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lm.rotary_emb(self.lm.embed_tokens.weight[:1], position_ids=positions)
@@ -336,8 +385,15 @@ class PruningRuntime:
             return (state.hidden_states, *args[1:]), kwargs  # nothing changed yet: the model's own tensors
         kwargs["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"))
         kwargs["position_embeddings"] = self._pos_emb
-        kwargs["position_ids"] = state.positions
+        kwargs["position_ids"] = self._layer_position_ids(kwargs.get("position_ids"))
         return (state.hidden_states, *args[1:]), kwargs
+
+    def _layer_position_ids(self, given: torch.Tensor | None) -> torch.Tensor | None:
+        """The `position_ids` a layer receives: RoPE's own on 1-D models; on M-RoPE models RoPE comes only from
+        `position_embeddings`, and the layer's ids (the text row, or None) just follow the kept tokens."""
+        if self.adapter.position_rows == 1:
+            return self.state.positions
+        return None if given is None else given.gather(1, self.state.orig_index)
 
     def _preview(self, layer_module, queries: torch.Tensor) -> torch.Tensor:
         """Softmax rows of `queries` that `layer_module` would compute on the current tokens, in fp32 like PDrop's
@@ -351,6 +407,8 @@ class PruningRuntime:
         rows = torch.arange(batch, device=normed.device)[:, None]
         query = attention.q_proj(normed[rows, queries]).view(batch, queries.shape[1], -1, attention.head_dim)
         key = attention.k_proj(normed).view(batch, n, -1, attention.head_dim)
+        if hasattr(attention, "q_norm"):  # Qwen3: each head's query and key are RMS-normed before RoPE (trap 9)
+            query, key = attention.q_norm(query), attention.k_norm(key)
         cos, sin = self.lm.rotary_emb(normed, position_ids=state.positions)
         query, _ = apply_rotary_pos_emb(query.transpose(1, 2), query.transpose(1, 2), cos[rows, queries],
                                         sin[rows, queries])
@@ -403,8 +461,9 @@ class PruningRuntime:
         new = {
             "orig_index": state.orig_index[batch_rows, index],
             "is_vision": state.is_vision[batch_rows, index],
+            "image_index": state.image_index[batch_rows, index],
             "valid": state.valid[batch_rows, index],
-            "positions": state.positions[batch_rows, index],
+            "positions": state.positions[..., batch_rows, index],
         }
         if selection.merged is not None:
             merged = selection.merged.to(hidden.dtype)
@@ -422,10 +481,12 @@ class PruningRuntime:
             sources = {
                 "orig_index": last_slot,
                 "is_vision": torch.ones_like(last_slot, dtype=torch.bool),
+                "image_index": state.image_index[batch_rows[:, 0], vision[:, -1]][:, None].expand(-1, m),
                 "valid": torch.ones_like(last_slot, dtype=torch.bool),
-                "positions": merged_pos.to(new["positions"].dtype),
+                # one position on every M-RoPE row, as a text token has
+                "positions": merged_pos.to(new["positions"].dtype).expand(*new["positions"].shape[:-1], -1),
             }
-            new = {k: torch.cat([v, sources[k]], 1)[batch_rows, order] for k, v in new.items()}
+            new = {k: torch.cat([v, sources[k]], -1)[..., batch_rows, order] for k, v in new.items()}
             new_hidden = torch.cat([new_hidden, merged], 1)[batch_rows, order]
         if self.pruner.positions == "compact":
             new["positions"] = (new["valid"].long().cumsum(1) - 1).clamp(min=0)
@@ -538,6 +599,11 @@ def _cls_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.
     return {"cls_attention": scores.softmax(-1).to(hidden.dtype)[:, :, 0], "keys": keys, "cls_query": queries}
 
 
+def _shifted_right(mask: torch.Tensor) -> torch.Tensor:
+    """(B, n) -> each row's previous entry (False before the first)."""
+    return torch.nn.functional.pad(mask, (1, 0))[:, :-1]
+
+
 def _base_attention(base: str):
     return eager_attention_forward if base == "eager" else AttentionInterface._global_mapping[base]
 
@@ -585,8 +651,8 @@ def _register_attention(base: str) -> str:
 @contextlib.contextmanager
 def prune(model, pruner: TokenPruner, sample_ids: list | None = None,
           record: bool = False, questions: list[str] | None = None) -> Iterator[PruningRuntime]:
-    """Run `model` (a `LlavaForConditionalGeneration`) with `pruner` inside the block; with `record`, the runtime's
-    `recorder` keeps each sample's selections. `questions`: each sample's question text, for methods that read it
+    """Run `model` (any supported class) with `pruner` inside the block; with `record`, the runtime's `recorder`
+    keeps each sample's selections. `questions`: each sample's question text, for methods that read it
     (`needs_question`)."""
     with PruningRuntime(model, pruner, sample_ids, record, questions) as runtime:
         yield runtime

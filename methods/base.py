@@ -43,33 +43,47 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Budget:
-    """`tokens` retained vision tokens under a `convention`.
+    """`tokens` retained vision tokens, or the fraction `retain` of a prompt's vision tokens, under a `convention`.
 
-    - `exact`: `tokens` vision tokens enter every layer after the pruning point.
-    - `average`: T̄_in, the number of vision tokens entering each decoder layer averaged over all layers, equals
-      `tokens` (the convention of SparseVLM and PDrop).
+    - `exact`: that many vision tokens enter every layer after the pruning point.
+    - `average`: T̄_in, the number of vision tokens entering each decoder layer averaged over all layers, equals it
+      (the convention of SparseVLM and PDrop).
+
+    `retain` is resolved on each prompt's own vision tokens (dynamic-resolution models give each image its own
+    count); where every image has the same count, `tokens` holds the resolved number too.
     """
 
     tokens: int | None = None
     convention: Convention = "exact"
+    retain: float | None = None
 
     @property
     def label(self) -> str:
-        if self.tokens is None:
+        if self.tokens is None and self.retain is None:
             return "none"
-        return str(self.tokens) if self.convention == "exact" else f"{self.tokens}-average"
+        amount = f"retain{self.retain:g}" if self.retain is not None else str(self.tokens)
+        return amount if self.convention == "exact" else f"{amount}-average"
+
+    @property
+    def given(self) -> bool:
+        return self.tokens is not None or self.retain is not None
+
+    def target(self, num_vision: int) -> int:
+        """The retained vision tokens (exact) or T̄_in (average) for a prompt of `num_vision` vision tokens."""
+        return max(1, round(self.retain * num_vision)) if self.retain is not None else self.tokens
 
     def keep_after(self, layer: int, num_vision: int, num_layers: int) -> int:
         """Vision tokens to keep from decoder layer `layer` on (all layers before it see `num_vision`)."""
-        if self.tokens is None:
-            raise ConfigError("this method needs a budget: pass budget=N (e.g. 64, 128, 192)")
+        if not self.given:
+            raise ConfigError("this method needs a budget: pass budget=N (e.g. 64, 128, 192) or retain=F")
+        target = self.target(num_vision)
         if self.convention == "exact" or layer == 0:
-            return self.tokens
+            return target
         # T̄_in = (layer * V + (L - layer) * keep) / L  =>  keep = (N L - layer V) / (L - layer)
-        keep = round((self.tokens * num_layers - layer * num_vision) / (num_layers - layer))
+        keep = round((target * num_layers - layer * num_vision) / (num_layers - layer))
         if not 0 <= keep <= num_vision:
             raise ConfigError(
-                f"budget {self.tokens} under the average convention is unreachable when pruning at layer {layer} "
+                f"budget {self.label} under the average convention is unreachable when pruning at layer {layer} "
                 f"of {num_layers} with {num_vision} vision tokens (it would keep {keep})"
             )
         return keep
@@ -140,8 +154,9 @@ class TokenPruner:
 
     def validate(self, num_vision: int, num_layers: int) -> None:
         """Check options against a model's geometry, before it is loaded."""
-        if self.uses_budget and self.budget.tokens is None:
-            raise ConfigError(f"method {self.name} needs a budget: pass budget=N (e.g. 64, 128, 192)")
+        if self.uses_budget and not self.budget.given:
+            raise ConfigError(f"method {self.name} needs a budget: pass budget=N (e.g. 64, 128, 192) or retain=F (a "
+                              f"fraction of each image's vision tokens)")
         if self.budget.tokens is not None and not 0 < self.budget.tokens <= num_vision:
             raise ConfigError(
                 f"budget must be in 1..{num_vision} (the model's vision tokens), got {self.budget.tokens}")
@@ -203,7 +218,8 @@ class TokenPruner:
 class ScorerPruner(TokenPruner):
     """Keep the top-scoring vision tokens once, at the input of layer `k` (k=0: before the language model).
 
-    Subclasses write `score()`; the keep count comes from the run's budget (see `Budget.keep_after`).
+    Subclasses write `score()`; the keep count comes from the run's budget (see `Budget.keep_after`), for each image
+    of a prompt on its own vision tokens (an image with fewer tokens than the budget keeps them all).
     FastV, PDrop-style single drops and random are all this with different scores.
     """
 
@@ -230,9 +246,13 @@ class ScorerPruner(TokenPruner):
     def select(self, layer: int, state: PruneState) -> Selection | None:
         if layer != self.k:
             return None
-        keep = self.keep_count(state.num_vision, state.num_layers)
-        top = self.score(state).topk(keep, dim=-1).indices
-        return Selection(keep=top.sort(dim=-1).values)
+        scores, images = self.score(state), state.vision_images[0]  # rows share their images' token counts
+        keep = []
+        for image in range(int(images.max()) + 1):
+            members = (images == image).nonzero()[:, 0]
+            count = min(self.keep_count(members.numel(), state.num_layers), members.numel())
+            keep.append(members[scores[:, members].topk(count, dim=-1).indices])
+        return Selection(keep=torch.cat(keep, dim=-1).sort(dim=-1).values)
 
 
 def scale_layers(layers: list[int], num_layers: int, reference_layers: int = 32) -> list[int]:

@@ -188,7 +188,7 @@ class SparseVLM(TokenPruner):
     @staticmethod
     def rope_bias(state: PruneState, queries: torch.Tensor) -> torch.Tensor:
         """SparseVLM+'s "attention gravity": QKᵀ/√d of all-ones queries and keys after RoPE, (1, raters, n)."""
-        cos, sin = state.rotary(state.positions[:1])
+        cos, sin = state.rotary(state.positions[..., :1, :])  # batch row 0 (all M-RoPE rows)
         ones = torch.ones_like(cos)
         rotated = ones * cos + torch.cat([-ones[..., ones.shape[-1] // 2:], ones[..., : ones.shape[-1] // 2]], -1) * sin
         return (rotated[0, queries] @ rotated[0].T / cos.shape[-1] ** 0.5)[None]

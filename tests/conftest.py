@@ -33,3 +33,12 @@ def images() -> list[Image.Image]:
     generator = torch.Generator().manual_seed(0)
     pixels = (torch.rand(2, 336, 336, 3, generator=generator) * 255).to(torch.uint8).numpy()
     return [Image.fromarray(p) for p in pixels]
+
+
+def tiny_of(conf_name: str, **overrides) -> LoadedModel:
+    """The tiny offline model of `conf/model/<conf_name>.yaml` (any family), fp32 on the CPU."""
+    from harness.config import CONF_DIR
+    from harness.models import load
+
+    spec = OmegaConf.merge(OmegaConf.load(CONF_DIR / "model" / f"{conf_name}.yaml"), {"dtype": "float32", **overrides})
+    return load(spec, "cpu")

@@ -1,0 +1,125 @@
+"""The interface every model family implements, and what the families share.
+
+An adapter knows one family of `...ForConditionalGeneration` classes: how to load a checkpoint and its processor, how
+to build a prompt exactly as lmms-eval's own wrapper for that family does, where the decoder layers, rotary embedding,
+vision tower and projector are, which input ids are vision tokens, and how to build a tiny random-weight model of the
+family offline. The runtime, the methods and the harness ask the adapter, never a family's attribute paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from methods.base import ConfigError, TokenPruner
+
+Images = list[list[Image.Image]] | None  # the images of each prompt, in order (None: a text-only batch)
+
+
+class ModelAdapter:
+    """One model family. Subclasses set the class variables and implement the loading and prompt methods."""
+
+    #: `model.family` in conf/model (LLaVA-1.5 is the default when a conf has none)
+    family: ClassVar[str]
+    #: a name for messages and tables
+    title: ClassVar[str]
+    #: the `transformers` classes this adapter supports (kvpress's SUPPORTED_MODELS idea)
+    architectures: ClassVar[tuple[str, ...]]
+    #: rows of RoPE position ids the language model takes: 1 (1-D RoPE) or 3 (M-RoPE: t, h, w)
+    position_rows: ClassVar[int] = 1
+    #: whether every image gives the same number of vision tokens (else images of different sizes cannot share a
+    #: batch: the runtime needs the same count in every row)
+    fixed_vision_tokens: ClassVar[bool] = True
+
+    def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
+        """Refuse, before anything loads, what the runtime does not define on this family; the message names why and
+        what would work."""
+        if batch_size > 1 and not self.fixed_vision_tokens:
+            raise ConfigError(f"{self.title} gives images of different sizes different numbers of vision tokens, and "
+                              "the pruning runtime needs the same number in every row of a batch: set batch_size=1")
+
+    # ------------------------------------------------------------------ loading
+    def config_class(self):
+        """The `PretrainedConfig` subclass of the family (for reading shipped or local config.json files)."""
+        raise NotImplementedError
+
+    def from_pretrained(self, path: Path, spec: DictConfig, dtype: torch.dtype, device: torch.device):
+        """(model, processor) from a local checkpoint directory."""
+        raise NotImplementedError
+
+    def build_tiny(self, spec: DictConfig, tokenizer=None):
+        """(model, processor): the family's geometry with tiny widths and random weights from `spec.seed`."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ prompts and inputs
+    def prompts(self, processor, questions: list[str], images: Images) -> list[str]:
+        """The prompt strings lmms-eval's own wrapper for this family builds for these contexts."""
+        raise NotImplementedError
+
+    def inputs(self, processor, questions: list[str], images: Images) -> dict[str, torch.Tensor]:
+        """Processor inputs for a batch; left padding keeps every prompt's last token last."""
+        flat = [image for row in images for image in row] if images is not None else None
+        return processor(images=flat, text=self.prompts(processor, questions, images), padding=True,
+                         return_tensors="pt")
+
+    # ------------------------------------------------------------------ where things are
+    def language_model(self, model) -> torch.nn.Module:
+        """The decoder stack: `.layers`, `.rotary_emb`, `.embed_tokens`, `.config` (the text config)."""
+        return model.model.language_model
+
+    def decoder_layers(self, model) -> torch.nn.ModuleList:
+        return self.language_model(model).layers
+
+    def rotary_embedding(self, model) -> torch.nn.Module:
+        return self.language_model(model).rotary_emb
+
+    def vision_tower(self, model) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def projector(self, model) -> torch.nn.Module:
+        """The module whose output is the language model's vision tokens (LLaVA's projector, Qwen's merger)."""
+        raise NotImplementedError
+
+    def deepstack_layers(self, model) -> int:
+        """How many first decoder layers get visual features added after they run (Qwen3-VL's DeepStack); 0: none."""
+        return 0
+
+    def image_token_id(self, model) -> int:
+        return model.config.image_token_id
+
+    def vision_mask(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, N) True at the slots that carry vision features (the prunable tokens)."""
+        return input_ids == self.image_token_id(model)
+
+    def image_spans(self, model, input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """Per row, each image's vision tokens as a half-open [start, end) range of sequence indices: every family here
+        separates consecutive images by at least one text token, so an image is a maximal run of vision slots."""
+        spans = []
+        for row in self.vision_mask(model, input_ids):
+            padded = torch.cat([row.new_zeros(1), row, row.new_zeros(1)]).int()
+            edges = (padded[1:] - padded[:-1]).nonzero()[:, 0].tolist()
+            spans.append(list(zip(edges[0::2], edges[1::2], strict=True)))
+        return spans
+
+
+def reduces_before_llm(pruner: TokenPruner) -> bool:
+    """Whether the method reduces the vision features before the language model (around LLaVA-1.5's projector)."""
+    hooks = ("reduce_image_features", "reduce_image_embeddings")
+    return pruner.needs_vision_probe or any(getattr(type(pruner), h) is not getattr(TokenPruner, h) for h in hooks)
+
+
+def byte_vocab(specials: list[str]) -> dict[str, int]:
+    """A tiny tokenizer's vocabulary: the family's special tokens first, then one token per byte (no merges, so it
+    needs no training)."""
+    from tokenizers import pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(specials)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    return vocab
+
+
