@@ -57,6 +57,8 @@ from harness.models import build_tiny, model_config, resolve_device
 from harness.runtime import prune
 from methods import METHODS, ConfigError, TokenPruner
 
+# The question text a question-reading method (CDPruner) scores against; the prompt ids stay random.
+QUESTION = "What is shown in the image?"
 VISION_ONLY = "(vision + projector)"  # a timed row of its own: the part of every prefill that no method prunes
 # Methods benchmarked in several configurations: random at FastV's pruning point and before the language model;
 # VisiPruner on eager attention (the reference's, which it forces) and on the model's own (sdpa).
@@ -110,11 +112,12 @@ def method_pruner(name: str, options: dict, budget: int | None) -> TokenPruner:
     return build_pruner(OmegaConf.create({"method": method, "budget": budget, "budget_convention": "exact"}))
 
 
-def configurations(budgets: list[int], num_vision: int, num_layers: int) -> tuple[dict[str, TokenPruner],
-                                                                                  dict[str, str]]:
+def configurations(budgets: list[int], num_vision: int, num_layers: int,
+                   model_config=None) -> tuple[dict[str, TokenPruner], dict[str, str]]:
     """Every registered method (`methods.METHODS`) with each of its `VARIANTS`, at each budget (a method that
     ignores the budget once), and the configurations skipped with the reason: those the method refuses on this model
-    (e.g. a budget it has no reference schedule for)."""
+    (e.g. a budget it has no reference schedule for), or, given the model's config, what it needs from the model
+    (`check_model`: CDPruner's text tower)."""
     pruners: dict[str, TokenPruner] = {"none": TokenPruner()}
     skipped: dict[str, str] = {}
     for name in sorted(set(METHODS) - {"none"}):
@@ -128,6 +131,8 @@ def configurations(budgets: list[int], num_vision: int, num_layers: int) -> tupl
                         pruner = method_pruner(name, options, None)
                     row = f"{label} {budget}" if pruner.uses_budget else label
                     pruner.validate(num_vision, num_layers)
+                    if model_config is not None:
+                        pruner.check_model(model_config)
                 except ConfigError as error:
                     skipped[f"{label} {budget}"] = str(error)
                     continue
@@ -151,7 +156,7 @@ def _prefill(model, inputs: dict):
 
 def counted(model, inputs: dict, pruner: TokenPruner) -> dict:
     """A configuration's counted FLOPs and token counts (one untimed prefill)."""
-    with prune(model, pruner, sample_ids=[0]) as runtime, FlopCounter(model, runtime) as counter:
+    with prune(model, pruner, sample_ids=[0], questions=[QUESTION]) as runtime, FlopCounter(model, runtime) as counter:
         output = _prefill(model, inputs)
     flops = counter.prefill
     attention = pruner.attention_backend or model.config.text_config._attn_implementation
@@ -170,7 +175,7 @@ def timed(model, inputs: dict, pruner: TokenPruner | None, clock: Callable[[], f
     if pruner is None:
         vision = model.model.get_image_features
         return _timed(model.device, lambda: vision(pixel_values=inputs["pixel_values"]), clock), 0
-    with prune(model, pruner, sample_ids=[0]) as runtime:
+    with prune(model, pruner, sample_ids=[0], questions=[QUESTION]) as runtime:
         seconds = _timed(model.device, lambda: _prefill(model, inputs), clock)
     return seconds, runtime.selection_seconds
 
@@ -260,7 +265,7 @@ def run(name: str, device: torch.device, args: argparse.Namespace) -> dict:
     clock = time.process_time if args.clock == "process" else time.perf_counter
     text = model.config.text_config
     pruners, skipped = configurations(args.budgets, int((inputs["input_ids"] == model.config.image_token_id).sum()),
-                                      text.num_hidden_layers)
+                                      text.num_hidden_layers, model.config)
     rows = measure(model, inputs, pruners, args.repeats, clock)
     return {"model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": str(dtype).removeprefix("torch."), "attention": text._attn_implementation,

@@ -254,7 +254,7 @@ def test_prumerge_has_no_budget_and_runs_alone():
         PruMerge(variant="advanced")
     with pytest.raises(ConfigError, match="neighbours must be below"):
         PruMerge(neighbours=576).validate(576, 32)
-    with pytest.raises(ConfigError, match="supports batch size 1 only; set batch_size=1"):
+    with pytest.raises(ConfigError, match=r"supports batch size 1 only \(it decides per sample\); set batch_size=1"):
         check_overrides(["method=prumerge_plus", "batch_size=16"])
 
 
