@@ -250,10 +250,13 @@ def write_pareto(rows: list[dict], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     panels = pareto_panels(rows)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(8.5 * len(panels), 4.8), squeeze=False)
+    methods = sorted({method for panel in panels for method in panel.lines})
+    # tab20's colours with a marker cycle of another length: every method keeps one distinct style in every panel
+    styles = {method: {"color": plt.cm.tab20(i % 20), "marker": "osD^vPX"[i % 7]} for i, method in enumerate(methods)}
     for ax, panel in zip(axes[0], panels, strict=True):
         for method, points in panel.lines.items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=method, **styles[method])
             for x, y, budget in points:
                 ax.annotate(budget, (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
         if panel.dense is not None:
@@ -269,7 +272,7 @@ def write_pareto(rows: list[dict], out: Path) -> Path:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         if panel.lines or panel.dense:
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     path = out / "pareto.png"
     fig.savefig(path, dpi=120)
