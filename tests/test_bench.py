@@ -25,12 +25,12 @@ def small():
     config.vision_config.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      image_size=112))
     model = bench.random_model(config, torch.device("cpu"), torch.float32)
-    return model, bench.prompt_inputs(model, text_tokens=20)
+    return model, bench.prompt_inputs(model, text_tokens=45)  # 35 before the image, a 10-token question after it
 
 
 def test_every_method_and_budget_has_a_row_or_a_reason(small):
     model, inputs = small
-    pruners, skipped = bench.configurations(BUDGETS, num_vision=64, num_layers=3)
+    pruners, skipped = bench.configurations(BUDGETS, num_vision=64, num_layers=3, model_config=model.config)
     assert set(pruners).isdisjoint(skipped)
     # Every registered method appears: at each budget if it reads one, once if not, in each of its variants.
     for name in METHODS:
