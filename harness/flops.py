@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from harness.adapters import adapter_for
 from harness.cost import decoding, forward_cache
 from harness.results import SAMPLES, read_samples
 from harness.runtime import PruningRuntime, in_method_work, prune
@@ -389,15 +390,6 @@ def static_vision_schedule(pruner: TokenPruner, num_vision: int, num_layers: int
     return schedule
 
 
-def vision_modules(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(vision tower, projector): LLaVA's CLIP tower and MLP projector, or a Qwen ViT and its merger (which runs
-    inside the ViT; the innermost module counts)."""
-    inner = model.model
-    if hasattr(inner, "visual"):
-        return inner.visual, inner.visual.merger
-    return inner.vision_tower, inner.multi_modal_projector
-
-
 class FlopCounter(FlopCounterMode):
     """Counts every FLOP that runs inside the block on `model` (a LLaVA or Qwen-VL `...ForConditionalGeneration`), split
     into `prefill` and `decode` `PhaseFlops` of the whole batch.
@@ -420,9 +412,10 @@ class FlopCounter(FlopCounterMode):
 
     def __enter__(self) -> FlopCounter:
         inner = self.model.model
-        vision_tower, projector = vision_modules(self.model)
+        adapter = adapter_for(self.model)  # a Qwen merger runs inside its ViT: the innermost module counts
         scopes: dict[torch.nn.Module, object] = {
-            vision_tower: "vision", projector: "projector", self.model.lm_head: "lm_head"}
+            adapter.vision_tower(self.model): "vision", adapter.projector(self.model): "projector",
+            self.model.lm_head: "lm_head"}
         for index, layer in enumerate(inner.language_model.layers):
             attention = layer.self_attn
             for projection in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
