@@ -90,15 +90,17 @@ def test_a_sweep_on_slurm_survives_a_cancelled_job(slurm, tmp_path):
             assert launcher.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the sweep made no progress"
             time.sleep(0.2)
-        os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C on the submitting command: the second job is still to come
-        # Watched while the submitter exits: waiting for it first let an idle machine finish the second job.
+        # The submitting command dies (a lost terminal) while the second job is still to come. Not Ctrl-C: submitit
+        # notices SIGINT only at its next poll, and meanwhile an idle machine finished the second job; and a submitter
+        # still polling when its job is killed waits for good on a cluster without accounting.
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=60)
         while lines(second / "samples.jsonl") < 1:  # it starts and runs all the same
             assert time.monotonic() < deadline, "the second job made no progress"
             time.sleep(0.05)
         # SIGKILL at once (plain scancel's SIGTERM leaves the job KillWait seconds, in which it could finish)
         (job,) = squeue(slurm, "--states=RUNNING")
         subprocess.run(["scancel", "--signal=KILL", "--full", job], env=slurm, check=True)
-        launcher.wait(timeout=120)
         while squeue(slurm):
             assert time.monotonic() < deadline, "the cancelled job did not end"
             time.sleep(0.2)
