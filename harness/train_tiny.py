@@ -6,7 +6,9 @@ model) at tiny widths, so that it trains on a 2-core CPU. Everything is trained 
 `harness.tasks` draws on the fly (never the shipped test split), in two stages, as LLaVA starts from a vision tower
 that already sees:
 1. seeing (`--vision-steps`): the vision tower alone, with a linear read-out of every patch's colour, shape, size,
-   word, row, column and whether it holds an item's centre (targets from the scene's geometry);
+   word, row, column and whether it holds an item's centre (targets from the scene's geometry), and of the CLS token
+   at the feature layer, which says which colours, shapes, objects and words the scene holds (`--cls-weight`): the
+   CLS attention that VisionZip, VisPruner, HoloV and PruMerge rank patches by then looks at the scene's content;
 2. answering (`--steps`): the tower frozen, the projector (its first layer started as stage 1's read-out) and the
    language model learn the questions, each exactly the prompt the harness evaluates. A pool of scenes holds the
    tower's features (a few replaced every step), and each scene's questions share one computation of the prompt up
@@ -71,7 +73,7 @@ VALIDATION_SEED = 2  # the shipped test split is seed 1; training scenes come fr
 IGNORE = -100
 # Settings a resumed run must share: those of stage 1 always, those of stage 2 once it has begun (so stage 2 can be
 # rerun with other settings from a finished stage 1).
-STAGE1_SETTINGS = ("seed", "vision_steps", "vision_batch_size", "vision_lr", "warmup")
+STAGE1_SETTINGS = ("seed", "vision_steps", "vision_batch_size", "vision_lr", "warmup", "cls_weight")
 STAGE2_SETTINGS = ("steps", "batch_size", "rounds", "lr", "pool", "refresh", "early_weight", "centre_steps",
                    "ramp_steps", "background_kept", "full_steps", "reweight", "part_size", "previous_weight",
                    "previous_categories")
@@ -100,6 +102,11 @@ VISION_TARGETS = {  # name: classes (0 = background or not applicable, except fo
     "row": PATCHES_PER_SIDE, "column": PATCHES_PER_SIDE,  # where the patch is
     "center": 2,  # the patch holds an object's or word's centre: one patch per item, what counting needs
 }
+# The CLS token's multi-label read-out: which colours, shapes, objects (colour, shape, size) and words a scene holds.
+# Naming each object asks the CLS token to find every one of them, small ones included.
+SCENE_LABELS = ([("color", c) for c in sorted(COLORS)] + [("shape", s) for s in SHAPES]
+                + [("object", (c, s, z)) for c in sorted(COLORS) for s in SHAPES for z in sorted(SIZES)]
+                + [("word", w) for w in WORDS])
 FOREGROUND_ONLY = ("shape", "size", "word")  # scored only on patches that show an object / a word
 MIN_COVER = 30  # pixels of the 196 in a patch that an item must cover to label the patch
 
@@ -149,32 +156,47 @@ def patch_targets(objects, words) -> dict[str, torch.Tensor]:
     return targets
 
 
+def scene_targets(objects, words) -> torch.Tensor:
+    """(len(SCENE_LABELS),) 1.0 for each label the scene holds: the CLS token's target."""
+    held = ({("color", o.color) for o in objects} | {("shape", o.shape) for o in objects}
+            | {("object", (o.color, o.shape, o.size)) for o in objects} | {("word", word) for word, _ in words})
+    return torch.tensor([float(label in held) for label in SCENE_LABELS])
+
+
 def vision_batch(processor, seed: int, step: int, batch_size: int, device: torch.device
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Stage-1 images of step `step` (more words per scene than the task draws: reading is the slowest to learn) and
-    their patch targets, on `device`."""
+    """Stage-1 images of step `step` (more words per scene than the task draws: reading is the slowest to learn), their
+    patch targets and their scene targets ("scene"), on `device`."""
     rng = random.Random(f"see-{seed}-{step}")
     scenes = [draw_scene(rng, num_words=(2, 4)) for _ in range(batch_size)]
     pixel_values = processor.image_processor([image for image, _, _ in scenes], return_tensors="pt")["pixel_values"]
     targets = [patch_targets(objects, words) for _, objects, words in scenes]
     stacked = {name: torch.stack([t[name] for t in targets]).to(device) for name in VISION_TARGETS}
+    stacked["scene"] = torch.stack([scene_targets(objects, words) for _, objects, words in scenes]).to(device)
     return pixel_values.to(device), stacked
 
 
-def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The tower's patch features at LLaVA's feature layer (what the projector reads), CLS dropped."""
+def feature_layer_states(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The tower's states at LLaVA's feature layer, CLS first: what the projector reads is `[:, 1:]`."""
     hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
-    return hidden[model.config.vision_feature_layer][:, 1:]
+    return hidden[model.config.vision_feature_layer]
 
 
-def vision_loss(model, head, pixel_values, targets) -> tuple[torch.Tensor, dict[str, float]]:
-    """Summed cross-entropy of the per-patch targets, and each target's accuracy on the patches it is scored on."""
-    logits = head(vision_features(model, pixel_values)).split(list(VISION_TARGETS.values()), dim=-1)
+def vision_loss(model, head, cls_head, pixel_values, targets, cls_weight: float
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed cross-entropy of the per-patch targets plus `cls_weight` times the CLS token's multi-label loss, and each
+    target's accuracy on the patches it is scored on ("scene": the share of scene labels the CLS gets right)."""
+    states = feature_layer_states(model, pixel_values)
+    logits = head(states[:, 1:]).split(list(VISION_TARGETS.values()), dim=-1)
     loss, accuracy = 0.0, {}
     for (name, _), scores in zip(VISION_TARGETS.items(), logits, strict=True):
         scored = targets[name] > 0 if name in FOREGROUND_ONLY else torch.ones_like(targets[name], dtype=torch.bool)
         loss = loss + torch.nn.functional.cross_entropy(scores[scored], targets[name][scored])
         accuracy[name] = (scores.argmax(-1) == targets[name])[scored].float().mean().item()
+    if cls_weight:
+        scene = cls_head(states[:, 0])
+        loss = loss + cls_weight * torch.nn.functional.binary_cross_entropy_with_logits(scene, targets["scene"])
+        accuracy["scene"] = ((scene > 0) == (targets["scene"] > 0.5)).float().mean().item()
     return loss, accuracy
 
 
@@ -207,7 +229,8 @@ class ScenePool:
     def draw(self, indices: range) -> None:
         scenes = [pool_scene(self.seed, k) for k in indices]
         pixel_values = self.processor.image_processor([image for image, _, _ in scenes], return_tensors="pt")
-        features = vision_features(self.model, pixel_values["pixel_values"].to(self.model.device, self.model.dtype))
+        features = feature_layer_states(self.model, pixel_values["pixel_values"].to(self.model.device,
+                                                                                     self.model.dtype))[:, 1:]
         for k, (image, objects, words), feature in zip(indices, scenes, features, strict=True):
             slot = k % self.size
             self.features[slot], self.foreground[slot] = feature, foreground_patches(image)
@@ -441,6 +464,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1: steps of the vision tower alone")
     parser.add_argument("--vision-batch-size", type=int, default=32, help="stage 1: images per step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
+    parser.add_argument("--cls-weight", type=float, default=1.0,
+                        help="stage 1: weight of the CLS token's read-out of what the scene holds (0: off, as the\n"
+                             "model shipped before 2026-12-07 was trained)")
     parser.add_argument("--steps", type=int, default=2250, help="stage 2: steps of projector and language model")
     parser.add_argument("--batch-size", type=int, default=16, help="stage 2: scenes per step")
     parser.add_argument("--rounds", type=int, default=4, help="stage 2: questions of each category per scene, at most")
@@ -496,8 +522,9 @@ def main(argv: list[str] | None = None) -> Path:
         head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(VISION_TARGETS.values())).to(device)
         text = model.config.text_config
         previous_head = torch.nn.Linear(text.hidden_size, text.vocab_size).to(device)
+        cls_head = torch.nn.Linear(model.config.vision_config.hidden_size, len(SCENE_LABELS)).to(device)
     # One optimiser for both stages: AdamW leaves alone the parameters that a stage gives no gradient.
-    heads = torch.nn.ModuleDict({"head": head, "previous_head": previous_head})
+    heads = torch.nn.ModuleDict({"head": head, "previous_head": previous_head, "cls_head": cls_head})
     optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)
     log: dict = {"settings": {**vars(args), "out": str(args.out), "state": str(state_path)},
@@ -528,12 +555,14 @@ def main(argv: list[str] | None = None) -> Path:
                 group["lr"] = learning_rate(step, args)
             seeing = step < args.vision_steps
             if seeing:
-                loss, accuracy = vision_loss(model, head, *vision_batch(processor, args.seed, step,
-                                                                         args.vision_batch_size, device))
+                loss, accuracy = vision_loss(model, head, cls_head, *vision_batch(processor, args.seed, step,
+                                                                                   args.vision_batch_size, device),
+                                             cls_weight=args.cls_weight)
                 loss.backward()
                 loss = loss.item()
                 log["vision"].append({"loss": round(loss, 4), **{k: round(v, 3) for k, v in accuracy.items()}})
-                bar.set_description(f"train_tiny (seeing: shape {accuracy['shape']:.2f} word {accuracy['word']:.2f})")
+                bar.set_description(f"train_tiny (seeing: shape {accuracy['shape']:.2f} word {accuracy['word']:.2f} "
+                                    f"scene {accuracy.get('scene', float('nan')):.2f})")
             else:
                 stage_step = step - args.vision_steps
                 if stage_step == 0:

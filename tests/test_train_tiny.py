@@ -84,6 +84,35 @@ def test_patch_targets_label_each_patch_by_the_item_covering_most_of_it():
     assert targets["row"][24 * 5 + 7] == 5 and targets["column"][24 * 5 + 7] == 7
 
 
+def test_scene_targets_name_the_colours_shapes_objects_and_words_a_scene_holds():
+    objects = [SceneObject("square", "red", "large", (28, 28, 97, 97)),
+               SceneObject("circle", "blue", "small", (150, 150, 180, 180))]
+    targets = train_tiny.scene_targets(objects, [("dog", (196, 280, 237, 293))])
+    held = {train_tiny.SCENE_LABELS[i] for i in targets.nonzero()[:, 0].tolist()}
+    assert held == {("color", "red"), ("color", "blue"), ("shape", "square"), ("shape", "circle"),
+                    ("object", ("red", "square", "large")), ("object", ("blue", "circle", "small")), ("word", "dog")}
+    assert len(train_tiny.SCENE_LABELS) == 6 + 3 + 6 * 3 * 2 + 8 and targets.sum() == 7
+
+
+def test_the_cls_read_out_adds_its_weighted_multi_label_loss_on_the_feature_layer_cls_state():
+    spec = OmegaConf.create({**train_tiny.ARCHITECTURE, "seed": 0, "num_layers": 1})
+    model, processor = build_tiny(spec)
+    torch.manual_seed(0)
+    width = model.config.vision_config.hidden_size
+    head = torch.nn.Linear(width, sum(train_tiny.VISION_TARGETS.values()))
+    cls_head = torch.nn.Linear(width, len(train_tiny.SCENE_LABELS))
+    pixel_values, targets = train_tiny.vision_batch(processor, seed=0, step=0, batch_size=2,
+                                                    device=torch.device("cpu"))
+    plain, accuracy = train_tiny.vision_loss(model, head, cls_head, pixel_values, targets, cls_weight=0.0)
+    weighted, with_cls = train_tiny.vision_loss(model, head, cls_head, pixel_values, targets, cls_weight=0.5)
+    cls_state = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 0]
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(cls_head(cls_state), targets["scene"])
+    assert "scene" not in accuracy and 0.0 <= with_cls["scene"] <= 1.0
+    assert torch.allclose(weighted - plain, 0.5 * expected, atol=1e-6)
+    weighted.backward()
+    assert cls_head.weight.grad.abs().sum() > 0
+
+
 def test_foreground_patches_are_those_with_any_drawn_pixel():
     image = Image.new("RGB", (336, 336), BACKGROUND)
     ImageDraw.Draw(image).point([(15, 30), (335, 0)], fill=(0, 0, 0))
