@@ -15,14 +15,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from harness.adapters.base import Images, ModelAdapter, byte_vocab
+from harness.adapters.base import Images, ModelAdapter, byte_vocab, reduces_before_llm
 from harness.adapters.qwen2_vl import _chat_template, images_only
+from methods.base import ConfigError, TokenPruner
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 # The tokenizer attributes InternVLProcessor reads (`tokenizer.context_image_token`, ...), as the -hf repos set them.
@@ -76,6 +78,23 @@ class InternVLAdapter(ModelAdapter):
     title = "InternVL3"
     architectures = ("InternVLForConditionalGeneration",)
     fixed_vision_tokens = False  # 1 to 13 tiles per image, by its aspect ratio and size
+    # generate() runs the tower and the projector on the tiles of every image before the prompt is seen, so the
+    # tiles cannot be grouped into images there: pre-LLM methods reduce each image's projected tokens before layer 0.
+    reduces_in_sequence = True
+
+    def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
+        super().check_method(pruner, batch_size)
+        if not reduces_before_llm(pruner):
+            return
+        if pruner.name == "cdpruner":
+            raise ConfigError(f"method cdpruner scores relevance with the CLIP text tower of the model's vision tower; "
+                              f"{self.title}'s InternViT has no text tower: use divprune (the same diversity without "
+                              f"the question) or an in-LLM method")
+        if pruner.name == "prumerge":
+            raise ConfigError(f"method prumerge recomputes each ViT patch's CLS attention from the last layer's query "
+                              f"and keys and merges patches by key similarity; {self.title}'s pixel shuffle "
+                              f"concatenates 2x2 patches into one vision token, for which that rule is not defined "
+                              f"here: use visionzip or vispruner (CLS attention summed per token)")
 
     def config_class(self):
         from transformers import InternVLConfig
@@ -161,6 +180,32 @@ class InternVLAdapter(ModelAdapter):
         """`mlp1`: it sees (tiles of every image of the batch, tokens per tile, 4·d_vision) pixel-shuffled features."""
         return model.model.multi_modal_projector
 
+    def vision_attention(self, model, layer: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+        encoder_layer = self.vision_tower(model).encoder.layer[layer]
+        return encoder_layer, encoder_layer.attention
+
+    def image_probes(self, model, probe: dict[str, torch.Tensor], input_ids: torch.Tensor,
+                     embeddings: torch.Tensor) -> list[list[dict[str, torch.Tensor]]]:
+        """The probe (taken per tile, CLS first, at the ViT layer the projector reads) on each image's vision tokens:
+        a token's CLS attention is the sum of its tile's CLS attention over the token's 2x2 patches (each tile's CLS
+        row sums to 1 over its patches and itself, so scores compare across an image's tiles, thumbnail included),
+        its key the mean of the patches' keys; the CLS entries (its own attention, key and query) are means over
+        the image's tiles. `hidden` is the image's projected tokens: CLS never reaches the language model."""
+        tiles, probes = 0, []
+        for row, images in enumerate(self.image_tiles(model, input_ids)):
+            probes.append([])
+            for image in images:
+                part = slice(tiles, tiles + image.tiles)
+                tiles += image.tiles
+                attention, keys = probe["cls_attention"][part], probe["keys"][part]
+                probes[-1].append(dict(
+                    hidden=embeddings[row:row + 1, image.start:image.end], hidden_has_cls=False,
+                    cls_attention=torch.cat([attention[:, :, :1].mean(0), pool_patches(attention[:, :, 1:],
+                                                                                       torch.sum)], dim=-1)[None],
+                    keys=torch.cat([keys[:, :, :1].mean(0), pool_patches(keys[:, :, 1:], torch.mean)], dim=1)[None],
+                    cls_query=probe["cls_query"][part].mean(0, keepdim=True)))
+        return probes
+
     def image_tiles(self, model, input_ids: torch.Tensor) -> list[list[ImageTiles]]:
         """Per row, each image's tiles: its run of vision tokens is `tiles` blocks of `image_seq_length` tokens."""
         per_tile = model.config.image_seq_length
@@ -175,3 +220,13 @@ class InternVLAdapter(ModelAdapter):
             for image in images:
                 index[row, image.start:image.end] = torch.arange(image.tiles).repeat_interleave(image.tokens_per_tile)
         return index
+
+
+def pool_patches(patches: torch.Tensor, pool) -> torch.Tensor:
+    """(tiles, heads, patches, ...) per-patch values -> (heads, tiles · tokens per tile, ...): each vision token's 2x2
+    patches pooled by `pool` (torch.sum, torch.mean), with pixel shuffle's grouping (token (i, j) of a tile holds
+    patch rows 2i, 2i+1 and columns 2j, 2j+1), the tiles' tokens one after another."""
+    tiles, heads, count = patches.shape[:3]
+    side = math.isqrt(count)
+    grid = patches.reshape(tiles, heads, side // 2, 2, side // 2, 2, *patches.shape[3:])
+    return pool(grid, dim=(3, 5)).flatten(2, 3).transpose(0, 1).flatten(1, 2)
