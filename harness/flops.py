@@ -821,7 +821,8 @@ def _image_line(image: dict) -> str:
     if "tiles" in image:  # InternVL
         columns, rows = image["tile_grid"]
         thumbnail = " + a thumbnail" if image["tiles"] > 1 else ""
-        return f"image {size} px = {columns}x{rows} tiles{thumbnail} of {image['tile_size']} px: {image['tiles']} tiles"
+        count = f"{image['tiles']} tile" + "s" * (image["tiles"] > 1)
+        return f"image {size} px = {columns}x{rows} tiles{thumbnail} of {image['tile_size']} px: {count}"
     return (f"image {size} px, resized to {'x'.join(map(str, image['resized']))} (pixel bounds "
             f"{image['pixel_bounds'][0]}..{image['pixel_bounds'][1]}) = {image['patch_grid'][1]}x"
             f"{image['patch_grid'][0]} patches")

@@ -67,9 +67,9 @@ class VisionZip(TokenPruner):
             raise ConfigError(f"dominant ({dominant}) + contextual ({contextual}) must be positive and at most "
                               f"{num_vision}")
 
-    def vision_schedule(self, num_vision: int, num_layers: int) -> list[int] | None:
-        if self.uses_budget and self.budget.tokens is None:  # resolved per image
-            return None
+    def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
+        if self.uses_budget and self.budget.tokens is None:  # retain=F: that fraction of the image's own tokens
+            return [self.budget.target(num_vision)] * num_layers
         return [sum(self.counts())] * num_layers
 
     def reduce_image_features(self, features: torch.Tensor, vision: VisionProbe | None) -> torch.Tensor:
