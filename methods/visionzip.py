@@ -53,10 +53,10 @@ class VisionZip(TokenPruner):
         if self.budget.retain is not None and tokens is not None and tokens not in SETTINGS:
             contextual = max(1, round(tokens * 10 / 64))  # the settings' proportion: 64 = 54 + 10
             return tokens - contextual, contextual
-        if self.budget.tokens not in SETTINGS:
+        if tokens not in SETTINGS:
             raise ConfigError(f"VisionZip settings exist for budgets {', '.join(map(str, SETTINGS))}; for budget "
-                              f"{self.budget.tokens} set method.dominant and method.contextual")
-        return SETTINGS[self.budget.tokens]
+                              f"{tokens} set method.dominant and method.contextual")
+        return SETTINGS[tokens]
 
     def validate(self, num_vision: int, num_layers: int) -> None:
         super().validate(num_vision, num_layers)
