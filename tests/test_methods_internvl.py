@@ -65,6 +65,26 @@ def test_the_cls_signal_of_a_vision_token_sums_its_four_patches():
     assert pool_patches(keys, torch.mean)[0, 0].tolist() == [(0 + 2 + 8 + 10) / 4, (1 + 3 + 9 + 11) / 4]
 
 
+def test_each_image_gets_the_probe_of_its_own_tiles(internvl):
+    """A 1-tile and a 3-tile image in one prompt: the tower's per-tile probe (4 tiles, CLS first) is split by image;
+    each image's CLS entries are means over its tiles, its tokens' entries pooled from its own tiles, `hidden` its own
+    projected tokens."""
+    inputs = internvl.inputs([[noise(64, 64, 2), noise(128, 64, 3)]], ["Which?"])
+    first, second = internvl.adapter.image_tiles(internvl.model, inputs["input_ids"])[0]
+    values = torch.arange(4 * 65, dtype=torch.float32).view(4, 1, 65)  # tile t, entry e: 65t + e (e = 0: CLS)
+    probe = {"cls_attention": values, "keys": values[..., None].expand(-1, -1, -1, 2),
+             "cls_query": values[:, :, None, :1]}
+    embeddings = torch.randn(1, inputs["input_ids"].shape[1], 8)
+    one, three = internvl.adapter.image_probes(internvl.model, probe, inputs["input_ids"], embeddings)[0]
+    assert one["cls_attention"].tolist() == [[[0.0, *pool_patches(values[:1, :, 1:], torch.sum)[0].tolist()]]]
+    assert three["cls_attention"][0, 0, 0] == 65 * 2 and three["cls_attention"].shape == (1, 1, 1 + 48)
+    assert torch.equal(three["cls_attention"][0, :, 1:], pool_patches(values[1:, :, 1:], torch.sum))
+    assert torch.equal(three["keys"][0, :, 1:, 0], pool_patches(values[1:, :, 1:], torch.mean))
+    assert three["cls_query"].tolist() == [[[[65.0 * 2]]]]
+    assert torch.equal(three["hidden"], embeddings[:, second.start:second.end]) and not three["hidden_has_cls"]
+    assert torch.equal(one["hidden"], embeddings[:, first.start:first.end])
+
+
 def test_visionzip_without_cls_keeps_the_top_tokens_as_dominant():
     """On InternVL's probe (`hidden_has_cls=False`) every dominant token is a vision token: the top ones by summed CLS
     attention, in order; the rest merge into the contextual tokens as on LLaVA."""
