@@ -25,7 +25,8 @@ the layer's KV cache for decode steps, whose queries are text).
 
 **Projected** (`project`): the same breakdown from an `Architecture` (read from a LLaVA config, so full-size models
 need no weights; `QwenArchitecture` for Qwen2-VL, Qwen2.5-VL and Qwen3-VL, whose vision tokens and tower FLOPs follow
-the image size) and a `Schedule` (tokens and vision tokens entering each layer, the KV caches, the decode steps).
+the image size; `InternVLArchitecture` for InternVL3, whose follow the image's tiles) and a `Schedule` (tokens and
+vision tokens entering each layer, the KV caches, the decode steps).
 Tests hold the projection to the counter on executed tiny models and on the 7B configs on `meta`.
 
 **The papers' convention** (`paper_vision_token_flops`, `paper_vision_attention`): FastV, SparseVLM and VisiPruner
@@ -37,6 +38,7 @@ vision tokens entering the layer, in multiply-adds (half our unit). Dense LLaVA-
     python -m harness.flops model=llava7b method=visipruner results_dir=results/llava7b/<task>/visipruner/none
     python -m harness.flops model=tiny_trained method=fastv budget=64 counter=fvcore  # one prompt, counted too
     python -m harness.flops model_config=Qwen2.5-VL-7B-Instruct method=none image=448x448 [min_pixels=] [max_pixels=]
+    python -m harness.flops model=internvl3_8b method=random retain=0.25 image=640x480
 """
 
 from __future__ import annotations
@@ -314,6 +316,47 @@ class QwenArchitecture(LanguageModel):
         return 2 * features * (merged * merged + merged * self.hidden)
 
 
+@dataclass(frozen=True)
+class InternVLArchitecture(Architecture):
+    """What the FLOPs of InternVL3 depend on, for the tiles of one sample (a `Schedule` of it has `images=1`): each
+    tile runs through every InternViT layer (patches + CLS: LLaVA's CLIP formula), pixel shuffle (no arithmetic)
+    concatenates each `merge`² patches into one vision token, and the projector (LayerNorm, then two linear layers)
+    maps those into the language model."""
+
+    tiles: int = 1
+    merge: int = 2
+
+    @classmethod
+    def from_config(cls, config, tiles: int) -> InternVLArchitecture:
+        """`tiles`: all tiles of the sample's images (the processor's grid, plus a thumbnail where it has several)."""
+        vision, merge = config.vision_config, round(1 / config.downsample_ratio)
+        tile, patch = vision.image_size[0], vision.patch_size[0]
+        return cls(
+            **LanguageModel.fields(config.text_config),
+            vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size,
+            vision_intermediate=vision.intermediate_size, image_size=tile, patch_size=patch,
+            channels=vision.num_channels, image_features=tiles * (tile // patch) ** 2 // merge**2, tiles=tiles,
+            merge=merge)
+
+    def vision_encoder(self) -> float:
+        return self.tiles * super().vision_encoder()
+
+    def projector(self, features: int) -> float:
+        merged = self.merge**2 * self.vision_hidden
+        return 2 * features * (merged * self.hidden + self.hidden * self.hidden)
+
+
+def image_tiles(config, height: int, width: int) -> tuple[int, int]:
+    """The (columns, rows) of tiles the InternVL processor cuts a `height`×`width` image into (at most 12, lmms-eval's
+    `max_patches`; a thumbnail joins any grid of more than one tile)."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    from harness.adapters.internvl import MAX_TILES
+
+    tile = config.vision_config.image_size
+    return get_optimal_tiled_canvas((height, width), tuple(tile), 1, MAX_TILES)
+
+
 def image_grid(config, height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """The patch rows and columns of a `height`×`width` image after the Qwen processor's `smart_resize`: each side
     rounded to a multiple of patch × merge, the area brought within [min_pixels, max_pixels]."""
@@ -324,8 +367,14 @@ def image_grid(config, height: int, width: int, min_pixels: int, max_pixels: int
     return resized[0] // vision.patch_size, resized[1] // vision.patch_size
 
 
-def model_architecture(config, grids: list[tuple[int, int]] | None = None) -> Architecture | QwenArchitecture:
-    """The architecture of a LLaVA or Qwen config; a Qwen one for a sample's images of `grids` patches."""
+def model_architecture(config, grids: list[tuple[int, int]] | None = None,
+                       tiles: int | None = None) -> Architecture | QwenArchitecture:
+    """The architecture of a LLaVA, Qwen or InternVL config; a Qwen one for a sample's images of `grids` patches, an
+    InternVL one for a sample's images of `tiles` tiles in all."""
+    if config.model_type == "internvl":
+        if tiles is None:
+            raise ConfigError("InternVL cuts each image into tiles by its size: its FLOPs need the image sizes")
+        return InternVLArchitecture.from_config(config, tiles)
     if config.model_type in QWEN_MODEL_TYPES:
         if grids is None:
             raise ConfigError(f"{config.model_type} has dynamic resolution: its FLOPs need the image sizes")
@@ -641,7 +690,8 @@ def report(options: dict, overrides: list[str]) -> dict:
         # Both would need each sample's own image size: runs do not record it yet, the counter loads LLaVA prompts.
         raise ConfigError(f"counter and results_dir project LLaVA-1.5 (fixed-size images); {name} is projected for "
                           f"one image size: pass image=WIDTHxHEIGHT (and the method's budget) instead")
-    arch = model_architecture(config, image and [image["patch_grid"]])
+    arch = model_architecture(config, [image["patch_grid"]] if image and "patch_grid" in image else None,
+                              image.get("tiles") if image else None)
     pruner.validate(arch.image_features, arch.layers)
     results_dir, text, steps = options["results_dir"], options["text_tokens"], options["decode_steps"]
     counted = None
@@ -697,13 +747,21 @@ def shipped_config(name: str):
 def projected_image(config, options: dict, spec) -> dict | None:
     """The image of a dynamic-resolution model: its size, its size after the processor's resize within the pixel
     bounds (options, else the model conf's, else the checkpoint processor's), and its patch grid; None for a model
-    that resizes every image to one size."""
+    that resizes every image to one size. InternVL: its size and its tiles (no pixel bounds)."""
+    width, height = (int(side) for side in (options["image"] or DEFAULT_IMAGE).split("x"))
+    if config.model_type == "internvl":
+        if any(options[key] is not None for key in ("min_pixels", "max_pixels")):
+            raise ConfigError("min_pixels and max_pixels bound a Qwen image; InternVL cuts an image into at most 12 "
+                              "tiles (and a thumbnail): set image=WIDTHxHEIGHT")
+        columns, rows = image_tiles(config, height, width)
+        return {"size": [width, height], "tile_grid": [columns, rows],
+                "tiles": columns * rows + (columns * rows > 1), "tile_size": config.vision_config.image_size[0]}
     if config.model_type not in QWEN_MODEL_TYPES:
         if any(options[key] is not None for key in ("image", "min_pixels", "max_pixels")):
-            raise ConfigError(f"image, min_pixels and max_pixels set the image of a dynamic-resolution model (Qwen); "
-                              f"{config.model_type} resizes every image to {config.vision_config.image_size} px")
+            raise ConfigError(f"image, min_pixels and max_pixels set the image of a dynamic-resolution model (Qwen, "
+                              f"InternVL); {config.model_type} resizes every image to "
+                              f"{config.vision_config.image_size} px")
         return None
-    width, height = (int(side) for side in (options["image"] or DEFAULT_IMAGE).split("x"))
     bounds = []
     for key, default in zip(("min_pixels", "max_pixels"), QWEN_PROCESSOR_PIXELS[config.model_type], strict=True):
         chosen = options[key] if options[key] is not None else spec.get(key)
@@ -758,6 +816,18 @@ def _si(value: float | None) -> str:
     return f"{value:.0f}"
 
 
+def _image_line(image: dict) -> str:
+    size = "x".join(map(str, image["size"]))
+    if "tiles" in image:  # InternVL
+        columns, rows = image["tile_grid"]
+        thumbnail = " + a thumbnail" if image["tiles"] > 1 else ""
+        count = f"{image['tiles']} tile" + "s" * (image["tiles"] > 1)
+        return f"image {size} px = {columns}x{rows} tiles{thumbnail} of {image['tile_size']} px: {count}"
+    return (f"image {size} px, resized to {'x'.join(map(str, image['resized']))} (pixel bounds "
+            f"{image['pixel_bounds'][0]}..{image['pixel_bounds'][1]}) = {image['patch_grid'][1]}x"
+            f"{image['patch_grid'][0]} patches")
+
+
 def format_table(report: dict) -> str:
     dense, pruned, ratio, prompt, budget = (report[k] for k in ("dense", "pruned", "ratio", "prompt", "budget"))
     method = report["method"]
@@ -766,9 +836,7 @@ def format_table(report: dict) -> str:
         f"{report['model']}: {prompt['total']}-token prompt ({prompt['vision_tokens']} vision + {prompt['text_tokens']}"
         f" text); {method}" + (f" budget={budget['tokens']} ({budget['convention']})" if budget["used"] else "")
         + f"; {report['source']}; T̄_in = {pruned['mean_vision_tokens']:.1f}",
-        *([f"image {'x'.join(map(str, image['size']))} px, resized to {'x'.join(map(str, image['resized']))} "
-           f"(pixel bounds {image['pixel_bounds'][0]}..{image['pixel_bounds'][1]}) = "
-           f"{image['patch_grid'][1]}x{image['patch_grid'][0]} patches"] if image else []),
+        *([_image_line(image)] if image else []),
         f"{UNIT}. Not projected: the method's own work (counted in runs and by harness.bench).",
         f"{'':36}{'dense':>13}{method:>13}{'ratio':>8}",
     ]

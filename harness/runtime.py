@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator
@@ -73,6 +74,9 @@ class VisionProbe:
     cls_attention: torch.Tensor  # (images, heads, 1 + patches): softmax attention of the CLS query
     keys: torch.Tensor  # (images, heads, 1 + patches, head_dim): the layer's keys (k_proj output, per head)
     cls_query: torch.Tensor | None = None  # (images, heads, 1, head_dim): the CLS query (q_proj output, unscaled)
+    #: False where `hidden` is the image's projected tokens, which the CLS token never reaches (InternVL: see
+    #: `ModelAdapter.image_probes`); the other fields keep their CLS entry first
+    hidden_has_cls: bool = True
 
 
 @dataclass
@@ -155,6 +159,7 @@ class PruningRuntime:
         self.active = False  # pruning this prefill (False: no image tokens)
         self.selection_seconds = 0.0  # inside the method's own code, accumulated while installed
         self._reduced_slots: int | None = None  # vision slots per image kept by a pre-LLM feature reduction
+        self._reduces_in_sequence = False  # pre-LLM reduction before layer 0, image by image (`_reduce_in_sequence`)
         self._image_slots = 0  # vision slots per image before that reduction
         self._vision_probe: dict[str, torch.Tensor] = {}
         self._full_len = 0
@@ -184,19 +189,23 @@ class PruningRuntime:
         reduces_features = type(self.pruner).reduce_image_features is not TokenPruner.reduce_image_features
         self._reduces_embeddings = type(self.pruner).reduce_image_embeddings is not TokenPruner.reduce_image_embeddings
         if reduces_features or self._reduces_embeddings:
-            projector = self.adapter.projector(self.model)
-            if reduces_features:
-                self._handles.append(projector.register_forward_pre_hook(self._reduce_features))
-            self._handles.append(projector.register_forward_hook(self._reduce_embeddings))
+            if self.adapter.reduces_in_sequence:  # the projector's output cannot be split into images here
+                if self.recorder is not None:
+                    raise ValueError(f"pre-LLM reductions on {self.adapter.title} are not recorded: use record=False")
+                self._reduces_in_sequence = True
+            else:
+                projector = self.adapter.projector(self.model)
+                if reduces_features:
+                    self._handles.append(projector.register_forward_pre_hook(self._reduce_features))
+                self._handles.append(projector.register_forward_hook(self._reduce_embeddings))
             if self.pruner.needs_vision_probe:
                 probed_layer = self.pruner.vision_probe_layer
                 if probed_layer is None:
                     probed_layer = self.model.config.vision_feature_layer
                 if not isinstance(probed_layer, int):
                     raise ConfigError("the vision probe needs a single vision_feature_layer")
-                tower = self.adapter.vision_tower(self.model)
-                encoder_layer = getattr(tower, "vision_model", tower).encoder.layers[probed_layer]
-                self._handles.append(encoder_layer.self_attn.register_forward_pre_hook(
+                encoder_layer, attention = self.adapter.vision_attention(self.model, probed_layer)
+                self._handles.append(attention.register_forward_pre_hook(
                     self._probe_vision_attention, with_kwargs=True))
                 self._handles.append(encoder_layer.register_forward_hook(self._probe_vision_output))
         for layer in self.lm.layers:
@@ -346,6 +355,48 @@ class PruningRuntime:
         keep = (slots + torch.arange(self._reduced_slots, device=device)).flatten()
         return Selection(keep=keep.expand(self.state.batch_size, -1))
 
+    def _reduce_in_sequence(self) -> None:
+        """Pre-LLM reduction where the projector's output mixes the tiles of every image (InternVL, whose tower
+        generate() runs before the prompt, so before the images are known): each image's projected tokens, as layer 0
+        receives them, are reduced on their own with the image's own budget, and the reduced tokens take the image's
+        first slots; the other slots are dropped, so layer 0 sees exactly the shorter input."""
+        state = self.state
+        hidden = state.hidden_states.clone()
+        probes = (self.adapter.image_probes(self.model, self._vision_probe, state.input_ids, hidden)
+                  if self.pruner.needs_vision_probe else None)
+        keep = []
+        for row, spans in enumerate(self.adapter.image_spans(self.model, state.input_ids)):
+            kept, offset = [], 0
+            for image, (start, end) in enumerate(spans):
+                probe = VisionProbe(**probes[row][image]) if probes is not None else None
+                question = None if self.questions is None else [self.questions[row]]
+                reduced = self._timed(self._reduce_image, hidden[row:row + 1, start:end], probe, question)
+                hidden[row, start:start + reduced.shape[1]] = reduced[0]
+                kept.append(offset + torch.arange(reduced.shape[1], device=hidden.device))
+                offset += end - start
+            keep.append(torch.cat(kept))
+        state.hidden_states = hidden
+        self._apply(Selection(keep=torch.stack(keep)))
+
+    def _reduce_image(self, tokens: torch.Tensor, probe: VisionProbe | None,
+                      question: list[str] | None) -> torch.Tensor:
+        """(1, V', d) from one image's (1, V, d) projected tokens, through whichever pre-LLM hook the method has, with
+        its budget resolved on this image (`retain=F`: a fraction of V; `budget=N`: N; an image of at most that many
+        tokens keeps them all)."""
+        budget, count = self.pruner.budget, tokens.shape[1]
+        if budget.given:
+            if budget.target(count) >= count:
+                return tokens
+            self.pruner.budget = dataclasses.replace(budget, tokens=budget.target(count))
+        try:
+            if type(self.pruner).reduce_image_features is not TokenPruner.reduce_image_features:
+                reduced = self.pruner.reduce_image_features(tokens, probe)
+            else:
+                reduced = self.pruner.reduce_image_embeddings(tokens, probe, question)
+        finally:
+            self.pruner.budget = budget
+        return tokens if reduced is None else reduced
+
     # ------------------------------------------------------------------ per layer
     def _before_layer(self, module, args, kwargs):
         layer = module.self_attn.layer_idx
@@ -359,6 +410,9 @@ class PruningRuntime:
         state.hidden_states = hidden
         state.attention_preview = functools.partial(self._preview, module)
         changed = False
+        if layer == 0 and self._reduces_in_sequence:
+            self._reduce_in_sequence()
+            changed = True
         if layer == 0 and self._reduced_slots is not None:
             self._apply(self._reduced_slots_keep())
             self._reduced_slots = None
@@ -590,11 +644,14 @@ class PruningRuntime:
 
 
 def _cls_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A CLIP attention layer's softmax row of the CLS query, that query and its keys, from the layer's normed
-    input."""
+    """A ViT attention layer's (CLIP, InternViT) softmax row of the CLS query, that query and its keys, from the
+    layer's normed input."""
     shape = (*hidden.shape[:2], -1, attention.head_dim)
-    queries = attention.q_proj(hidden[:, :1]).view(hidden.shape[0], 1, -1, attention.head_dim).transpose(1, 2)
-    keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
+    queries, keys = attention.q_proj(hidden[:, :1]), attention.k_proj(hidden)
+    if hasattr(attention, "q_norm"):  # InternViT: q/k norms over all heads (Identity in the 300M tower)
+        queries, keys = attention.q_norm(queries), attention.k_norm(keys)
+    queries = queries.view(hidden.shape[0], 1, -1, attention.head_dim).transpose(1, 2)
+    keys = keys.view(shape).transpose(1, 2)
     scores = (queries @ keys.transpose(-1, -2)).float() * attention.scale
     return {"cls_attention": scores.softmax(-1).to(hidden.dtype)[:, :, 0], "keys": keys, "cls_query": queries}
 

@@ -185,7 +185,7 @@ class CDPruner(TokenPruner):
         return str(checkpoint_dir(spec, option="method.text_tower"))
 
     def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
-        return [self.budget.tokens] * num_layers
+        return [self.budget.target(num_vision)] * num_layers
 
     def relevance_model(self, vision_width: int) -> ClipRelevance:
         if self._relevance is None:

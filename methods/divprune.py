@@ -56,7 +56,7 @@ class DivPrune(TokenPruner):
             raise ConfigError(f"score_dtype must be one of model, {', '.join(SCORE_DTYPES)}, got {self.score_dtype!r}")
 
     def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
-        return [self.budget.tokens] * num_layers
+        return [self.budget.target(num_vision)] * num_layers
 
     def reduce_image_embeddings(self, embeddings: torch.Tensor, vision: VisionProbe | None,
                                 questions: list[str] | None) -> torch.Tensor:

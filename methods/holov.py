@@ -108,7 +108,7 @@ class HoloV(TokenPruner):
         return max(1, int(1024 / 576 * num_vision / self.budget.tokens))
 
     def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
-        return [self.budget.tokens] * num_layers  # zero padding fills any shortfall
+        return [self.budget.target(num_vision)] * num_layers  # zero padding fills any shortfall
 
     def reduce_image_embeddings(self, embeddings: torch.Tensor, vision: VisionProbe | None,
                                 questions: list[str] | None) -> torch.Tensor:

@@ -9,7 +9,12 @@ Pre-LLM and text-agnostic, on the vision tower's feature layer (the one LLaVA re
    contextual token is target + mean of the tokens that joined it.
 The projector then sees exactly dominant + contextual tokens (CLS included), so the language model processes that
 many image tokens in every layer, at contiguous positions. Budgets: 192 = 162+30, 128 = 108+20, 64 = 54+10 (the
-reference's LLaVA-1.5 settings); other budgets need explicit `dominant` and `contextual`.
+reference's LLaVA-1.5 settings); a budget given as `retain=F` (resolved on each image's own tokens) is split in
+the same 54:10 proportion; other budgets need explicit `dominant` and `contextual`.
+
+On InternVL the tower's CLS never reaches the language model, and the method runs on each image's projected tokens
+(`ModelAdapter.image_probes`: CLS attention summed over each token's 2x2 patches, keys averaged over them): the
+dominant tokens are all patches.
 """
 
 from __future__ import annotations
@@ -44,28 +49,37 @@ class VisionZip(TokenPruner):
     def counts(self) -> tuple[int, int]:
         if self.dominant is not None and self.contextual is not None:
             return self.dominant, self.contextual
-        if self.budget.tokens not in SETTINGS:
+        tokens = self.budget.tokens
+        if self.budget.retain is not None and tokens is not None and tokens not in SETTINGS:
+            contextual = max(1, round(tokens * 10 / 64))  # the settings' proportion: 64 = 54 + 10
+            return tokens - contextual, contextual
+        if tokens not in SETTINGS:
             raise ConfigError(f"VisionZip settings exist for budgets {', '.join(map(str, SETTINGS))}; for budget "
-                              f"{self.budget.tokens} set method.dominant and method.contextual")
-        return SETTINGS[self.budget.tokens]
+                              f"{tokens} set method.dominant and method.contextual")
+        return SETTINGS[tokens]
 
     def validate(self, num_vision: int, num_layers: int) -> None:
         super().validate(num_vision, num_layers)
+        if self.uses_budget and self.budget.tokens is None:  # a fraction of each image's tokens: resolved per image
+            return
         dominant, contextual = self.counts()
         if dominant < 1 or contextual < 1 or dominant + contextual > num_vision:
             raise ConfigError(f"dominant ({dominant}) + contextual ({contextual}) must be positive and at most "
                               f"{num_vision}")
 
     def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
+        if self.uses_budget and self.budget.tokens is None:  # retain=F: that fraction of the image's own tokens
+            return [self.budget.target(num_vision)] * num_layers
         return [sum(self.counts())] * num_layers
 
     def reduce_image_features(self, features: torch.Tensor, vision: VisionProbe | None) -> torch.Tensor:
         dominant, contextual = self.counts()
-        hidden, keys = vision.hidden, vision.keys.mean(dim=1)  # (images, N, d), (images, N, head_dim)
+        cls = int(vision.hidden_has_cls)  # 1: CLS leads `hidden` and is always dominant (LLaVA)
+        hidden, keys = vision.hidden, vision.keys.mean(dim=1)[:, 1 - cls:]  # (images, N, d), (images, N, head_dim)
         images, n, _ = hidden.shape
-        top = vision.cls_attention[:, :, 1:].sum(dim=1).topk(dominant - 1, dim=1).indices + 1
+        top = vision.cls_attention[:, :, 1:].sum(dim=1).topk(dominant - cls, dim=1).indices + cls
         is_dominant = torch.zeros(images, n, dtype=torch.bool, device=hidden.device)
-        is_dominant[:, 0] = True
+        is_dominant[:, :cls] = True
         is_dominant.scatter_(1, top, 1)  # not True: the jit tracer (harness.fvcore_flops) rejects a bool value
         dominant_tokens = hidden[is_dominant].view(images, dominant, -1)
         rest = hidden[~is_dominant].view(images, n - dominant, -1)

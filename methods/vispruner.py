@@ -52,7 +52,7 @@ class VisPruner(TokenPruner):
             raise ConfigError(f"score_dtype must be one of model, {', '.join(DTYPES)}, got {self.score_dtype!r}")
 
     def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
-        return [self.budget.tokens] * num_layers
+        return [self.budget.target(num_vision)] * num_layers
 
     def reduce_image_features(self, features: torch.Tensor, vision: VisionProbe | None) -> torch.Tensor:
         attention = vision.cls_attention[:, :, 1:].mean(dim=1)  # (images, V): CLS row over the patches

@@ -197,7 +197,8 @@ def test_pixel_bounds_come_from_the_options_then_the_model_conf():
 @pytest.mark.parametrize(("args", "message"), [
     (["model=llava7b", "image=448x448"], "resizes every image to 336 px"),
     (["model_config=Qwen2.5-VL-7B-Instruct", "image=448"], "WIDTHxHEIGHT"),
-    (["model_config=Qwen2.5-VL-7B", "method=none"], "shipped: Qwen2-VL-7B-Instruct, Qwen2.5-VL-3B-Instruct"),
+    (["model_config=Qwen2.5-VL-7B", "method=none"], "shipped: InternVL3-1B-hf, InternVL3-8B-hf, Qwen2-VL-7B-Instruct, "
+                                                        "Qwen2.5-VL-3B-Instruct"),
     (["model_config=Qwen2.5-VL-7B-Instruct", "counter=fvcore"], "not both"),
     (["model_config=Qwen2.5-VL-7B-Instruct", "results_dir=results"], "pass image=WIDTHxHEIGHT"),
 ])

@@ -8,6 +8,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from harness.adapters.base import ModelAdapter
+from harness.adapters.internvl import InternVLAdapter
 from harness.adapters.llava import LlavaAdapter
 from harness.adapters.qwen2_5_vl import Qwen25VLAdapter
 from harness.adapters.qwen2_vl import Qwen2VLAdapter
@@ -15,7 +16,7 @@ from harness.adapters.qwen3_vl import Qwen3VLAdapter
 from methods.base import ConfigError
 
 ADAPTERS: dict[str, ModelAdapter] = {a.family: a for a in (
-    LlavaAdapter(), Qwen2VLAdapter(), Qwen25VLAdapter(), Qwen3VLAdapter())}
+    LlavaAdapter(), Qwen2VLAdapter(), Qwen25VLAdapter(), Qwen3VLAdapter(), InternVLAdapter())}
 #: every `transformers` class the runtime supports, with its adapter
 SUPPORTED_MODELS: dict[str, ModelAdapter] = {arch: a for a in ADAPTERS.values() for arch in a.architectures}
 DEFAULT_FAMILY = "llava"  # conf/model entries written before the adapters had no `family`

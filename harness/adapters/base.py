@@ -34,6 +34,9 @@ class ModelAdapter:
     #: whether every image gives the same number of vision tokens (else images of different sizes cannot share a
     #: batch: the runtime needs the same count in every row)
     fixed_vision_tokens: ClassVar[bool] = True
+    #: whether pre-LLM methods reduce each image's projected tokens in the sequence before decoder layer 0 (and with a
+    #: probe from `image_probes`), because the projector's output cannot be split into images where it runs
+    reduces_in_sequence: ClassVar[bool] = False
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         """Refuse, before anything loads, what the runtime does not define on this family; the message names why and
@@ -82,6 +85,19 @@ class ModelAdapter:
 
     def projector(self, model) -> torch.nn.Module:
         """The module whose output is the language model's vision tokens (LLaVA's projector, Qwen's merger)."""
+        raise NotImplementedError
+
+    def vision_attention(self, model, layer: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(encoder layer `layer` of the vision tower, its self-attention), for the vision probe (CLIP's layout)."""
+        tower = self.vision_tower(model)
+        encoder_layer = getattr(tower, "vision_model", tower).encoder.layers[layer]
+        return encoder_layer, encoder_layer.self_attn
+
+    def image_probes(self, model, probe: dict[str, torch.Tensor], input_ids: torch.Tensor,
+                     embeddings: torch.Tensor) -> list[list[dict[str, torch.Tensor]]]:
+        """Per row, per image: the `VisionProbe` fields of that image on its projected tokens, from the probe the
+        vision tower recorded for the whole batch, the prompt and the embeddings layer 0 receives (families with
+        `reduces_in_sequence`)."""
         raise NotImplementedError
 
     def deepstack_layers(self, model) -> int:
