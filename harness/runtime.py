@@ -227,7 +227,8 @@ class PruningRuntime:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("the pruning runtime needs input_ids to locate the vision tokens")
-        is_vision = self.adapter.vision_mask(self.model, input_ids)
+        # the call's other inputs (image sizes) tell LLaVA-NeXT/OneVision's newline slots from prunable ones
+        is_vision = self.adapter.vision_mask(self.model, input_ids, kwargs)
         counts = is_vision.sum(dim=1)
         self.layers, self._ended = [], False
         self.active = bool(counts.any())
@@ -244,8 +245,7 @@ class PruningRuntime:
             sample_ids=list(self.sample_ids) if self.sample_ids is not None else list(range(batch)),
             orig_index=torch.arange(input_ids.shape[1], device=input_ids.device).expand(batch, -1),
             is_vision=is_vision,
-            # each image is one run of vision tokens (`ModelAdapter.image_spans`): count the runs' starts
-            image_index=torch.where(is_vision, (is_vision & ~_shifted_right(is_vision)).long().cumsum(1) - 1, -1),
+            image_index=self.adapter.image_index(self.model, input_ids, kwargs),
             valid=valid,
             input_ids=input_ids,
             rotary=self._rotary,
@@ -597,11 +597,6 @@ def _cls_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.
     keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
     scores = (queries @ keys.transpose(-1, -2)).float() * attention.scale
     return {"cls_attention": scores.softmax(-1).to(hidden.dtype)[:, :, 0], "keys": keys, "cls_query": queries}
-
-
-def _shifted_right(mask: torch.Tensor) -> torch.Tensor:
-    """(B, n) -> each row's previous entry (False before the first)."""
-    return torch.nn.functional.pad(mask, (1, 0))[:, :-1]
 
 
 def _base_attention(base: str):
