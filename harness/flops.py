@@ -469,8 +469,7 @@ class FlopCounter(FlopCounterMode):
         if prefill:
             return int(runtime.layers[index].vision_tokens[0])
         if index not in self._cache_vision:
-            cached = runtime.state.input_ids[0, runtime.layers[index].orig_index[0]]
-            self._cache_vision[index] = int((cached == runtime.image_token_id).sum())
+            self._cache_vision[index] = int(runtime.prompt_vision[0, runtime.layers[index].orig_index[0]].sum())
         return self._cache_vision[index]
 
     def _count_flops(self, func_packet, out, args, kwargs):
@@ -499,13 +498,14 @@ def executed_schedule(runtime: PruningRuntime, decode_steps: int) -> Schedule:
         # No image: the runtime recorded nothing, and every layer saw (and cached) the whole prompt.
         layers = len(runtime.lm.layers)
         return Schedule([input_ids.numel()] * layers, [0] * layers, images=0, decode_steps=decode_steps)
-    text = int((input_ids != runtime.image_token_id).sum())
+    # text: every token but the prunable vision slots (LLaVA-NeXT/OneVision's newline slots count as text)
+    text = input_ids.numel() - int(runtime.prompt_vision[0].sum())
     vision = [int(record.vision_tokens[0]) for record in runtime.layers]
-    cached = [input_ids[record.orig_index[0]] for record in runtime.layers]
+    cached = [runtime.prompt_vision[0, record.orig_index[0]] for record in runtime.layers]
     return Schedule(
         tokens=[text + v for v in vision], vision=vision,
-        cache=[ids.numel() for ids in cached],
-        cache_vision=[int((ids == runtime.image_token_id).sum()) for ids in cached],
+        cache=[slots.numel() for slots in cached],
+        cache_vision=[int(slots.sum()) for slots in cached],
         decode_steps=decode_steps,
     )
 

@@ -133,7 +133,10 @@ class Prunebench(lmms):
         per_layer = runtime.vision_tokens_per_layer().tolist() if runtime.active else [[0] * loaded.num_layers] * len(
             batch)
         # The unpruned count: a pre-LLM reduction leaves the prompt's placeholders in place.
-        unpruned = loaded.adapter.vision_mask(loaded.model, inputs["input_ids"]).sum(1).tolist()
+        unpruned = loaded.adapter.vision_mask(loaded.model, inputs["input_ids"], inputs).sum(1).tolist()
+        # LLaVA-NeXT/OneVision's image-newline slots: never prunable, counted apart from the vision tokens
+        newlines = loaded.adapter.newline_mask(loaded.model, inputs["input_ids"], inputs)
+        newlines_per_layer = runtime.tokens_per_layer(newlines).tolist() if runtime.active and newlines.any() else None
         records = []
         for row, (_, sample_id, _, _, _, doc) in enumerate(batch):
             record = {
@@ -158,6 +161,8 @@ class Prunebench(lmms):
                 "input_tokens": int(inputs["attention_mask"][row].sum()),
                 "peak_memory_bytes": peak_memory_bytes(loaded.device),
             }
+            if newlines_per_layer is not None:
+                record["newline_tokens_per_layer"] = newlines_per_layer[row]
             if not runtime.active:
                 record["note"] = "no image tokens in the prompt: ran unpruned"
             elif pruner.budget.tokens is not None and not pruner.uses_budget:

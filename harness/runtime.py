@@ -151,6 +151,7 @@ class PruningRuntime:
         self.text_config = self.lm.config
         self.image_token_id = self.adapter.image_token_id(model)
         self.state: PruneState | None = None
+        self.prompt_vision: torch.Tensor | None = None
         self.layers: list[LayerRecord] = []
         self.active = False  # pruning this prefill (False: no image tokens)
         self.selection_seconds = 0.0  # inside the method's own code, accumulated while installed
@@ -240,6 +241,7 @@ class PruningRuntime:
         mask2d = kwargs.get("attention_mask")
         valid = mask2d.bool() if mask2d is not None else torch.ones_like(is_vision)
         self._full_len, self._full_valid = input_ids.shape[1], valid
+        self.prompt_vision = is_vision  # (B, N) the prompt's prunable vision slots (cost accounting reads them)
         self.state = PruneState(
             num_layers=len(self.lm.layers),
             sample_ids=list(self.sample_ids) if self.sample_ids is not None else list(range(batch)),
@@ -587,6 +589,11 @@ class PruningRuntime:
     def vision_tokens_per_layer(self) -> torch.Tensor:
         """(B, L) vision tokens entering each decoder layer in the last prefill."""
         return torch.stack([record.vision_tokens for record in self.layers], dim=1)
+
+    def tokens_per_layer(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) tokens of `mask` ((B, N) over the prompt, e.g. the newline slots) entering each decoder layer in the
+        last prefill."""
+        return torch.stack([mask.gather(1, record.orig_index).sum(1) for record in self.layers], dim=1)
 
 
 def _cls_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -160,10 +160,18 @@ class LlavaNextAdapter(ModelAdapter):
     def image_token_id(self, model) -> int:
         return model.config.image_token_index
 
-    def image_slots(self, model, inputs: dict) -> list[torch.Tensor]:
-        """Per image, in the order the model scatters them: (N_i,) bool, True at its image-newline slots. An
-        indicator (0 for every view token, 1 for the newline) goes through the model's own `pack_image_features`."""
-        sizes = inputs["image_sizes"]
+    def image_slots(self, model, inputs: dict) -> list[torch.Tensor] | None:
+        """Per image, in the order the model scatters them: (N_i,) bool, True at its image-newline slots; None without
+        images. `generate()` encodes the images before the model call: the newline rows of the packed features are
+        `image_newline` itself. Otherwise an indicator (0 for every view token, 1 for the newline) goes through the
+        model's own `pack_image_features`, so the layout is the model's for any image size."""
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None:
+            newline = model.model.image_newline
+            return [(features == newline.to(features)).all(-1) for features in encoded.pooler_output]
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            return None
         config = model.config
         tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
         views = self.views_per_image(model, inputs)
@@ -187,16 +195,15 @@ class LlavaNextAdapter(ModelAdapter):
         placeholders = input_ids == self.image_token_id(model)
         image = torch.full_like(input_ids, -1)
         newline = torch.zeros_like(placeholders)
-        if inputs is None or inputs.get("image_sizes") is None or not placeholders.any():
+        slots = self.image_slots(model, inputs) if inputs is not None and placeholders.any() else None
+        if slots is None:
             return image, newline
-        slots = self.image_slots(model, inputs)
-        owner = torch.cat([torch.full((len(s),), i, device=input_ids.device) for i, s in enumerate(slots)])
-        image[placeholders] = owner
+        image[placeholders] = torch.cat([torch.full((len(s),), i, device=input_ids.device)
+                                         for i, s in enumerate(slots)])
         newline[placeholders] = torch.cat(slots).to(input_ids.device)
-        # number images within their row, as the runtime does
-        first = torch.where(placeholders, image, image.new_tensor(2**62)).min(dim=1, keepdim=True).values
-        image = torch.where(placeholders, image - first, image)
-        return image, newline
+        # images are numbered within their row, as the runtime counts them
+        first = image.masked_fill(~placeholders, len(slots)).min(dim=1, keepdim=True).values
+        return torch.where(placeholders, image - first, image), newline
 
     def vision_mask(self, model, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
         """`<image>` slots except the image-newline ones (which need `inputs`' image sizes to be told apart)."""
