@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
@@ -34,6 +36,15 @@ VICUNA_CHAT_TEMPLATE = (
     "ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+
+
+@dataclass(frozen=True)
+class AnyResLayout:
+    """The images of one prompt as the model lays them out (harness.flops reads it)."""
+
+    views: int  # base views and crops the vision tower encodes
+    vision_tokens: int  # prunable vision tokens in the prompt
+    newline_tokens: int  # image-newline slots in the prompt (kept like text)
 
 
 def with_image_tokens(context: str, images: int) -> str:
@@ -62,6 +73,12 @@ class LlavaNextAdapter(ModelAdapter):
         from transformers import LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
 
         return LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaNextImageProcessorPil
+
+    def packing_class(self):
+        """The class whose `pack_image_features` lays out the crops and newlines."""
+        from transformers import LlavaNextModel
+
+        return LlavaNextModel
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         super().check_method(pruner, batch_size)
@@ -163,31 +180,46 @@ class LlavaNextAdapter(ModelAdapter):
     def image_slots(self, model, inputs: dict) -> list[torch.Tensor] | None:
         """Per image, in the order the model scatters them: (N_i,) bool, True at its image-newline slots; None without
         images. `generate()` encodes the images before the model call: the newline rows of the packed features are
-        `image_newline` itself. Otherwise an indicator (0 for every view token, 1 for the newline) goes through the
-        model's own `pack_image_features`, so the layout is the model's for any image size."""
+        `image_newline` itself. Otherwise the layout follows from the image sizes (`newline_slots`)."""
         encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
         if encoded is not None:
             newline = model.model.image_newline
             return [(features == newline.to(features)).all(-1) for features in encoded.pooler_output]
-        sizes = inputs.get("image_sizes")
-        if sizes is None:
+        if inputs.get("image_sizes") is None:
             return None
-        config = model.config
-        tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-        views = self.views_per_image(model, inputs)
-        indicator = [torch.zeros(n, tokens, 1, device=sizes.device) for n in views]
-        packed, _ = model.model.pack_image_features(
-            indicator, sizes, image_newline=torch.ones(1, device=sizes.device),
-            **{option: getattr(config, option) for option in self.pack_options})
-        return [image[:, 0] == 1 for image in packed]
+        return self.newline_slots(model.config, inputs["image_sizes"], self.alone(inputs))
 
-    def views_per_image(self, model, inputs: dict) -> list[int]:
+    def alone(self, inputs: dict) -> list[bool]:
+        """Per image, whether it is its prompt's only image (OneVision crops only those)."""
+        return [True] * len(inputs["image_sizes"])
+
+    def views(self, config, image_sizes: torch.Tensor, alone: list[bool]) -> list[int]:
         """The base view plus the crops of each image, as the model splits the vision tower's output."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        config = model.config
         return [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-                for size in inputs["image_sizes"].tolist()]
+                for size in image_sizes.tolist()]
+
+    def newline_slots(self, config, image_sizes: torch.Tensor, alone: list[bool]) -> list[torch.Tensor]:
+        """Per image, (N_i,) True at its newline slots: an indicator (0 for every view token, 1 for the newline) goes
+        through the model class's own `pack_image_features`, which reads nothing but the config (so no weights are
+        needed, and the layout is the model's for any image size)."""
+        tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        indicator = [torch.zeros(n, tokens, 1) for n in self.views(config, image_sizes, alone)]
+        packer = SimpleNamespace(config=config)
+        packed, _ = self.packing_class().pack_image_features(
+            packer, indicator, image_sizes.cpu(), image_newline=torch.ones(1),
+            **{option: getattr(config, option) for option in self.pack_options})
+        return [image[:, 0] == 1 for image in packed]
+
+    def layout(self, config, image_sizes: torch.Tensor, alone: list[bool]) -> AnyResLayout:
+        """What the images of one prompt cost: views encoded, prunable vision tokens and newline slots."""
+        slots = torch.cat(self.newline_slots(config, image_sizes, alone))
+        return AnyResLayout(views=sum(self.views(config, image_sizes, alone)), vision_tokens=int((~slots).sum()),
+                            newline_tokens=int(slots.sum()))
+
+    def prompt_layout(self, model, inputs: dict) -> AnyResLayout:
+        return self.layout(model.config, inputs["image_sizes"], self.alone(inputs))
 
     def image_layout(self, model, input_ids: torch.Tensor, inputs: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
         """((B, N) the image of each `<image>` slot, -1 elsewhere; (B, N) True at newline slots), from the packed

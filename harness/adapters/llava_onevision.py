@@ -50,6 +50,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return LlavaOnevisionForConditionalGeneration, images_only(LlavaOnevisionProcessor), \
             LlavaOnevisionImageProcessorPil
 
+    def packing_class(self):
+        from transformers import LlavaOnevisionModel
+
+        return LlavaOnevisionModel
+
     def processor(self, processor_class, image_processor, tokenizer, config):
         vision = config.vision_config
         return processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
@@ -108,10 +113,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                          return_tensors="pt")
 
     # ------------------------------------------------------------------ where things are
-    def views_per_image(self, model, inputs: dict) -> list[int]:
-        """Crops only for an image alone in its prompt (`batch_num_images`), as `get_image_features` splits them."""
-        views = super().views_per_image(model, inputs)
+    def alone(self, inputs: dict) -> list[bool]:
         per_prompt = inputs.get("batch_num_images")
-        alone = [n == 1 for n in per_prompt.tolist() for _ in range(n)] if per_prompt is not None else [True] * len(
-            views)
-        return [v if single else 1 for v, single in zip(views, alone, strict=True)]
+        if per_prompt is None:
+            return super().alone(inputs)
+        return [n == 1 for n in per_prompt.tolist() for _ in range(n)]
+
+    def views(self, config, image_sizes, alone: list[bool]) -> list[int]:
+        """Crops only for an image alone in its prompt, as `get_image_features` splits them."""
+        return [n if single else 1 for n, single in zip(super().views(config, image_sizes, alone), alone, strict=True)]
