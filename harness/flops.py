@@ -228,6 +228,45 @@ class Architecture(LanguageModel):
     def projector(self, features: int) -> float:
         return 2 * features * (self.vision_hidden * self.hidden + self.hidden * self.hidden)
 
+    @property
+    def projector_features(self) -> int:
+        """Vision features entering the projector for one sample's images."""
+        return self.image_features
+
+
+ANYRES_MODEL_TYPES = ("llava_next", "llava_onevision")
+
+
+@dataclass(frozen=True)
+class AnyResArchitecture(Architecture):
+    """LLaVA-NeXT and LLaVA-OneVision, for the images of one sample (a `Schedule` of it has `images=1`): the tower and
+    the projector run on every view (base view and crops; CLS dropped on NeXT's CLIP, none in OneVision's SigLIP), and
+    the packed prompt holds `image_features` prunable vision tokens and `newline_tokens` newline slots (text to the
+    runtime). `harness.adapters.llava_next.AnyResLayout` gives the three numbers."""
+
+    views: int = 1
+    newline_tokens: int = 0
+    cls_token: int = 1  # 1: the tower adds a CLS token (CLIP); 0: none (SigLIP)
+
+    @classmethod
+    def from_config(cls, config, layout) -> AnyResArchitecture:
+        return cls(**{**dataclasses.asdict(Architecture.from_config(config)), "image_features": layout.vision_tokens},
+                   views=layout.views, newline_tokens=layout.newline_tokens,
+                   cls_token=int(config.vision_config.model_type == "clip_vision_model"))
+
+    def vision_encoder(self) -> float:
+        """Every view: the patch convolution, then every layer."""
+        return self.views * super().vision_encoder()
+
+    def vision_layer(self) -> float:
+        n, d = (self.image_size // self.patch_size) ** 2 + self.cls_token, self.vision_hidden
+        return 2 * n * 4 * d * d + 2 * n * 2 * d * self.vision_intermediate + 4 * n * n * d
+
+    @property
+    def projector_features(self) -> int:
+        """Every view's patches (CLS dropped)."""
+        return self.views * (self.image_size // self.patch_size) ** 2
+
 
 QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # The pixel bounds of the checkpoints' own preprocessor_config.json (min, max), for a model conf that names none.
@@ -313,6 +352,10 @@ class QwenArchitecture(LanguageModel):
         merged = self.merge_size**2 * self.vision_hidden
         return 2 * features * (merged * merged + merged * self.hidden)
 
+    @property
+    def projector_features(self) -> int:
+        return self.image_features
+
 
 def image_grid(config, height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """The patch rows and columns of a `height`×`width` image after the Qwen processor's `smart_resize`: each side
@@ -324,8 +367,14 @@ def image_grid(config, height: int, width: int, min_pixels: int, max_pixels: int
     return resized[0] // vision.patch_size, resized[1] // vision.patch_size
 
 
-def model_architecture(config, grids: list[tuple[int, int]] | None = None) -> Architecture | QwenArchitecture:
-    """The architecture of a LLaVA or Qwen config; a Qwen one for a sample's images of `grids` patches."""
+def model_architecture(config, grids: list[tuple[int, int]] | None = None,
+                       layout=None) -> Architecture | QwenArchitecture:
+    """The architecture of a LLaVA, LLaVA-NeXT/OneVision or Qwen config; a Qwen one for a sample's images of `grids`
+    patches, a NeXT/OneVision one for a sample's image `layout` (`ModelAdapter.prompt_layout`)."""
+    if config.model_type in ANYRES_MODEL_TYPES:
+        if layout is None:
+            raise ConfigError(f"{config.model_type} crops each image by its size: its FLOPs need the image sizes")
+        return AnyResArchitecture.from_config(config, layout)
     if config.model_type in QWEN_MODEL_TYPES:
         if grids is None:
             raise ConfigError(f"{config.model_type} has dynamic resolution: its FLOPs need the image sizes")
@@ -353,7 +402,7 @@ def project(arch: Architecture, schedule: Schedule) -> tuple[PhaseFlops, PhaseFl
     prefill = PhaseFlops(
         [arch.layer(n, n * n, (n - v) ** 2) for n, v in zip(schedule.tokens, schedule.vision, strict=True)],
         vision=schedule.images * arch.vision_encoder(),
-        projector=schedule.images * arch.projector(arch.image_features),
+        projector=schedule.images * arch.projector(arch.projector_features),
         lm_head=arch.lm_head(schedule.logits),
     )
     # Decode step t (1..T) of a layer caching c tokens (cv vision): one text query over c + t keys.
@@ -556,7 +605,7 @@ def cost_fields(records: list[dict], source: str) -> dict:
 # ---------------------------------------------------------------------------------------------------- CLI
 OPTIONS = {"text_tokens": DEFAULT_TEXT_TOKENS, "decode_steps": 0, "results_dir": None, "output": "table",
            "counter": None, "model_config": None, "image": None, "min_pixels": None, "max_pixels": None}
-DEFAULT_IMAGE = "448x448"  # width x height of the image of a dynamic-resolution (Qwen) model
+DEFAULT_IMAGE = "448x448"  # width x height of the image of a dynamic-resolution (Qwen, LLaVA-NeXT/OneVision) model
 COUNTERS = ("fvcore",)
 
 
@@ -641,9 +690,11 @@ def report(options: dict, overrides: list[str]) -> dict:
         # Both would need each sample's own image size: runs do not record it yet, the counter loads LLaVA prompts.
         raise ConfigError(f"counter and results_dir project LLaVA-1.5 (fixed-size images); {name} is projected for "
                           f"one image size: pass image=WIDTHxHEIGHT (and the method's budget) instead")
-    arch = model_architecture(config, image and [image["patch_grid"]])
+    arch = image_architecture(config, image)
     pruner.validate(arch.image_features, arch.layers)
     results_dir, text, steps = options["results_dir"], options["text_tokens"], options["decode_steps"]
+    newlines = arch.newline_tokens if isinstance(arch, AnyResArchitecture) else 0
+    text += newlines  # LLaVA-NeXT/OneVision's newline slots: never pruned, text to the runtime
     counted = None
     if options["counter"]:
         counted = counted_prefill(cfg, pruner, text)
@@ -663,7 +714,8 @@ def report(options: dict, overrides: list[str]) -> dict:
         "budget": {"tokens": pruner.budget.tokens, "convention": pruner.budget.convention,
                    "used": pruner.uses_budget},
         "source": source,
-        "prompt": {"vision_tokens": arch.image_features, "text_tokens": text, "total": arch.image_features + text},
+        "prompt": {"vision_tokens": arch.image_features, "text_tokens": text, "total": arch.image_features + text,
+                   **({"newline_tokens": newlines} if newlines else {})},
         **({"image": image} if image else {}),
         "decode_steps": steps,
         "dense": dense,
@@ -678,6 +730,17 @@ def report(options: dict, overrides: list[str]) -> dict:
         },
         **({"counted": counted} if counted else {}),
     }
+
+
+def image_architecture(config, image: dict | None) -> Architecture | QwenArchitecture:
+    """The architecture of `config` for the projected image (`projected_image`)."""
+    if image is None:
+        return model_architecture(config)
+    if "layout" in image:
+        from harness.adapters.llava_next import AnyResLayout
+
+        return model_architecture(config, layout=AnyResLayout(**image["layout"]))
+    return model_architecture(config, [image["patch_grid"]])
 
 
 def shipped_config(name: str):
@@ -698,12 +761,20 @@ def projected_image(config, options: dict, spec) -> dict | None:
     """The image of a dynamic-resolution model: its size, its size after the processor's resize within the pixel
     bounds (options, else the model conf's, else the checkpoint processor's), and its patch grid; None for a model
     that resizes every image to one size."""
+    width, height = (int(side) for side in (options["image"] or DEFAULT_IMAGE).split("x"))
+    if config.model_type in ANYRES_MODEL_TYPES:  # crops chosen by the image size; no pixel bounds
+        if any(options[key] is not None for key in ("min_pixels", "max_pixels")):
+            raise ConfigError(f"min_pixels and max_pixels bound the image of a Qwen model; {config.model_type} picks "
+                              f"its crops from image_grid_pinpoints")
+        from harness.adapters import ADAPTERS
+
+        layout = ADAPTERS[config.model_type].layout(config, torch.tensor([[height, width]]), [True])
+        return {"size": [width, height], "layout": dataclasses.asdict(layout)}
     if config.model_type not in QWEN_MODEL_TYPES:
         if any(options[key] is not None for key in ("image", "min_pixels", "max_pixels")):
             raise ConfigError(f"image, min_pixels and max_pixels set the image of a dynamic-resolution model (Qwen); "
                               f"{config.model_type} resizes every image to {config.vision_config.image_size} px")
         return None
-    width, height = (int(side) for side in (options["image"] or DEFAULT_IMAGE).split("x"))
     bounds = []
     for key, default in zip(("min_pixels", "max_pixels"), QWEN_PROCESSOR_PIXELS[config.model_type], strict=True):
         chosen = options[key] if options[key] is not None else spec.get(key)
@@ -768,7 +839,10 @@ def format_table(report: dict) -> str:
         + f"; {report['source']}; T̄_in = {pruned['mean_vision_tokens']:.1f}",
         *([f"image {'x'.join(map(str, image['size']))} px, resized to {'x'.join(map(str, image['resized']))} "
            f"(pixel bounds {image['pixel_bounds'][0]}..{image['pixel_bounds'][1]}) = "
-           f"{image['patch_grid'][1]}x{image['patch_grid'][0]} patches"] if image else []),
+           f"{image['patch_grid'][1]}x{image['patch_grid'][0]} patches"] if image and "patch_grid" in image else []),
+        *([f"image {'x'.join(map(str, image['size']))} px: {image['layout']['views']} views (base and crops); "
+           f"{prompt['newline_tokens']} of the text tokens are image-newline slots"] if image and "layout" in image
+          else []),
         f"{UNIT}. Not projected: the method's own work (counted in runs and by harness.bench).",
         f"{'':36}{'dense':>13}{method:>13}{'ratio':>8}",
     ]

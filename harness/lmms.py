@@ -118,7 +118,8 @@ class Prunebench(lmms):
         schedule = flops.executed_schedule(runtime, timer.decode_steps)
         # Dynamic-resolution models: the image sizes the processor chose (one sample per batch there).
         grids = [tuple(grid) for grid in inputs["image_grid_thw"][:, 1:].tolist()] if "image_grid_thw" in inputs else []
-        architecture = flops.model_architecture(loaded.model.config, grids)
+        architecture = flops.model_architecture(loaded.model.config, grids, loaded.adapter.prompt_layout(loaded.model,
+                                                                                                         inputs))
         if self.cfg.flops == "counted":  # an untimed replay, after the timed run (whose method state is read above)
             prefill, decode = flops.count_generation(loaded.model, pruner, inputs, [item[1] for item in batch],
                                                      questions, **options)

@@ -88,6 +88,11 @@ class ModelAdapter:
         """How many first decoder layers get visual features added after they run (Qwen3-VL's DeepStack); 0: none."""
         return 0
 
+    def prompt_layout(self, model, inputs: dict):
+        """How one prompt's images are laid out, where the FLOPs depend on more than the vision tokens (LLaVA-NeXT/
+        OneVision: `AnyResLayout`); None elsewhere."""
+        return None
+
     def image_token_id(self, model) -> int:
         return model.config.image_token_id
 

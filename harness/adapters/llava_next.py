@@ -219,6 +219,8 @@ class LlavaNextAdapter(ModelAdapter):
                             newline_tokens=int(slots.sum()))
 
     def prompt_layout(self, model, inputs: dict) -> AnyResLayout:
+        if inputs.get("image_sizes") is None:  # a text-only prompt
+            return AnyResLayout(views=0, vision_tokens=0, newline_tokens=0)
         return self.layout(model.config, inputs["image_sizes"], self.alone(inputs))
 
     def image_layout(self, model, input_ids: torch.Tensor, inputs: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
