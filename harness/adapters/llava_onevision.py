@@ -76,7 +76,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
         return SiglipVisionConfig(hidden_size=spec.vision_hidden_size, intermediate_size=2 * spec.vision_hidden_size,
                                   num_hidden_layers=spec.vision_layers, num_attention_heads=4,
-                                  image_size=spec.image_size, patch_size=spec.patch_size)
+                                  image_size=spec.image_size, patch_size=spec.patch_size, vision_use_head=False)
 
     def tiny_text_config(self, spec: DictConfig, tokenizer):
         from transformers import Qwen2Config
