@@ -156,6 +156,7 @@ class PruningRuntime:
         self.active = False  # pruning this prefill (False: no image tokens)
         self.selection_seconds = 0.0  # inside the method's own code, accumulated while installed
         self._reduced_slots: int | None = None  # vision slots per image kept by a pre-LLM feature reduction
+        self._packed_keep: list[torch.Tensor] | None = None  # per packed image: its vision tokens kept (NeXT/OV)
         self._image_slots = 0  # vision slots per image before that reduction
         self._vision_probe: dict[str, torch.Tensor] = {}
         self._full_len = 0
@@ -184,7 +185,11 @@ class PruningRuntime:
         self._handles.append(self.lm.register_forward_pre_hook(self._on_language_model_call, with_kwargs=True))
         reduces_features = type(self.pruner).reduce_image_features is not TokenPruner.reduce_image_features
         self._reduces_embeddings = type(self.pruner).reduce_image_embeddings is not TokenPruner.reduce_image_embeddings
-        if reduces_features or self._reduces_embeddings:
+        if self._reduces_embeddings and self.adapter.packs_features:
+            # LLaVA-NeXT/OneVision lay out crops and newlines after the projector: reduce each packed image instead
+            self.multimodal.pack_image_features = functools.partial(
+                self._reduce_packed, type(self.multimodal).pack_image_features, self.multimodal)
+        elif reduces_features or self._reduces_embeddings:
             projector = self.adapter.projector(self.model)
             if reduces_features:
                 self._handles.append(projector.register_forward_pre_hook(self._reduce_features))
@@ -219,6 +224,7 @@ class PruningRuntime:
         _ACTIVE.reset(self._token)
         self.text_config._attn_implementation = self._model_backend
         vars(self.lm).pop("_deepstack_process", None)  # the class's own again
+        vars(self.multimodal).pop("pack_image_features", None)
 
     # ------------------------------------------------------------------ prefill start
     def _on_model_call(self, module, args, kwargs):
@@ -341,6 +347,35 @@ class PruningRuntime:
         pad = output.new_zeros(output.shape[0], self._image_slots - output.shape[1], output.shape[2])
         return torch.cat([output, pad], dim=1)
 
+    def _reduce_packed(self, pack, module, *args, **kwargs):
+        """`pack_image_features`, then the method's embedding reduction on each packed image's vision tokens (newline
+        slots excluded, kept). A reduction that selects (one source per token) leaves each kept token in its own
+        slot; one that merges fills the image's first slots in order. The freed slots are dropped before layer 0."""
+        features, lengths = pack(module, *args, **kwargs)
+        reduced_images, self._packed_keep = [], []
+        for image in features:
+            slots = (image != module.image_newline.to(image)).any(-1).nonzero()[:, 0]  # the vision tokens
+            reduced = self._timed(self.pruner.reduce_image_embeddings, image[slots][None], None, self.questions)[0]
+            sources = self.pruner.sources[0] if self.pruner.sources is not None else None
+            selects = sources is not None and all(len(source) == 1 for source in sources)
+            kept = torch.tensor([source[0] for source in sources] if selects else range(len(reduced)),
+                                device=image.device)
+            image = image.clone()
+            image[slots] = 0  # freed slots: dropped before layer 0, never seen
+            image[slots[kept]] = reduced.to(image.dtype)
+            reduced_images.append(image)
+            self._packed_keep.append(kept.sort().values)
+        return reduced_images, lengths
+
+    def _packed_keep_selection(self) -> Selection:
+        """The vision tokens kept by `_reduce_packed`, as indices into each row's vision tokens (the packed images are
+        the rows' images in order, the same count in every row)."""
+        per_row = len(self._packed_keep) // self.state.batch_size
+        images, kept = self.state.vision_images, self._packed_keep
+        return Selection(keep=torch.stack([
+            torch.cat([(images[row] == i).nonzero()[:, 0][kept[row * per_row + i]] for i in range(per_row)])
+            for row in range(self.state.batch_size)]))
+
     def _reduced_slots_keep(self) -> Selection:
         images = self.state.num_vision // self._image_slots
         device = self.state.is_vision.device
@@ -367,6 +402,10 @@ class PruningRuntime:
             changed = True
             if self.recorder is not None:
                 self.recorder.reduced()
+        if layer == 0 and self._packed_keep is not None:
+            self._apply(self._packed_keep_selection())
+            self._packed_keep = None
+            changed = True
         selection = self._timed(self.pruner.select, layer, state)
         if selection is not None:
             self._apply(selection)

@@ -100,9 +100,9 @@ def test_an_absent_checkpoint_is_refused_with_what_to_download(conf):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["method=visionzip", "budget=64"], "method visionzip reduces the vision features before the language model, "
-                                        "which the runtime supports around LLaVA-1.5's projector only; on LLaVA-NeXT "
-                                        "the reduction must follow pack_image_features"),
+    (["method=visionzip", "budget=64"], "method visionzip reduces the vision features before the projector or ranks "
+                                        "them by the vision tower's attention, which the runtime supports on LLaVA-1.5 "
+                                        "only; on LLaVA-NeXT a reduction must act on the packed features"),
     (["method=fastv", "budget=16", "batch_size=2"], "LLaVA-NeXT gives images of different sizes different numbers of "
                                                     "vision tokens"),
     (["method=fastv", "budget=81"], "budget must be in 1..80"),

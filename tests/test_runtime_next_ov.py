@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 
 from harness.runtime import prune
-from methods import Budget, RandomPruner
+from methods import Budget, DivPrune, RandomPruner
+from methods.divprune import max_min_diverse
 from tests.conftest import tiny_of
 from tests.test_runtime import QUESTION, KeepAll, generate, hide_keys_from
-from tests.test_runtime_qwen import generate_few
+from tests.test_runtime_qwen import FEW, generate_few
 
 # Per family, for the 336 px and 100x60 pictures: (prunable vision tokens, newline slots). NeXT: 16 base + an 8x8 grid
 # of 2x2 crops + 8 newlines; 100x60: a 2x1 grid of crops unpadded to 6x8. OneVision: 9 base + 6x6 crops shrunk to 9x9
@@ -146,3 +147,37 @@ def test_two_images_in_one_prompt_keep_their_budget_each(family, pictures):
     with hide_keys_from(family.model, [None] + [hidden] * 3):
         reference = family.model(**inputs).logits
     assert (logits[0] - reference[0, kept]).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_pre_llm_reduction_equals_a_shorter_input_of_the_kept_packed_features(family, pictures):
+    """DivPrune on the packed image (after `pack_image_features`: crops laid out, unpadded, OneVision's grid shrunk,
+    newlines added) keeps 16 of its vision tokens: the same logits and tokens as the language model run on the shorter
+    sequence of the text, the newline slots and those 16 packed features, at contiguous positions. Reducing before
+    packing instead would scatter the freed slots (NeXT) or blend them into neighbours (OneVision), models.md §6."""
+    inputs = family.inputs(pictures[:1], [QUESTION])
+    pruner = DivPrune(budget=Budget(16))
+    with prune(family.model, pruner, sample_ids=["s"]) as runtime:
+        logits = family.model(**inputs).logits
+        tokens, _ = generate_few(family.model, inputs)
+    assert runtime.vision_tokens_per_layer().tolist() == [[16] * 4]
+
+    model = family.model.model
+    [packed] = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **{
+        key: inputs[key] for key in ("batch_num_images",) if key in inputs}).pooler_output
+    is_vision = (packed != model.image_newline).any(-1)
+    kept_vision = max_min_diverse(packed[is_vision], 16).sort().values
+    kept = torch.cat([(~is_vision).nonzero()[:, 0], is_vision.nonzero()[:, 0][kept_vision]]).sort().values
+    ids = inputs["input_ids"][0]
+    slots = (ids == family.adapter.image_token_id(family.model)).nonzero()[:, 0]
+    embeds = model.get_input_embeddings()(ids).clone()
+    embeds[slots] = packed
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[slots] = False
+    keep[slots[kept]] = True
+    shorter = embeds[keep][None]
+    reference = family.model(inputs_embeds=shorter).logits
+    assert logits.shape == reference.shape and (logits - reference).abs().max() <= 1e-5
+    reference_tokens = family.model.generate(inputs_embeds=shorter, max_new_tokens=FEW, min_new_tokens=FEW,
+                                             do_sample=False)
+    assert torch.equal(tokens[0, inputs["input_ids"].shape[1]:], reference_tokens[0])

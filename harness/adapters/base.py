@@ -34,6 +34,9 @@ class ModelAdapter:
     #: whether every image gives the same number of vision tokens (else images of different sizes cannot share a
     #: batch: the runtime needs the same count in every row)
     fixed_vision_tokens: ClassVar[bool] = True
+    #: whether the model lays the projected features of each image out afterwards (`pack_image_features`: crops and
+    #: newline slots; LLaVA-NeXT/OneVision), so that pre-LLM embedding reductions act on the packed images
+    packs_features: ClassVar[bool] = False
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         """Refuse, before anything loads, what the runtime does not define on this family; the message names why and

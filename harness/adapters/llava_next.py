@@ -60,6 +60,7 @@ class LlavaNextAdapter(ModelAdapter):
     title = "LLaVA-NeXT"
     architectures = ("LlavaNextForConditionalGeneration",)
     fixed_vision_tokens = False
+    packs_features = True
     #: the keyword `pack_image_features` takes besides the features, sizes and newline (NeXT: the CLS strategy)
     pack_options: ClassVar[tuple[str, ...]] = ("vision_feature_select_strategy",)
 
@@ -82,13 +83,17 @@ class LlavaNextAdapter(ModelAdapter):
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         super().check_method(pruner, batch_size)
-        if reduces_before_llm(pruner):
+        if reduces_before_llm(pruner) and (pruner.needs_vision_probe or type(pruner).reduce_image_features
+                                           is not TokenPruner.reduce_image_features):
             # The projector sees every crop before packing: reducing there scatters the freed slots (NeXT) or blends
-            # zeros into neighbours (OneVision's interpolation), models.md §6.
-            raise ConfigError(f"method {pruner.name} reduces the vision features before the language model, which the "
-                              f"runtime supports around LLaVA-1.5's projector only; on {self.title} the reduction "
-                              f"must follow pack_image_features (crops, unpadding, newline slots), which is not built "
-                              f"yet: use a method that prunes inside the language model (e.g. fastv, random, pdrop)")
+            # zeros into neighbours (OneVision's interpolation), models.md §6; packed tokens have no CLS row of their
+            # own to rank by.
+            raise ConfigError(f"method {pruner.name} reduces the vision features before the projector or ranks them "
+                              f"by the vision tower's attention, which the runtime supports on LLaVA-1.5 only; on "
+                              f"{self.title} a reduction must act on the packed features (after pack_image_features: "
+                              f"crops, unpadding, newline slots), where the runtime gives methods the embeddings "
+                              f"alone: use divprune (pre-LLM, on the packed embeddings) or a method that prunes "
+                              f"inside the language model (e.g. fastv, random, pdrop)")
 
     # ------------------------------------------------------------------ loading
     def from_pretrained(self, path: Path, spec: DictConfig, dtype: torch.dtype, device: torch.device):
