@@ -111,6 +111,14 @@ def test_what_the_runtime_does_not_define_on_next_is_refused_before_loading(over
     with pytest.raises(ConfigError) as error:
         check_overrides(["model=tiny_next", *overrides])
     assert message in str(error.value)
+    check_overrides(["model=tiny_next", "method=divprune", "budget=16"])  # pre-LLM on the packed embeddings
+
+
+def test_cls_ranking_methods_are_refused_on_onevision_naming_its_tower():
+    with pytest.raises(ConfigError) as error:
+        check_overrides(["model=tiny_ov", "method=vispruner", "budget=16"])
+    assert ("on LLaVA-OneVision (whose SigLIP tower has no CLS token to rank by: its row 0 is an ordinary patch) a "
+            "reduction must act on the packed features") in str(error.value)
 
 
 @pytest.mark.parametrize(("conf", "vision", "newlines"), [("tiny_next", 80, 8), ("tiny_ov", 90, 9)])

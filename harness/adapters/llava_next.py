@@ -61,6 +61,8 @@ class LlavaNextAdapter(ModelAdapter):
     architectures = ("LlavaNextForConditionalGeneration",)
     fixed_vision_tokens = False
     packs_features = True
+    #: what the refusal of tower-attention methods adds about the tower
+    tower_note: ClassVar[str] = ""
     #: the keyword `pack_image_features` takes besides the features, sizes and newline (NeXT: the CLS strategy)
     pack_options: ClassVar[tuple[str, ...]] = ("vision_feature_select_strategy",)
 
@@ -90,10 +92,10 @@ class LlavaNextAdapter(ModelAdapter):
             # own to rank by.
             raise ConfigError(f"method {pruner.name} reduces the vision features before the projector or ranks them "
                               f"by the vision tower's attention, which the runtime supports on LLaVA-1.5 only; on "
-                              f"{self.title} a reduction must act on the packed features (after pack_image_features: "
-                              f"crops, unpadding, newline slots), where the runtime gives methods the embeddings "
-                              f"alone: use divprune (pre-LLM, on the packed embeddings) or a method that prunes "
-                              f"inside the language model (e.g. fastv, random, pdrop)")
+                              f"{self.title}{self.tower_note} a reduction must act on the packed features (after "
+                              f"pack_image_features: crops, unpadding, newline slots), where the runtime gives methods "
+                              f"the embeddings alone: use divprune (pre-LLM, on the packed embeddings) or a method "
+                              f"that prunes inside the language model (e.g. fastv, random, pdrop)")
 
     # ------------------------------------------------------------------ loading
     def from_pretrained(self, path: Path, spec: DictConfig, dtype: torch.dtype, device: torch.device):
