@@ -121,18 +121,23 @@ def test_cls_ranking_methods_are_refused_on_onevision_naming_its_tower():
             "reduction must act on the packed features") in str(error.value)
 
 
-@pytest.mark.parametrize(("conf", "vision", "newlines"), [("tiny_next", 80, 8), ("tiny_ov", 90, 9)])
-def test_a_tiny_run_goes_end_to_end_through_lmms_eval(tmp_path, conf, vision, newlines):
-    """`python -m harness model=<tiny NeXT/OneVision> method=fastv retain=0.25` on the synthetic task: FastV keeps a
-    quarter of each 336 px image's prunable tokens from layer 2 on; the newline slots enter every layer."""
-    run = harness(f"model={conf}", "method=fastv", "retain=0.25", "task.limit=2", f"output_dir={tmp_path}")
+@pytest.mark.parametrize(("conf", "method", "budget", "directory", "per_layer", "unpruned", "newlines"), [
+    ("tiny_next", "fastv", "retain=0.25", "retain0.25", [80, 80, 20, 20], 80, 8),  # a quarter from layer 2 on
+    ("tiny_ov", "divprune", "budget=16", "16", [16] * 4, 90, 9),  # pre-LLM, on the packed image
+])
+def test_a_tiny_run_goes_end_to_end_through_lmms_eval(tmp_path, conf, method, budget, directory, per_layer, unpruned,
+                                                      newlines):
+    """`python -m harness model=<tiny NeXT/OneVision> method=...` on the synthetic task (336 px images); the newline
+    slots enter every layer and count as text."""
+    run = harness(f"model={conf}", f"method={method}", budget, "task.limit=2", f"output_dir={tmp_path}")
     assert run.returncode == 0, run.stderr
-    out = tmp_path / conf / "synthetic" / "fastv" / "retain0.25"
+    out = tmp_path / conf / "synthetic" / method / directory
     result = json.loads((out / "result.json").read_text())
-    kept = round(vision / 4)
-    assert result["tokens"]["per_layer"] == [vision, vision, kept, kept]
+    assert result["tokens"]["per_layer"] == per_layer
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [s["vision_tokens_unpruned"] for s in samples] == [vision, vision]
-    assert all(s["newline_tokens_per_layer"] == [newlines] * 4 for s in samples)
-    assert all(s["tokens_per_layer"][0] == s["input_tokens"] for s in samples)  # newline slots counted as text
-    assert all(s["flops"]["prefill"]["vision"] > 0 and s["flops"]["prefill"]["projector"] > 0 for s in samples)
+    for sample in samples:
+        assert sample["vision_tokens_unpruned"] == unpruned
+        assert sample["newline_tokens_per_layer"] == [newlines] * 4
+        # every prompt token enters layer 0 but the slots a pre-LLM reduction freed
+        assert sample["tokens_per_layer"][0] == sample["input_tokens"] - (unpruned - per_layer[0])
+        assert sample["flops"]["prefill"]["vision"] > 0 and sample["flops"]["prefill"]["projector"] > 0
