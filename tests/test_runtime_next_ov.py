@@ -181,3 +181,7 @@ def test_pre_llm_reduction_equals_a_shorter_input_of_the_kept_packed_features(fa
     reference_tokens = family.model.generate(inputs_embeds=shorter, max_new_tokens=FEW, min_new_tokens=FEW,
                                              do_sample=False)
     assert torch.equal(tokens[0, inputs["input_ids"].shape[1]:], reference_tokens[0])
+    with prune(family.model, DivPrune(budget=Budget(retain=0.25)), sample_ids=["s"]) as runtime:
+        family.model(**inputs)
+    vision = LAYOUT[family.name][0][0]
+    assert runtime.vision_tokens_per_layer().tolist() == [[round(vision / 4)] * 4]  # a quarter of this image's
