@@ -6,9 +6,11 @@ tower and projector are, which ids are vision tokens), so every supported family
 `prune(model, pruner)` is a context manager that installs forward hooks (nothing is patched globally) and removes
 them on exit. During prefill it:
 
-- locates the vision tokens from the model's image token id (never from fixed offsets), and each image's run of them;
-- lets a pre-LLM method reduce the vision features before the projector, or the projected embeddings after it (the
-  freed placeholder slots are dropped before decoder layer 0, so the language model sees exactly the shorter
+- locates the vision tokens from the model's image token id (never from fixed offsets), and each image's tokens,
+  through the adapter (LLaVA-NeXT/OneVision's image-newline slots share that id but are kept like text);
+- lets a pre-LLM method reduce the vision features before the projector, or the projected embeddings after it (on
+  LLaVA-NeXT/OneVision: each image's embeddings once `pack_image_features` has laid out its crops and newline slots;
+  the freed placeholder slots are dropped before decoder layer 0, so the language model sees exactly the shorter
   sequence);
 - before each decoder layer, applies the pruner's `Selection`: it physically gathers the hidden states, the
   4-D mask and the RoPE positions (kept original, or renumbered contiguously as a shorter input would get them),
