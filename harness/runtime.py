@@ -355,8 +355,8 @@ class PruningRuntime:
         slot; one that merges fills the image's first slots in order. The freed slots are dropped before layer 0."""
         features, lengths = pack(module, *args, **kwargs)
         reduced_images, self._packed_keep = [], []
-        for image in features:
-            slots = (image != module.image_newline.to(image)).any(-1).nonzero()[:, 0]  # the vision tokens
+        for image, newlines in zip(features, self.adapter.packed_newlines(self.model, features), strict=True):
+            slots = (~newlines).nonzero()[:, 0]  # the vision tokens
             reduced = self._timed(self.pruner.reduce_image_embeddings, image[slots][None], None, self.questions)[0]
             sources = self.pruner.sources[0] if self.pruner.sources is not None else None
             selects = sources is not None and all(len(source) == 1 for source in sources)

@@ -91,6 +91,10 @@ class ModelAdapter:
         """How many first decoder layers get visual features added after they run (Qwen3-VL's DeepStack); 0: none."""
         return 0
 
+    def packed_newlines(self, model, packed: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Families that pack features (`packs_features`): per packed image, True at its newline rows."""
+        raise NotImplementedError
+
     def prompt_layout(self, model, inputs: dict):
         """How one prompt's images are laid out, where the FLOPs depend on more than the vision tokens (LLaVA-NeXT/
         OneVision: `AnyResLayout`); None elsewhere."""

@@ -190,11 +190,15 @@ class LlavaNextAdapter(ModelAdapter):
         `image_newline` itself. Otherwise the layout follows from the image sizes (`newline_slots`)."""
         encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
         if encoded is not None:
-            newline = model.model.image_newline
-            return [(features == newline.to(features)).all(-1) for features in encoded.pooler_output]
+            return self.packed_newlines(model, encoded.pooler_output)
         if inputs.get("image_sizes") is None:
             return None
         return self.newline_slots(model.config, inputs["image_sizes"], self.alone(inputs))
+
+    def packed_newlines(self, model, packed: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per packed image ((N_i, d) features): True at its newline rows, which hold `image_newline` itself."""
+        newline = model.model.image_newline
+        return [(features == newline.to(features)).all(-1) for features in packed]
 
     def alone(self, inputs: dict) -> list[bool]:
         """Per image, whether it is its prompt's only image (OneVision crops only those)."""
