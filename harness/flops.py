@@ -230,6 +230,45 @@ class Architecture(LanguageModel):
     def projector(self, features: int) -> float:
         return 2 * features * (self.vision_hidden * self.hidden + self.hidden * self.hidden)
 
+    @property
+    def projector_features(self) -> int:
+        """Vision features entering the projector for one sample's images."""
+        return self.image_features
+
+
+ANYRES_MODEL_TYPES = ("llava_next", "llava_onevision")
+
+
+@dataclass(frozen=True)
+class AnyResArchitecture(Architecture):
+    """LLaVA-NeXT and LLaVA-OneVision, for the images of one sample (a `Schedule` of it has `images=1`): the tower and
+    the projector run on every view (base view and crops; CLS dropped on NeXT's CLIP, none in OneVision's SigLIP), and
+    the packed prompt holds `image_features` prunable vision tokens and `newline_tokens` newline slots (text to the
+    runtime). `harness.adapters.llava_next.AnyResLayout` gives the three numbers."""
+
+    views: int = 1
+    newline_tokens: int = 0
+    cls_token: int = 1  # 1: the tower adds a CLS token (CLIP); 0: none (SigLIP)
+
+    @classmethod
+    def from_config(cls, config, layout) -> AnyResArchitecture:
+        return cls(**{**dataclasses.asdict(Architecture.from_config(config)), "image_features": layout.vision_tokens},
+                   views=layout.views, newline_tokens=layout.newline_tokens,
+                   cls_token=int(config.vision_config.model_type == "clip_vision_model"))
+
+    def vision_encoder(self) -> float:
+        """Every view: the patch convolution, then every layer."""
+        return self.views * super().vision_encoder()
+
+    def vision_layer(self) -> float:
+        n, d = (self.image_size // self.patch_size) ** 2 + self.cls_token, self.vision_hidden
+        return 2 * n * 4 * d * d + 2 * n * 2 * d * self.vision_intermediate + 4 * n * n * d
+
+    @property
+    def projector_features(self) -> int:
+        """Every view's patches (CLS dropped)."""
+        return self.views * (self.image_size // self.patch_size) ** 2
+
 
 QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # The pixel bounds of the checkpoints' own preprocessor_config.json (min, max), for a model conf that names none.
@@ -315,6 +354,10 @@ class QwenArchitecture(LanguageModel):
         merged = self.merge_size**2 * self.vision_hidden
         return 2 * features * (merged * merged + merged * self.hidden)
 
+    @property
+    def projector_features(self) -> int:
+        return self.image_features
+
 
 @dataclass(frozen=True)
 class InternVLArchitecture(Architecture):
@@ -368,13 +411,18 @@ def image_grid(config, height: int, width: int, min_pixels: int, max_pixels: int
 
 
 def model_architecture(config, grids: list[tuple[int, int]] | None = None,
-                       tiles: int | None = None) -> Architecture | QwenArchitecture:
-    """The architecture of a LLaVA, Qwen or InternVL config; a Qwen one for a sample's images of `grids` patches, an
-    InternVL one for a sample's images of `tiles` tiles in all."""
+                       tiles: int | None = None, layout=None) -> Architecture | QwenArchitecture:
+    """The architecture of a LLaVA, LLaVA-NeXT/OneVision, Qwen or InternVL config; a Qwen one for a sample's images of
+    `grids` patches, an InternVL one for a sample's images of `tiles` tiles in all, a NeXT/OneVision one for a sample's
+    image `layout` (`ModelAdapter.prompt_layout`)."""
     if config.model_type == "internvl":
         if tiles is None:
             raise ConfigError("InternVL cuts each image into tiles by its size: its FLOPs need the image sizes")
         return InternVLArchitecture.from_config(config, tiles)
+    if config.model_type in ANYRES_MODEL_TYPES:
+        if layout is None:
+            raise ConfigError(f"{config.model_type} crops each image by its size: its FLOPs need the image sizes")
+        return AnyResArchitecture.from_config(config, layout)
     if config.model_type in QWEN_MODEL_TYPES:
         if grids is None:
             raise ConfigError(f"{config.model_type} has dynamic resolution: its FLOPs need the image sizes")
@@ -402,7 +450,7 @@ def project(arch: Architecture, schedule: Schedule) -> tuple[PhaseFlops, PhaseFl
     prefill = PhaseFlops(
         [arch.layer(n, n * n, (n - v) ** 2) for n, v in zip(schedule.tokens, schedule.vision, strict=True)],
         vision=schedule.images * arch.vision_encoder(),
-        projector=schedule.images * arch.projector(arch.image_features),
+        projector=schedule.images * arch.projector(arch.projector_features),
         lm_head=arch.lm_head(schedule.logits),
     )
     # Decode step t (1..T) of a layer caching c tokens (cv vision): one text query over c + t keys.
@@ -518,8 +566,7 @@ class FlopCounter(FlopCounterMode):
         if prefill:
             return int(runtime.layers[index].vision_tokens[0])
         if index not in self._cache_vision:
-            cached = runtime.state.input_ids[0, runtime.layers[index].orig_index[0]]
-            self._cache_vision[index] = int((cached == runtime.image_token_id).sum())
+            self._cache_vision[index] = int(runtime.prompt_vision[0, runtime.layers[index].orig_index[0]].sum())
         return self._cache_vision[index]
 
     def _count_flops(self, func_packet, out, args, kwargs):
@@ -548,13 +595,14 @@ def executed_schedule(runtime: PruningRuntime, decode_steps: int) -> Schedule:
         # No image: the runtime recorded nothing, and every layer saw (and cached) the whole prompt.
         layers = len(runtime.lm.layers)
         return Schedule([input_ids.numel()] * layers, [0] * layers, images=0, decode_steps=decode_steps)
-    text = int((input_ids != runtime.image_token_id).sum())
+    # text: every token but the prunable vision slots (LLaVA-NeXT/OneVision's newline slots count as text)
+    text = input_ids.numel() - int(runtime.prompt_vision[0].sum())
     vision = [int(record.vision_tokens[0]) for record in runtime.layers]
-    cached = [input_ids[record.orig_index[0]] for record in runtime.layers]
+    cached = [runtime.prompt_vision[0, record.orig_index[0]] for record in runtime.layers]
     return Schedule(
         tokens=[text + v for v in vision], vision=vision,
-        cache=[ids.numel() for ids in cached],
-        cache_vision=[int((ids == runtime.image_token_id).sum()) for ids in cached],
+        cache=[slots.numel() for slots in cached],
+        cache_vision=[int(slots.sum()) for slots in cached],
         decode_steps=decode_steps,
     )
 
@@ -605,7 +653,7 @@ def cost_fields(records: list[dict], source: str) -> dict:
 # ---------------------------------------------------------------------------------------------------- CLI
 OPTIONS = {"text_tokens": DEFAULT_TEXT_TOKENS, "decode_steps": 0, "results_dir": None, "output": "table",
            "counter": None, "model_config": None, "image": None, "min_pixels": None, "max_pixels": None}
-DEFAULT_IMAGE = "448x448"  # width x height of the image of a dynamic-resolution (Qwen) model
+DEFAULT_IMAGE = "448x448"  # width x height of the image of a dynamic-resolution (Qwen, LLaVA-NeXT/OneVision) model
 COUNTERS = ("fvcore",)
 
 
@@ -690,10 +738,11 @@ def report(options: dict, overrides: list[str]) -> dict:
         # Both would need each sample's own image size: runs do not record it yet, the counter loads LLaVA prompts.
         raise ConfigError(f"counter and results_dir project LLaVA-1.5 (fixed-size images); {name} is projected for "
                           f"one image size: pass image=WIDTHxHEIGHT (and the method's budget) instead")
-    arch = model_architecture(config, [image["patch_grid"]] if image and "patch_grid" in image else None,
-                              image.get("tiles") if image else None)
+    arch = image_architecture(config, image)
     pruner.validate(arch.image_features, arch.layers)
     results_dir, text, steps = options["results_dir"], options["text_tokens"], options["decode_steps"]
+    newlines = arch.newline_tokens if isinstance(arch, AnyResArchitecture) else 0
+    text += newlines  # LLaVA-NeXT/OneVision's newline slots: never pruned, text to the runtime
     counted = None
     if options["counter"]:
         counted = counted_prefill(cfg, pruner, text)
@@ -713,7 +762,8 @@ def report(options: dict, overrides: list[str]) -> dict:
         "budget": {"tokens": pruner.budget.tokens, "convention": pruner.budget.convention,
                    "used": pruner.uses_budget},
         "source": source,
-        "prompt": {"vision_tokens": arch.image_features, "text_tokens": text, "total": arch.image_features + text},
+        "prompt": {"vision_tokens": arch.image_features, "text_tokens": text, "total": arch.image_features + text,
+                   **({"newline_tokens": newlines} if newlines else {})},
         **({"image": image} if image else {}),
         "decode_steps": steps,
         "dense": dense,
@@ -728,6 +778,19 @@ def report(options: dict, overrides: list[str]) -> dict:
         },
         **({"counted": counted} if counted else {}),
     }
+
+
+def image_architecture(config, image: dict | None) -> Architecture | QwenArchitecture:
+    """The architecture of `config` for the projected image (`projected_image`)."""
+    if image is None:
+        return model_architecture(config)
+    if "layout" in image:
+        from harness.adapters.llava_next import AnyResLayout
+
+        return model_architecture(config, layout=AnyResLayout(**image["layout"]))
+    if "tiles" in image:
+        return model_architecture(config, tiles=image["tiles"])
+    return model_architecture(config, [image["patch_grid"]])
 
 
 def shipped_config(name: str):
@@ -747,7 +810,8 @@ def shipped_config(name: str):
 def projected_image(config, options: dict, spec) -> dict | None:
     """The image of a dynamic-resolution model: its size, its size after the processor's resize within the pixel
     bounds (options, else the model conf's, else the checkpoint processor's), and its patch grid; None for a model
-    that resizes every image to one size. InternVL: its size and its tiles (no pixel bounds)."""
+    that resizes every image to one size. InternVL: its size and its tiles; LLaVA-NeXT/OneVision: its size and its
+    layout (neither has pixel bounds)."""
     width, height = (int(side) for side in (options["image"] or DEFAULT_IMAGE).split("x"))
     if config.model_type == "internvl":
         if any(options[key] is not None for key in ("min_pixels", "max_pixels")):
@@ -756,6 +820,14 @@ def projected_image(config, options: dict, spec) -> dict | None:
         columns, rows = image_tiles(config, height, width)
         return {"size": [width, height], "tile_grid": [columns, rows],
                 "tiles": columns * rows + (columns * rows > 1), "tile_size": config.vision_config.image_size[0]}
+    if config.model_type in ANYRES_MODEL_TYPES:  # crops chosen by the image size; no pixel bounds
+        if any(options[key] is not None for key in ("min_pixels", "max_pixels")):
+            raise ConfigError(f"min_pixels and max_pixels bound the image of a Qwen model; {config.model_type} picks "
+                              f"its crops from image_grid_pinpoints")
+        from harness.adapters import ADAPTERS
+
+        layout = ADAPTERS[config.model_type].layout(config, torch.tensor([[height, width]]), [True])
+        return {"size": [width, height], "layout": dataclasses.asdict(layout)}
     if config.model_type not in QWEN_MODEL_TYPES:
         if any(options[key] is not None for key in ("image", "min_pixels", "max_pixels")):
             raise ConfigError(f"image, min_pixels and max_pixels set the image of a dynamic-resolution model (Qwen, "
@@ -816,8 +888,11 @@ def _si(value: float | None) -> str:
     return f"{value:.0f}"
 
 
-def _image_line(image: dict) -> str:
+def _image_line(image: dict, prompt: dict) -> str:
     size = "x".join(map(str, image["size"]))
+    if "layout" in image:  # LLaVA-NeXT/OneVision
+        return (f"image {size} px: {image['layout']['views']} views (base and crops); {prompt['newline_tokens']} of "
+                "the text tokens are image-newline slots")
     if "tiles" in image:  # InternVL
         columns, rows = image["tile_grid"]
         thumbnail = " + a thumbnail" if image["tiles"] > 1 else ""
@@ -836,7 +911,7 @@ def format_table(report: dict) -> str:
         f"{report['model']}: {prompt['total']}-token prompt ({prompt['vision_tokens']} vision + {prompt['text_tokens']}"
         f" text); {method}" + (f" budget={budget['tokens']} ({budget['convention']})" if budget["used"] else "")
         + f"; {report['source']}; T̄_in = {pruned['mean_vision_tokens']:.1f}",
-        *([_image_line(image)] if image else []),
+        *([_image_line(image, prompt)] if image else []),
         f"{UNIT}. Not projected: the method's own work (counted in runs and by harness.bench).",
         f"{'':36}{'dense':>13}{method:>13}{'ratio':>8}",
     ]

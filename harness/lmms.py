@@ -119,7 +119,8 @@ class Prunebench(lmms):
         # Dynamic-resolution models: the image sizes the processor chose (one sample per batch there).
         grids = [tuple(grid) for grid in inputs["image_grid_thw"][:, 1:].tolist()] if "image_grid_thw" in inputs else []
         tiles = len(inputs["pixel_values"]) if "pixel_values" in inputs else 0  # InternVL: all tiles (one sample)
-        architecture = flops.model_architecture(loaded.model.config, grids, tiles)
+        architecture = flops.model_architecture(loaded.model.config, grids, tiles,
+                                                loaded.adapter.prompt_layout(loaded.model, inputs))
         if self.cfg.flops == "counted":  # an untimed replay, after the timed run (whose method state is read above)
             prefill, decode = flops.count_generation(loaded.model, pruner, inputs, [item[1] for item in batch],
                                                      questions, **options)
@@ -134,7 +135,10 @@ class Prunebench(lmms):
         per_layer = runtime.vision_tokens_per_layer().tolist() if runtime.active else [[0] * loaded.num_layers] * len(
             batch)
         # The unpruned count: a pre-LLM reduction leaves the prompt's placeholders in place.
-        unpruned = loaded.adapter.vision_mask(loaded.model, inputs["input_ids"]).sum(1).tolist()
+        unpruned = loaded.adapter.vision_mask(loaded.model, inputs["input_ids"], inputs).sum(1).tolist()
+        # LLaVA-NeXT/OneVision's image-newline slots: never prunable, counted apart from the vision tokens
+        newlines = loaded.adapter.newline_mask(loaded.model, inputs["input_ids"], inputs)
+        newlines_per_layer = runtime.tokens_per_layer(newlines).tolist() if runtime.active and newlines.any() else None
         records = []
         for row, (_, sample_id, _, _, _, doc) in enumerate(batch):
             record = {
@@ -159,6 +163,8 @@ class Prunebench(lmms):
                 "input_tokens": int(inputs["attention_mask"][row].sum()),
                 "peak_memory_bytes": peak_memory_bytes(loaded.device),
             }
+            if newlines_per_layer is not None:
+                record["newline_tokens_per_layer"] = newlines_per_layer[row]
             if not runtime.active:
                 record["note"] = "no image tokens in the prompt: ran unpruned"
             elif pruner.budget.tokens is not None and not pruner.uses_budget:

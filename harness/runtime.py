@@ -6,9 +6,11 @@ tower and projector are, which ids are vision tokens), so every supported family
 `prune(model, pruner)` is a context manager that installs forward hooks (nothing is patched globally) and removes
 them on exit. During prefill it:
 
-- locates the vision tokens from the model's image token id (never from fixed offsets), and each image's run of them;
-- lets a pre-LLM method reduce the vision features before the projector, or the projected embeddings after it (the
-  freed placeholder slots are dropped before decoder layer 0, so the language model sees exactly the shorter
+- locates the vision tokens from the model's image token id (never from fixed offsets), and each image's tokens,
+  through the adapter (LLaVA-NeXT/OneVision's image-newline slots share that id but are kept like text);
+- lets a pre-LLM method reduce the vision features before the projector, or the projected embeddings after it (on
+  LLaVA-NeXT/OneVision: each image's embeddings once `pack_image_features` has laid out its crops and newline slots;
+  the freed placeholder slots are dropped before decoder layer 0, so the language model sees exactly the shorter
   sequence);
 - before each decoder layer, applies the pruner's `Selection`: it physically gathers the hidden states, the
   4-D mask and the RoPE positions (kept original, or renumbered contiguously as a shorter input would get them),
@@ -155,11 +157,13 @@ class PruningRuntime:
         self.text_config = self.lm.config
         self.image_token_id = self.adapter.image_token_id(model)
         self.state: PruneState | None = None
+        self.prompt_vision: torch.Tensor | None = None
         self.layers: list[LayerRecord] = []
         self.active = False  # pruning this prefill (False: no image tokens)
         self.selection_seconds = 0.0  # inside the method's own code, accumulated while installed
         self._reduced_slots: int | None = None  # vision slots per image kept by a pre-LLM feature reduction
         self._reduces_in_sequence = False  # pre-LLM reduction before layer 0, image by image (`_reduce_in_sequence`)
+        self._packed_keep: list[torch.Tensor] | None = None  # per packed image: its vision tokens kept (NeXT/OV)
         self._image_slots = 0  # vision slots per image before that reduction
         self._vision_probe: dict[str, torch.Tensor] = {}
         self._full_len = 0
@@ -188,7 +192,11 @@ class PruningRuntime:
         self._handles.append(self.lm.register_forward_pre_hook(self._on_language_model_call, with_kwargs=True))
         reduces_features = type(self.pruner).reduce_image_features is not TokenPruner.reduce_image_features
         self._reduces_embeddings = type(self.pruner).reduce_image_embeddings is not TokenPruner.reduce_image_embeddings
-        if reduces_features or self._reduces_embeddings:
+        if self._reduces_embeddings and self.adapter.packs_features:
+            # LLaVA-NeXT/OneVision lay out crops and newlines after the projector: reduce each packed image instead
+            self.multimodal.pack_image_features = functools.partial(
+                self._reduce_packed, type(self.multimodal).pack_image_features, self.multimodal)
+        elif reduces_features or self._reduces_embeddings:
             if self.adapter.reduces_in_sequence:  # the projector's output cannot be split into images here
                 if self.recorder is not None:
                     raise ValueError(f"pre-LLM reductions on {self.adapter.title} are not recorded: use record=False")
@@ -227,6 +235,7 @@ class PruningRuntime:
         _ACTIVE.reset(self._token)
         self.text_config._attn_implementation = self._model_backend
         vars(self.lm).pop("_deepstack_process", None)  # the class's own again
+        vars(self.multimodal).pop("pack_image_features", None)
 
     # ------------------------------------------------------------------ prefill start
     def _on_model_call(self, module, args, kwargs):
@@ -236,7 +245,8 @@ class PruningRuntime:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("the pruning runtime needs input_ids to locate the vision tokens")
-        is_vision = self.adapter.vision_mask(self.model, input_ids)
+        # the call's other inputs (image sizes) tell LLaVA-NeXT/OneVision's newline slots from prunable ones
+        is_vision = self.adapter.vision_mask(self.model, input_ids, kwargs)
         counts = is_vision.sum(dim=1)
         self.layers, self._ended = [], False
         self.active = bool(counts.any())
@@ -248,13 +258,13 @@ class PruningRuntime:
         mask2d = kwargs.get("attention_mask")
         valid = mask2d.bool() if mask2d is not None else torch.ones_like(is_vision)
         self._full_len, self._full_valid = input_ids.shape[1], valid
+        self.prompt_vision = is_vision  # (B, N) the prompt's prunable vision slots (cost accounting reads them)
         self.state = PruneState(
             num_layers=len(self.lm.layers),
             sample_ids=list(self.sample_ids) if self.sample_ids is not None else list(range(batch)),
             orig_index=torch.arange(input_ids.shape[1], device=input_ids.device).expand(batch, -1),
             is_vision=is_vision,
-            # each image is one run of vision tokens (`ModelAdapter.image_spans`): count the runs' starts
-            image_index=torch.where(is_vision, (is_vision & ~_shifted_right(is_vision)).long().cumsum(1) - 1, -1),
+            image_index=self.adapter.image_index(self.model, input_ids, kwargs),
             valid=valid,
             input_ids=input_ids,
             rotary=self._rotary,
@@ -348,6 +358,35 @@ class PruningRuntime:
         pad = output.new_zeros(output.shape[0], self._image_slots - output.shape[1], output.shape[2])
         return torch.cat([output, pad], dim=1)
 
+    def _reduce_packed(self, pack, module, *args, **kwargs):
+        """`pack_image_features`, then the method's embedding reduction on each packed image's vision tokens (newline
+        slots excluded, kept). A reduction that selects (one source per token) leaves each kept token in its own
+        slot; one that merges fills the image's first slots in order. The freed slots are dropped before layer 0."""
+        features, lengths = pack(module, *args, **kwargs)
+        reduced_images, self._packed_keep = [], []
+        for image, newlines in zip(features, self.adapter.packed_newlines(self.model, features), strict=True):
+            slots = (~newlines).nonzero()[:, 0]  # the vision tokens
+            reduced = self._timed(self.pruner.reduce_image_embeddings, image[slots][None], None, self.questions)[0]
+            sources = self.pruner.sources[0] if self.pruner.sources is not None else None
+            selects = sources is not None and all(len(source) == 1 for source in sources)
+            kept = torch.tensor([source[0] for source in sources] if selects else range(len(reduced)),
+                                device=image.device)
+            image = image.clone()
+            image[slots] = 0  # freed slots: dropped before layer 0, never seen
+            image[slots[kept]] = reduced.to(image.dtype)
+            reduced_images.append(image)
+            self._packed_keep.append(kept.sort().values)
+        return reduced_images, lengths
+
+    def _packed_keep_selection(self) -> Selection:
+        """The vision tokens kept by `_reduce_packed`, as indices into each row's vision tokens (the packed images are
+        the rows' images in order, the same count in every row)."""
+        per_row = len(self._packed_keep) // self.state.batch_size
+        images, kept = self.state.vision_images, self._packed_keep
+        return Selection(keep=torch.stack([
+            torch.cat([(images[row] == i).nonzero()[:, 0][kept[row * per_row + i]] for i in range(per_row)])
+            for row in range(self.state.batch_size)]))
+
     def _reduced_slots_keep(self) -> Selection:
         images = self.state.num_vision // self._image_slots
         device = self.state.is_vision.device
@@ -419,6 +458,10 @@ class PruningRuntime:
             changed = True
             if self.recorder is not None:
                 self.recorder.reduced()
+        if layer == 0 and self._packed_keep is not None:
+            self._apply(self._packed_keep_selection())
+            self._packed_keep = None
+            changed = True
         selection = self._timed(self.pruner.select, layer, state)
         if selection is not None:
             self._apply(selection)
@@ -642,6 +685,11 @@ class PruningRuntime:
         """(B, L) vision tokens entering each decoder layer in the last prefill."""
         return torch.stack([record.vision_tokens for record in self.layers], dim=1)
 
+    def tokens_per_layer(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) tokens of `mask` ((B, N) over the prompt, e.g. the newline slots) entering each decoder layer in the
+        last prefill."""
+        return torch.stack([mask.gather(1, record.orig_index).sum(1) for record in self.layers], dim=1)
+
 
 def _cls_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
     """A ViT attention layer's (CLIP, InternViT) softmax row of the CLS query, that query and its keys, from the
@@ -654,11 +702,6 @@ def _cls_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.
     keys = keys.view(shape).transpose(1, 2)
     scores = (queries @ keys.transpose(-1, -2)).float() * attention.scale
     return {"cls_attention": scores.softmax(-1).to(hidden.dtype)[:, :, 0], "keys": keys, "cls_query": queries}
-
-
-def _shifted_right(mask: torch.Tensor) -> torch.Tensor:
-    """(B, n) -> each row's previous entry (False before the first)."""
-    return torch.nn.functional.pad(mask, (1, 0))[:, :-1]
 
 
 def _base_attention(base: str):

@@ -189,7 +189,9 @@ class TokenPruner:
                                 questions: list[str] | None) -> torch.Tensor | None:
         """Pre-LLM reduction of the projector's output, (images, V, d_model) embeddings in the language model's input
         space, to (images, V', d_model); None leaves them alone. Freed slots are dropped as for
-        `reduce_image_features`. `vision` as there; `questions`: each image's question text when `needs_question`."""
+        `reduce_image_features`. `vision` as there; `questions`: each image's question text when `needs_question`.
+        On LLaVA-NeXT/OneVision it is called once per image, (1, V_i, d_model), on the packed image's vision tokens
+        (newline slots excluded), with `vision` None."""
         return None
 
     def select(self, layer: int, state: PruneState) -> Selection | None:

@@ -73,22 +73,23 @@ class DART(ScorerPruner):
 
     def retained(self, key_norms: torch.Tensor, states: torch.Tensor, vision: torch.Tensor, valid: torch.Tensor,
                  per_pivot: int) -> torch.Tensor:
-        """Indices into `vision` (one row's image tokens, contiguous) of the kept image tokens, ascending."""
+        """Indices into `vision` (one row's image tokens, ascending: contiguous, except for LLaVA-NeXT/OneVision's
+        newline slots, which are not among them) of the kept image tokens, ascending."""
         start, end = int(vision[0]), int(vision[-1]) + 1
         if key_norms.shape[0] - end < TEXT_PIVOTS:
             raise ValueError(f"DART needs at least {TEXT_PIVOTS} text tokens after the image for its text pivots")
         # Indices relative to the unpadded row: the reference's absolute indices, which fix the set order below.
         offset = int((~valid[:start]).sum())
-        image_top = key_norms[start:end].topk(IMAGE_PIVOTS).indices  # into the image
-        image_pivots = (image_top + start - offset).tolist()
+        image_top = key_norms[vision].topk(IMAGE_PIVOTS).indices  # into the image
+        image_pivots = (vision[image_top] - offset).tolist()
         text_pivots = (key_norms[end:].topk(TEXT_PIVOTS).indices + end - offset).tolist()
         pivots = list(set(image_pivots + text_pivots))  # iterated in CPython set order, as the reference does
-        pool = torch.ones(end - start, dtype=torch.bool, device=vision.device)
+        pool = torch.ones(len(vision), dtype=torch.bool, device=vision.device)
         pool[image_top] = False
         kept = ~pool
         for pivot in pivots:
             candidates = pool.nonzero()[:, 0]  # ascending, as the reference's set of indices iterates
-            similarity = F.cosine_similarity(states[pivot + offset][None], states[start:end][candidates], dim=-1)
+            similarity = F.cosine_similarity(states[pivot + offset][None], states[vision[candidates]], dim=-1)
             picked = candidates[(-similarity).topk(per_pivot).indices]
             kept[picked], pool[picked] = True, False
         return kept.nonzero()[:, 0]

@@ -61,6 +61,8 @@ class DivPrune(TokenPruner):
     def reduce_image_embeddings(self, embeddings: torch.Tensor, vision: VisionProbe | None,
                                 questions: list[str] | None) -> torch.Tensor:
         scored = embeddings if self.score_dtype == "model" else embeddings.to(SCORE_DTYPES[self.score_dtype])
-        keep = torch.stack([max_min_diverse(image, self.budget.tokens).sort().values for image in scored])
+        # retain=F on images of their own size (LLaVA-NeXT/OneVision) resolves on each image's tokens
+        count = self.budget.target(embeddings.shape[1])
+        keep = torch.stack([max_min_diverse(image, count).sort().values for image in scored])
         self.sources = [[[int(i)] for i in row] for row in keep]
         return embeddings.gather(1, keep[..., None].expand(-1, -1, embeddings.shape[-1]))

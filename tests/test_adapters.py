@@ -94,13 +94,15 @@ def test_a_checkpoint_directory_loads_with_the_conf_pixel_bounds(tmp_path):
 def test_every_supported_class_has_one_adapter_and_others_are_refused(tiny):
     assert set(SUPPORTED_MODELS) == {"LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
                                      "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
-                                     "InternVLForConditionalGeneration"}
+                                     "InternVLForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                                     "LlavaOnevisionForConditionalGeneration"}
     assert isinstance(adapter_for(tiny.model), LlavaAdapter)
     assert tiny.adapter.decoder_layers(tiny.model) is tiny.model.model.language_model.layers
     assert tiny.adapter.projector(tiny.model) is tiny.model.model.multi_modal_projector
     with pytest.raises(ConfigError, match=r"^LlamaModel is not supported; supported: LlavaForConditionalGeneration, "):
         adapter_for(tiny.model.model.language_model)
-    families = r"unknown model\.family 'gemma3'; valid families: internvl, llava, qwen2_5_vl, qwen2_vl, qwen3_vl"
+    families = (r"unknown model\.family 'gemma3'; valid families: internvl, llava, llava_next, llava_onevision, "
+                r"qwen2_5_vl, qwen2_vl, qwen3_vl")
     with pytest.raises(ConfigError, match=families):
         adapter_of(OmegaConf.create({"family": "gemma3"}))
 

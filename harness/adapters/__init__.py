@@ -10,13 +10,16 @@ from omegaconf import DictConfig
 from harness.adapters.base import ModelAdapter
 from harness.adapters.internvl import InternVLAdapter
 from harness.adapters.llava import LlavaAdapter
+from harness.adapters.llava_next import LlavaNextAdapter
+from harness.adapters.llava_onevision import LlavaOnevisionAdapter
 from harness.adapters.qwen2_5_vl import Qwen25VLAdapter
 from harness.adapters.qwen2_vl import Qwen2VLAdapter
 from harness.adapters.qwen3_vl import Qwen3VLAdapter
 from methods.base import ConfigError
 
 ADAPTERS: dict[str, ModelAdapter] = {a.family: a for a in (
-    LlavaAdapter(), Qwen2VLAdapter(), Qwen25VLAdapter(), Qwen3VLAdapter(), InternVLAdapter())}
+    LlavaAdapter(), Qwen2VLAdapter(), Qwen25VLAdapter(), Qwen3VLAdapter(), InternVLAdapter(), LlavaNextAdapter(),
+    LlavaOnevisionAdapter())}
 #: every `transformers` class the runtime supports, with its adapter
 SUPPORTED_MODELS: dict[str, ModelAdapter] = {arch: a for a in ADAPTERS.values() for arch in a.architectures}
 DEFAULT_FAMILY = "llava"  # conf/model entries written before the adapters had no `family`

@@ -37,6 +37,9 @@ class ModelAdapter:
     #: whether pre-LLM methods reduce each image's projected tokens in the sequence before decoder layer 0 (and with a
     #: probe from `image_probes`), because the projector's output cannot be split into images where it runs
     reduces_in_sequence: ClassVar[bool] = False
+    #: whether the model lays the projected features of each image out afterwards (`pack_image_features`: crops and
+    #: newline slots; LLaVA-NeXT/OneVision), so that pre-LLM embedding reductions act on the packed images
+    packs_features: ClassVar[bool] = False
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         """Refuse, before anything loads, what the runtime does not define on this family; the message names why and
@@ -104,18 +107,40 @@ class ModelAdapter:
         """How many first decoder layers get visual features added after they run (Qwen3-VL's DeepStack); 0: none."""
         return 0
 
+    def packed_newlines(self, model, packed: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Families that pack features (`packs_features`): per packed image, True at its newline rows."""
+        raise NotImplementedError
+
+    def prompt_layout(self, model, inputs: dict):
+        """How one prompt's images are laid out, where the FLOPs depend on more than the vision tokens (LLaVA-NeXT/
+        OneVision: `AnyResLayout`); None elsewhere."""
+        return None
+
     def image_token_id(self, model) -> int:
         return model.config.image_token_id
 
-    def vision_mask(self, model, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, N) True at the slots that carry vision features (the prunable tokens)."""
+    def vision_mask(self, model, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
+        """(B, N) True at the slots that carry vision features (the prunable tokens). `inputs`: the model call's other
+        inputs (e.g. image sizes), for families whose slots are not all prunable (LLaVA-NeXT's newlines)."""
         return input_ids == self.image_token_id(model)
 
-    def image_spans(self, model, input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    def newline_mask(self, model, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
+        """(B, N) True at slots that carry an image's layout (LLaVA-NeXT/OneVision's image-newline embeddings): never
+        prunable, kept like text."""
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+
+    def image_index(self, model, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
+        """(B, N) the image (0, 1, ... within its row) of each vision slot, -1 elsewhere: an image is a run of vision
+        slots (see `image_spans`)."""
+        is_vision = self.vision_mask(model, input_ids, inputs)
+        starts = is_vision & ~torch.nn.functional.pad(is_vision, (1, 0))[:, :-1]
+        return torch.where(is_vision, starts.long().cumsum(1) - 1, -1)
+
+    def image_spans(self, model, input_ids: torch.Tensor, inputs: dict | None = None) -> list[list[tuple[int, int]]]:
         """Per row, each image's vision tokens as a half-open [start, end) range of sequence indices: every family here
         separates consecutive images by at least one text token, so an image is a maximal run of vision slots."""
         spans = []
-        for row in self.vision_mask(model, input_ids):
+        for row in self.vision_mask(model, input_ids, inputs):
             padded = torch.cat([row.new_zeros(1), row, row.new_zeros(1)]).int()
             edges = (padded[1:] - padded[:-1]).nonzero()[:, 0].tolist()
             spans.append(list(zip(edges[0::2], edges[1::2], strict=True)))

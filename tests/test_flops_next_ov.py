@@ -1,0 +1,65 @@
+"""FLOPs of LLaVA-NeXT and LLaVA-OneVision: the torch counter equals the projection per layer and component on the tiny
+models (every view through the tower and projector, newline slots as text), and the shipped 7B configs project the
+token counts of models.md §6."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from harness.cost import ForwardTimer
+from harness.flops import AnyResArchitecture, FlopCounter, executed_schedule, model_architecture, parse_args, project
+from harness.flops import report as flops_report
+from harness.runtime import prune
+from methods import Budget, RandomPruner
+from tests.conftest import tiny_of
+from tests.test_flops import NEW_TOKENS, assert_equal_flops
+
+
+@pytest.fixture(scope="module", params=["tiny_next", "tiny_ov"])
+def family(request):
+    return tiny_of(request.param)
+
+
+def picture(width: int, height: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(2)
+    return Image.fromarray((torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy())
+
+
+def test_counter_equals_projection_on_a_tiny_model(family):
+    """A 100x60 image, then a prompt with it and a 336 px one: NeXT crops each image (both 2x2 crops, the 100x60 one's
+    grid unpadded to 4x8 tokens), OneVision gives each image of a several-image prompt one view. Layer 0 runs dense,
+    the others on 16 vision tokens per image."""
+    for images in ([picture(100, 60)], [picture(100, 60), picture(336, 336)]):
+        inputs = family.inputs([images], ["What is in the image?"])
+        with torch.no_grad(), prune(family.model, RandomPruner(k=1, budget=Budget(16)), sample_ids=["s"]) as runtime, \
+                ForwardTimer(family.model) as timer, FlopCounter(family.model, runtime) as counter:
+            family.model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        layout = family.adapter.prompt_layout(family.model, inputs)
+        arch = model_architecture(family.model.config, layout=layout)
+        assert isinstance(arch, AnyResArchitecture)
+        assert arch.image_features == int(runtime.prompt_vision.sum())
+        projected = project(arch, executed_schedule(runtime, timer.decode_steps))
+        assert projected[0].layers[0].projections == arch.layer(inputs["input_ids"].shape[1], 0, 0).projections
+        for phase_counted, phase_projected in zip((counter.prefill, counter.decode), projected, strict=True):
+            assert_equal_flops(phase_counted, phase_projected)
+    views = 5 + 5 if family.name == "tiny_next" else 1 + 1
+    assert layout.views == views
+
+
+@pytest.mark.parametrize(("model", "image", "expected"), [
+    # models.md §6: NeXT 336² -> 1,176 slots, 448² -> 2,928, 640x480 -> 2,340; OneVision 640x480 -> 2,929
+    ("llava_next7b", "336x336", (3, 1152, 24)),
+    ("llava_next7b", "448x448", (5, 2880, 48)),
+    ("llava_next_mistral7b", "640x480", (5, 2304, 36)),
+    ("llava_ov7b", "640x480", (5, 2889, 40)),
+    ("llava_ov7b", "1920x1080", (16, 7209, 60)),
+])
+def test_shipped_configs_project_the_published_token_counts(model, image, expected):
+    result = flops_report(*parse_args([f"model={model}", "method=none", f"image={image}"]))
+    views, vision, newlines = expected
+    assert result["image"]["layout"] == {"views": views, "vision_tokens": vision, "newline_tokens": newlines}
+    assert result["prompt"] == {"vision_tokens": vision, "text_tokens": 60 + newlines,
+                                "total": vision + newlines + 60, "newline_tokens": newlines}
+    assert result["dense"]["prefill"]["vision"] > 0 and result["dense"]["prefill"]["projector"] > 0

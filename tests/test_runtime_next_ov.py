@@ -1,0 +1,187 @@
+"""The pruning runtime on the tiny LLaVA-NeXT and LLaVA-OneVision models (AnyRes crops, packed grids, image-newline
+slots): the exactness tests of tests/test_runtime.py, with the newline slots kept like text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from harness.runtime import prune
+from methods import Budget, DivPrune, RandomPruner
+from methods.divprune import max_min_diverse
+from tests.conftest import tiny_of
+from tests.test_runtime import QUESTION, KeepAll, generate, hide_keys_from
+from tests.test_runtime_qwen import FEW, generate_few
+
+# Per family, for the 336 px and 100x60 pictures: (prunable vision tokens, newline slots). NeXT: 16 base + an 8x8 grid
+# of 2x2 crops + 8 newlines; 100x60: a 2x1 grid of crops unpadded to 6x8. OneVision: 9 base + 6x6 crops shrunk to 9x9
+# + 9 newlines; 100x60: 6x9 after unpadding.
+LAYOUT = {"tiny_next": ((80, 8), (48, 4)), "tiny_ov": ((90, 9), (63, 6))}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUT))
+def family(request):
+    return tiny_of(request.param)
+
+
+@pytest.fixture(scope="module")
+def pictures() -> list[Image.Image]:
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(336, 336), (336, 336), (100, 60)]
+    return [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
+            for w, h in sizes]
+
+
+def newline_slots(loaded, inputs) -> torch.Tensor:
+    return loaded.adapter.newline_mask(loaded.model, inputs["input_ids"], inputs)
+
+
+def embeddings_entering_the_language_model(loaded, inputs) -> torch.Tensor:
+    captured = {}
+    handle = loaded.model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+    try:
+        loaded.model(**inputs)
+    finally:
+        handle.remove()
+    return captured["embeds"]
+
+
+@torch.no_grad()
+def test_newline_slots_are_where_the_model_puts_image_newline(family, pictures):
+    """The adapter's newline slots are exactly the slots whose embedding the model sets to `image_newline`, and they
+    are not prunable vision tokens."""
+    for picture, (vision, newlines) in zip(pictures[1:], LAYOUT[family.name], strict=True):
+        inputs = family.inputs([picture], [QUESTION])
+        ids = inputs["input_ids"]
+        is_newline = (embeddings_entering_the_language_model(family, inputs)[0] == family.model.model.image_newline
+                      ).all(-1)
+        assert torch.equal(newline_slots(family, inputs)[0], is_newline)
+        is_vision = family.adapter.vision_mask(family.model, ids, inputs)
+        assert (int(is_vision.sum()), int(is_newline.sum())) == (vision, newlines)
+        assert torch.equal(is_vision | is_newline, ids == family.adapter.image_token_id(family.model))
+
+
+@torch.no_grad()
+def test_keeping_every_token_equals_the_untouched_model(family, pictures):
+    inputs = family.inputs(pictures[:1], [QUESTION])
+    reference_logits = family.model(**inputs).logits
+    reference_tokens, _ = generate(family.model, inputs)
+    with prune(family.model, KeepAll()) as runtime:
+        logits = family.model(**inputs).logits
+        tokens, _ = generate(family.model, inputs)
+    assert runtime.vision_tokens_per_layer().tolist() == [[LAYOUT[family.name][0][0]] * 4]
+    assert (logits - reference_logits).abs().max() <= 1e-5
+    assert torch.equal(tokens, reference_tokens)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_physical_drop_equals_attention_mask_reference(family, pictures, k):
+    """16 of the prunable tokens survive from layer k on; every newline slot and text token stays."""
+    inputs = family.inputs(pictures[:1], [QUESTION])
+    n = inputs["input_ids"].shape[1]
+    with prune(family.model, RandomPruner(k=k, budget=Budget(16)), sample_ids=["s0"]) as runtime:
+        logits = family.model(**inputs).logits
+        kept = runtime.layers[k].orig_index[0]
+        tokens, _ = generate_few(family.model, inputs)
+    is_vision = family.adapter.vision_mask(family.model, inputs["input_ids"], inputs)[0]
+    assert int(is_vision[kept].sum()) == 16 and int((~is_vision[kept]).sum()) == int((~is_vision).sum())
+    assert bool(newline_slots(family, inputs)[0][kept].sum() == LAYOUT[family.name][0][1])
+    hidden = torch.ones(1, n, dtype=torch.bool)
+    hidden[0, kept] = False
+    with hide_keys_from(family.model, [None] * k + [hidden] * (4 - k)):
+        reference = family.model(**inputs).logits
+        reference_tokens, _ = generate_few(family.model, inputs)
+    assert (logits[0] - reference[0, kept]).abs().max() <= 1e-4
+    assert torch.equal(tokens, reference_tokens)
+
+
+@torch.no_grad()
+def test_padded_batch_equals_each_sample_alone(family, pictures):
+    """Two prompts of different lengths whose images share a size (so the same number of vision tokens)."""
+    questions = [QUESTION, "Describe the colours and the shapes you can see in this picture, please."]
+    inputs = family.inputs(pictures[:2], questions)
+    assert (inputs["attention_mask"] == 0).any(), "the batch must be padded"
+    pruner = RandomPruner(k=1, budget=Budget(16))
+    with prune(family.model, pruner, sample_ids=["a", "b"]):
+        batch_tokens, batch_logits = generate_few(family.model, inputs)
+    width = inputs["input_ids"].shape[1]
+    for row in range(2):
+        alone = family.inputs(pictures[row: row + 1], questions[row: row + 1])
+        with prune(family.model, pruner, sample_ids=[["a", "b"][row]]):
+            tokens, logits = generate_few(family.model, alone)
+        assert torch.equal(batch_tokens[row, width:], tokens[0, alone["input_ids"].shape[1]:])
+        assert (batch_logits[row] - logits[0]).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_a_batch_whose_images_differ_in_size_is_refused(family, pictures):
+    """Images of different sizes give rows different numbers of vision tokens, and a `Selection` keeps the same
+    number in every row: the runtime refuses (the harness refuses batch_size > 1 on this family before loading)."""
+    inputs = family.inputs([pictures[0], pictures[2]], [QUESTION, QUESTION])
+    expected = [LAYOUT[family.name][0][0], LAYOUT[family.name][1][0]]
+    with prune(family.model, RandomPruner(k=1, budget=Budget(8))), \
+            pytest.raises(ValueError, match=rf"the same number of vision tokens, got \[{expected[0]}, {expected[1]}\]"):
+        family.model(**inputs)
+
+
+@torch.no_grad()
+def test_two_images_in_one_prompt_keep_their_budget_each(family, pictures):
+    """NeXT crops each image; OneVision gives each image of a several-image prompt one view and one newline."""
+    inputs = family.inputs([[pictures[2], pictures[0]]], ["Which picture is brighter?"])
+    n = inputs["input_ids"].shape[1]
+    image = family.adapter.image_index(family.model, inputs["input_ids"], inputs)[0]
+    sizes = [int((image == i).sum()) for i in range(2)]
+    per_image = [48, 80] if family.name == "tiny_next" else [9, 9]
+    assert sizes == per_image
+    assert int(newline_slots(family, inputs).sum()) == (4 + 8 if family.name == "tiny_next" else 2)
+    with prune(family.model, RandomPruner(k=1, budget=Budget(4)), sample_ids=["two"]) as runtime:
+        logits = family.model(**inputs).logits
+        kept = runtime.layers[1].orig_index[0]
+    assert runtime.vision_tokens_per_layer().tolist() == [[sum(per_image), 8, 8, 8]]
+    assert int((image[kept] == 0).sum()) == 4 == int((image[kept] == 1).sum())
+    hidden = torch.ones(1, n, dtype=torch.bool)
+    hidden[0, kept] = False
+    with hide_keys_from(family.model, [None] + [hidden] * 3):
+        reference = family.model(**inputs).logits
+    assert (logits[0] - reference[0, kept]).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_pre_llm_reduction_equals_a_shorter_input_of_the_kept_packed_features(family, pictures):
+    """DivPrune on the packed image (after `pack_image_features`: crops laid out, unpadded, OneVision's grid shrunk,
+    newlines added) keeps 16 of its vision tokens: the same logits and tokens as the language model run on the shorter
+    sequence of the text, the newline slots and those 16 packed features, at contiguous positions. Reducing before
+    packing instead would scatter the freed slots (NeXT) or blend them into neighbours (OneVision), models.md §6."""
+    inputs = family.inputs(pictures[:1], [QUESTION])
+    pruner = DivPrune(budget=Budget(16))
+    with prune(family.model, pruner, sample_ids=["s"]) as runtime:
+        logits = family.model(**inputs).logits
+        tokens, _ = generate_few(family.model, inputs)
+    assert runtime.vision_tokens_per_layer().tolist() == [[16] * 4]
+
+    model = family.model.model
+    [packed] = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **{
+        key: inputs[key] for key in ("batch_num_images",) if key in inputs}).pooler_output
+    is_vision = (packed != model.image_newline).any(-1)
+    kept_vision = max_min_diverse(packed[is_vision], 16).sort().values
+    kept = torch.cat([(~is_vision).nonzero()[:, 0], is_vision.nonzero()[:, 0][kept_vision]]).sort().values
+    ids = inputs["input_ids"][0]
+    slots = (ids == family.adapter.image_token_id(family.model)).nonzero()[:, 0]
+    embeds = model.get_input_embeddings()(ids).clone()
+    embeds[slots] = packed
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[slots] = False
+    keep[slots[kept]] = True
+    shorter = embeds[keep][None]
+    reference = family.model(inputs_embeds=shorter).logits
+    assert logits.shape == reference.shape and (logits - reference).abs().max() <= 1e-5
+    reference_tokens = family.model.generate(inputs_embeds=shorter, max_new_tokens=FEW, min_new_tokens=FEW,
+                                             do_sample=False)
+    assert torch.equal(tokens[0, inputs["input_ids"].shape[1]:], reference_tokens[0])
+    with prune(family.model, DivPrune(budget=Budget(retain=0.25)), sample_ids=["s"]) as runtime:
+        family.model(**inputs)
+    vision = LAYOUT[family.name][0][0]
+    assert runtime.vision_tokens_per_layer().tolist() == [[round(vision / 4)] * 4]  # a quarter of this image's
