@@ -9,7 +9,8 @@ them on exit. During prefill it:
 - locates the vision tokens from the model's image token id (never from fixed offsets), and each image's run of them;
 - lets a pre-LLM method reduce the vision features before the projector, or the projected embeddings after it (the
   freed placeholder slots are dropped before decoder layer 0, so the language model sees exactly the shorter
-  sequence);
+  sequence); on towers without CLS (Qwen) it reduces each image's tokens at the tower's output instead, ranked by
+  the attention each token's patches receive (`received_attention`), each kept token in its own slot;
 - before each decoder layer, applies the pruner's `Selection`: it physically gathers the hidden states, the
   4-D mask and the RoPE positions (kept original, or renumbered contiguously as a shorter input would get them),
   with as many position rows as the model's RoPE takes (M-RoPE: the (3, B, n) ids the model computed), and on
@@ -30,8 +31,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +42,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
 
 from harness.adapters import adapter_for
+from harness.adapters.base import VisionAttentionCall
 from harness.cost import decoding, forward_cache
 from harness.records import SelectionRecorder
 from methods.base import ConfigError, Probe, Selection, TokenPruner
@@ -67,12 +70,15 @@ class ProbeResult:
 @dataclass
 class VisionProbe:
     """One vision-tower layer, for pre-LLM methods: the feature layer (the one LLaVA reads) unless the method's
-    `vision_probe_layer` names another."""
+    `vision_probe_layer` names another. Towers without CLS (Qwen: one image at a time) have no `hidden`,
+    `cls_attention` or `cls_query`; they give `received` and keys per vision token (the tower's outputs)."""
 
-    hidden: torch.Tensor  # (images, 1 + patches, d_vision): the layer's output, CLS first
-    cls_attention: torch.Tensor  # (images, heads, 1 + patches): softmax attention of the CLS query
+    hidden: torch.Tensor | None  # (images, 1 + patches, d_vision): the layer's output, CLS first
+    cls_attention: torch.Tensor | None  # (images, heads, 1 + patches): softmax attention of the CLS query
     keys: torch.Tensor  # (images, heads, 1 + patches, head_dim): the layer's keys (k_proj output, per head)
     cls_query: torch.Tensor | None = None  # (images, heads, 1, head_dim): the CLS query (q_proj output, unscaled)
+    #: (images, tokens) without CLS: the mean attention each vision token's patches receive (`received_attention`)
+    received: torch.Tensor | None = None
 
 
 @dataclass
@@ -156,6 +162,13 @@ class PruningRuntime:
         self.selection_seconds = 0.0  # inside the method's own code, accumulated while installed
         self._reduced_slots: int | None = None  # vision slots per image kept by a pre-LLM feature reduction
         self._image_slots = 0  # vision slots per image before that reduction
+        #: the vision slots (every row's, in order) a pre-LLM reduction filled; the others are dropped before layer 0
+        self._kept_slots: torch.Tensor | None = None
+        self._image_grids: torch.Tensor | None = None  # towers without CLS: the images of the current tower call
+        self._received: tuple[torch.Tensor, torch.Tensor] | None = None  # and their (received, keys) per token
+        #: compact positions renumber a shorter input; M-RoPE models accept them only for pre-LLM reductions (the
+        #: adapter refuses the rest), where a shorter input's image keeps its grid positions: the kept tokens' own
+        self.compact = pruner.positions == "compact" and self.adapter.position_rows == 1
         self._vision_probe: dict[str, torch.Tensor] = {}
         self._full_len = 0
         self._full_valid: torch.Tensor | None = None
@@ -183,7 +196,9 @@ class PruningRuntime:
         self._handles.append(self.lm.register_forward_pre_hook(self._on_language_model_call, with_kwargs=True))
         reduces_features = type(self.pruner).reduce_image_features is not TokenPruner.reduce_image_features
         self._reduces_embeddings = type(self.pruner).reduce_image_embeddings is not TokenPruner.reduce_image_embeddings
-        if reduces_features or self._reduces_embeddings:
+        if (reduces_features or self._reduces_embeddings) and not self.adapter.cls_token:
+            self._install_tower_reduction()
+        elif reduces_features or self._reduces_embeddings:
             projector = self.adapter.projector(self.model)
             if reduces_features:
                 self._handles.append(projector.register_forward_pre_hook(self._reduce_features))
@@ -335,16 +350,85 @@ class PruningRuntime:
         if self._reduced_slots is None:
             return None
         # The model scatters features into every <image> placeholder; fill the freed slots with zeros and drop
-        # them before layer 0 (`_reduced_slots_keep`), so no layer ever sees them.
+        # them before layer 0 (`_kept_slots`), so no layer ever sees them.
         pad = output.new_zeros(output.shape[0], self._image_slots - output.shape[1], output.shape[2])
+        kept = torch.zeros(output.shape[0], self._image_slots, dtype=torch.bool, device=output.device)
+        kept[:, :output.shape[1]] = True
+        self._kept_slots = kept.flatten()
         return torch.cat([output, pad], dim=1)
 
-    def _reduced_slots_keep(self) -> Selection:
-        images = self.state.num_vision // self._image_slots
-        device = self.state.is_vision.device
-        slots = torch.arange(images, device=device)[:, None] * self._image_slots
-        keep = (slots + torch.arange(self._reduced_slots, device=device)).flatten()
-        return Selection(keep=keep.expand(self.state.batch_size, -1))
+    def _kept_slots_selection(self) -> Selection:
+        kept = self._kept_slots.view(self.state.batch_size, -1)  # the model scatters features row by row
+        return Selection(keep=kept.nonzero()[:, 1].view(self.state.batch_size, -1))
+
+    # ------------------------------------------------------------------ pre-LLM reduction, towers without CLS
+    def _install_tower_reduction(self) -> None:
+        """Towers without CLS pack every image of a call into one sequence: each image's vision tokens are reduced on
+        their own at the tower's output (raster order), ranked by the attention their patches receive."""
+        tower = self.adapter.vision_tower(self.model)
+        self._handles.append(tower.register_forward_pre_hook(self._on_tower_call, with_kwargs=True))
+        self._handles.append(tower.register_forward_hook(self._reduce_tower_output))
+        if self.pruner.needs_vision_probe:
+            attention = self.adapter.vision_attention(self.model, self.pruner.vision_probe_layer)
+            self._handles.append(attention.register_forward_pre_hook(self._probe_tower_attention, with_kwargs=True))
+
+    def _on_tower_call(self, module, args, kwargs):
+        self._image_grids = self.adapter.image_grids(args, kwargs)
+
+    def _probe_tower_attention(self, module, args, kwargs):
+        def signal():
+            call = self.adapter.vision_attention_call(module, args, kwargs)
+            token_of_patch = self.adapter.token_of_patch(self.model, self._image_grids)
+            return received_attention(chunk_attention(call), token_of_patch), token_mean(call.raw_keys, token_of_patch)
+
+        self._received = self._timed(signal)
+
+    def _reduce_tower_output(self, module, args, output):
+        embeddings = self.adapter.image_embeddings(output)
+        counts = self.adapter.tokens_per_image(self.model, self._image_grids)
+        placed = torch.zeros_like(embeddings)
+        kept = torch.zeros(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
+        own_slot = torch.zeros_like(kept)
+        questions, sources = self._image_questions(len(counts)), []
+        for image, (start, end) in enumerate(itertools.pairwise([0, *itertools.accumulate(counts)])):
+            vision = None
+            if self._received is not None:
+                received, keys = self._received
+                vision = VisionProbe(hidden=None, cls_attention=None, keys=keys[start:end].transpose(0, 1)[None],
+                                     received=received[start:end][None])
+            question = None if questions is None else questions[image:image + 1]
+            reduced = self._timed(self._reduce_image, embeddings[start:end][None], vision, question)
+            if reduced is None:  # left alone
+                reduced, slots, own = embeddings[start:end][None], list(range(end - start)), [True] * (end - start)
+            else:
+                sources.extend(self.pruner.sources)
+                slots, own = token_slots(self.pruner.sources[0], end - start)
+            slots = start + torch.tensor(slots, dtype=torch.long, device=kept.device)
+            placed[slots] = reduced[0].to(placed.dtype)
+            kept[slots] = True
+            own_slot[slots] = torch.tensor(own, device=kept.device)
+        self.adapter.set_image_embeddings(output, placed, own_slot)
+        self.pruner.sources = sources  # every image's, as a method sets them for a batch of images
+        self._kept_slots, self._received = kept, None
+        return output
+
+    def _reduce_image(self, tokens: torch.Tensor, vision: VisionProbe | None,
+                      question: list[str] | None) -> torch.Tensor | None:
+        """One image's (1, V, d_model) tokens through the method: they are both the features (the merger's output
+        is the only per-token feature such a tower has) and the embeddings."""
+        if type(self.pruner).reduce_image_features is not TokenPruner.reduce_image_features:
+            return self.pruner.reduce_image_features(tokens, vision)
+        return self.pruner.reduce_image_embeddings(tokens, vision, question)
+
+    def _image_questions(self, images: int) -> list[str] | None:
+        """Each image's question, for methods that read it. generate() may run the tower before the prefill's model
+        call, so nothing says which prompt an image belongs to: that needs one image per prompt."""
+        if not self.pruner.needs_question:
+            return None
+        if len(self.questions) != images:
+            raise ValueError(f"method {self.pruner.name} reads each image's question: it needs one image per prompt, "
+                             f"got {images} images for {len(self.questions)} questions")
+        return self.questions
 
     # ------------------------------------------------------------------ per layer
     def _before_layer(self, module, args, kwargs):
@@ -359,9 +443,9 @@ class PruningRuntime:
         state.hidden_states = hidden
         state.attention_preview = functools.partial(self._preview, module)
         changed = False
-        if layer == 0 and self._reduced_slots is not None:
-            self._apply(self._reduced_slots_keep())
-            self._reduced_slots = None
+        if layer == 0 and self._kept_slots is not None:
+            self._apply(self._kept_slots_selection())
+            self._reduced_slots = self._kept_slots = None
             changed = True
             if self.recorder is not None:
                 self.recorder.reduced()
@@ -377,7 +461,7 @@ class PruningRuntime:
         self._edit = (layer, e) if (e := self._timed(self.pruner.attention_edit, layer, state)) else None
 
         shift = self._full_valid.sum(1) - state.valid.sum(1)
-        if self.pruner.positions == "original":
+        if not self.compact:
             shift = torch.zeros_like(shift)
         self.layers.append(LayerRecord(state.orig_index, state.is_vision.sum(1), shift, self._pos_emb is not None))
 
@@ -468,7 +552,7 @@ class PruningRuntime:
         if selection.merged is not None:
             merged = selection.merged.to(hidden.dtype)
             m = merged.shape[1]
-            if selection.merged_positions is None and self.pruner.positions == "original":
+            if selection.merged_positions is None and not self.compact:
                 raise ValueError("merged tokens need merged_positions when positions are kept original")
             # Place merged tokens right after each row's last vision slot: their sort keys lie strictly between that
             # slot and the next token.
@@ -488,7 +572,7 @@ class PruningRuntime:
             }
             new = {k: torch.cat([v, sources[k]], -1)[..., batch_rows, order] for k, v in new.items()}
             new_hidden = torch.cat([new_hidden, merged], 1)[batch_rows, order]
-        if self.pruner.positions == "compact":
+        if self.compact:
             new["positions"] = (new["valid"].long().cumsum(1) - 1).clamp(min=0)
         for key, value in new.items():
             setattr(state, key, value)
@@ -597,6 +681,48 @@ def _cls_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.
     keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
     scores = (queries @ keys.transpose(-1, -2)).float() * attention.scale
     return {"cls_attention": scores.softmax(-1).to(hidden.dtype)[:, :, 0], "keys": keys, "cls_query": queries}
+
+
+def chunk_attention(call: VisionAttentionCall) -> Iterator[torch.Tensor]:
+    """Each chunk's (heads, n, n) softmax attention probabilities, in fp32, one chunk at a time."""
+    for start, end in itertools.pairwise(call.chunks.tolist()):
+        queries, keys = call.queries[start:end].transpose(0, 1), call.keys[start:end].transpose(0, 1)
+        yield ((queries @ keys.transpose(1, 2)).float() * call.scaling).softmax(dim=-1)
+
+
+def received_attention(attention: Iterable[torch.Tensor], token_of_patch: torch.Tensor) -> torch.Tensor:
+    """(tokens,) the importance signal of vision towers without CLS (models.md §8.2): the attention each patch
+    receives, averaged over the heads and the query rows of its chunk, then over the patches of each vision token.
+
+    attention: each chunk's (heads, n, n) softmax probabilities (a chunk is an image, or a window of a windowed
+        block), chunks in the tower's sequence order; token_of_patch: (P,) the vision token of each patch in that
+        order (`ModelAdapter.token_of_patch`, which undoes Qwen2.5-VL's window permutation)."""
+    return token_mean(torch.cat([chunk.mean(dim=(0, 1)) for chunk in attention]), token_of_patch)
+
+
+def token_mean(values: torch.Tensor, token_of_patch: torch.Tensor) -> torch.Tensor:
+    """(P, ...) per-patch values -> (tokens, ...) their mean over each vision token's patches."""
+    tokens = int(token_of_patch.max()) + 1
+    sums = values.new_zeros(tokens, *values.shape[1:]).index_add_(0, token_of_patch, values)
+    counts = torch.bincount(token_of_patch, minlength=tokens).to(values.dtype)
+    return sums / counts.view(-1, *[1] * (values.dim() - 1))
+
+
+def token_slots(sources: list[list[int]], slots: int) -> tuple[list[int], list[bool]]:
+    """Where a pre-LLM reduction's output tokens go among an image's `slots` vision slots, so that each keeps a slot's
+    original position: a token takes its first source's slot (a kept token its own, a merged one its target's); a
+    token of no source (zero padding) one of the last slots left. Also whether each is its slot's own token, kept
+    as it is (side features of the slot, DeepStack's, apply only to those)."""
+    anchors = [tokens[0] if tokens else None for tokens in sources]
+    taken = {anchor for anchor in anchors if anchor is not None}
+    if len(taken) != len(anchors) - anchors.count(None):
+        raise ValueError("two tokens of a pre-LLM reduction share their first source; each needs a slot of its own")
+    free = [slot for slot in range(slots) if slot not in taken]
+    if anchors.count(None) > len(free):
+        raise ValueError(f"a pre-LLM reduction returned more tokens than the image's {slots} vision slots")
+    spare = iter(free[len(free) - anchors.count(None):])
+    placed = [anchor if anchor is not None else next(spare) for anchor in anchors]
+    return placed, [tokens == [slot] for tokens, slot in zip(sources, placed, strict=True)]
 
 
 def _shifted_right(mask: torch.Tensor) -> torch.Tensor:

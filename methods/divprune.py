@@ -8,7 +8,9 @@ Pre-LLM and text-agnostic, on the projected image embeddings (the language model
    the nearest token already picked. `argmax` takes the first maximal index.
 3. The picked tokens enter the language model in raster order, at contiguous positions (a shorter input).
 
-Budget mapping: B tokens exactly (the reference's `round(ratio * V)` with ratio = B / V). The reference computes the
+Budget mapping: B tokens exactly (the reference's `round(ratio * V)` with ratio = B / V), per image; `retain=F` keeps
+round(F·V) of each image's V. On Qwen the embeddings are the merger's outputs, and the kept tokens keep their own
+M-RoPE positions (as LightCompress's Qwen2.5-VL port of DivPrune). The reference computes the
 distances in the model's dtype (fp16); ties and near-ties can flip in another dtype: `score_dtype="model"` (default)
 uses the model's dtype (fp16 on GPU like the reference, fp32 on CPU), `float32` / `float16` force one.
 """
@@ -56,11 +58,12 @@ class DivPrune(TokenPruner):
             raise ConfigError(f"score_dtype must be one of model, {', '.join(SCORE_DTYPES)}, got {self.score_dtype!r}")
 
     def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
-        return [self.budget.tokens] * num_layers
+        return [self.budget.target(num_vision)] * num_layers
 
     def reduce_image_embeddings(self, embeddings: torch.Tensor, vision: VisionProbe | None,
                                 questions: list[str] | None) -> torch.Tensor:
         scored = embeddings if self.score_dtype == "model" else embeddings.to(SCORE_DTYPES[self.score_dtype])
-        keep = torch.stack([max_min_diverse(image, self.budget.tokens).sort().values for image in scored])
+        count = self.budget.target(embeddings.shape[1])
+        keep = torch.stack([max_min_diverse(image, count).sort().values for image in scored])
         self.sources = [[[int(i)] for i in row] for row in keep]
         return embeddings.gather(1, keep[..., None].expand(-1, -1, embeddings.shape[-1]))

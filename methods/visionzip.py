@@ -10,6 +10,13 @@ Pre-LLM and text-agnostic, on the vision tower's feature layer (the one LLaVA re
 The projector then sees exactly dominant + contextual tokens (CLS included), so the language model processes that
 many image tokens in every layer, at contiguous positions. Budgets: 192 = 162+30, 128 = 108+20, 64 = 54+10 (the
 reference's LLaVA-1.5 settings); other budgets need explicit `dominant` and `contextual`.
+
+On towers without CLS (Qwen; models.md §8.2, as the public Qwen ports) the dominant tokens are the `dominant` merged
+tokens whose patches receive the most attention in the last ViT block (`VisionProbe.received`, no CLS among them),
+the contextual merge uses that block's keys averaged over heads and over each token's patches, and both act on the
+merger's outputs, per image; a dominant token keeps its own M-RoPE position, a contextual token its target's.
+`retain=F` (per image) splits T = round(F·V) as the three settings do, 27:5 (contextual = round(T·5/32)), with at
+least one of each.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ if TYPE_CHECKING:
     from harness.runtime import VisionProbe
 
 SETTINGS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
+CONTEXTUAL_SHARE = 5 / 32  # of every setting's budget: 30/192 = 20/128 = 10/64
 
 
 @dataclass
@@ -41,9 +49,14 @@ class VisionZip(TokenPruner):
     def uses_budget(self) -> bool:  # explicit counts replace the budget
         return self.dominant is None
 
-    def counts(self) -> tuple[int, int]:
+    def counts(self, num_vision: int | None = None) -> tuple[int, int]:
+        """(dominant, contextual); a `retain` budget on per-image token counts resolves on `num_vision`."""
         if self.dominant is not None and self.contextual is not None:
             return self.dominant, self.contextual
+        if self.budget.tokens is None and self.budget.retain is not None and num_vision is not None:
+            total = max(self.budget.target(num_vision), 2)  # at least one of each
+            contextual = max(round(total * CONTEXTUAL_SHARE), 1)
+            return total - contextual, contextual
         if self.budget.tokens not in SETTINGS:
             raise ConfigError(f"VisionZip settings exist for budgets {', '.join(map(str, SETTINGS))}; for budget "
                               f"{self.budget.tokens} set method.dominant and method.contextual")
@@ -51,21 +64,27 @@ class VisionZip(TokenPruner):
 
     def validate(self, num_vision: int, num_layers: int) -> None:
         super().validate(num_vision, num_layers)
-        dominant, contextual = self.counts()
+        dominant, contextual = self.counts(num_vision)
         if dominant < 1 or contextual < 1 or dominant + contextual > num_vision:
             raise ConfigError(f"dominant ({dominant}) + contextual ({contextual}) must be positive and at most "
                               f"{num_vision}")
 
     def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
-        return [sum(self.counts())] * num_layers
+        return [sum(self.counts(num_vision))] * num_layers
 
     def reduce_image_features(self, features: torch.Tensor, vision: VisionProbe | None) -> torch.Tensor:
-        dominant, contextual = self.counts()
-        hidden, keys = vision.hidden, vision.keys.mean(dim=1)  # (images, N, d), (images, N, head_dim)
+        dominant, contextual = self.counts(features.shape[1])
+        if dominant + contextual >= features.shape[1]:  # an image smaller than the budget (Qwen): nothing to reduce
+            return None
+        keys = vision.keys.mean(dim=1)  # (images, N, head_dim)
+        if vision.cls_attention is None:  # no CLS: the tokens are the features, ranked by the attention received
+            hidden, scores, cls = features, vision.received, 0
+        else:  # CLIP: the feature layer's tokens, CLS always dominant, the patches ranked by the CLS query
+            hidden, scores, cls = vision.hidden, vision.cls_attention[:, :, 1:].sum(dim=1), 1
         images, n, _ = hidden.shape
-        top = vision.cls_attention[:, :, 1:].sum(dim=1).topk(dominant - 1, dim=1).indices + 1
+        top = scores.topk(dominant - cls, dim=1).indices + cls
         is_dominant = torch.zeros(images, n, dtype=torch.bool, device=hidden.device)
-        is_dominant[:, 0] = True
+        is_dominant[:, 0] = bool(cls)
         is_dominant.scatter_(1, top, 1)  # not True: the jit tracer (harness.fvcore_flops) rejects a bool value
         dominant_tokens = hidden[is_dominant].view(images, dominant, -1)
         rest = hidden[~is_dominant].view(images, n - dominant, -1)
