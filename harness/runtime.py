@@ -379,7 +379,9 @@ class PruningRuntime:
         def signal():
             call = self.adapter.vision_attention_call(module, args, kwargs)
             token_of_patch = self.adapter.token_of_patch(self.model, self._image_grids)
-            return received_attention(chunk_attention(call), token_of_patch), token_mean(call.raw_keys, token_of_patch)
+            received = received_attention(chunk_attention(call), token_of_patch)
+            # in the tower's dtype, as the CLS attention of CLIP towers (methods' `score_dtype` converts it)
+            return received.to(call.raw_keys.dtype), token_mean(call.raw_keys, token_of_patch)
 
         self._received = self._timed(signal)
 
@@ -399,10 +401,11 @@ class PruningRuntime:
             question = None if questions is None else questions[image:image + 1]
             reduced = self._timed(self._reduce_image, embeddings[start:end][None], vision, question)
             if reduced is None:  # left alone
-                reduced, slots, own = embeddings[start:end][None], list(range(end - start)), [True] * (end - start)
+                reduced, image_sources = embeddings[start:end][None], [[i] for i in range(end - start)]
             else:
-                sources.extend(self.pruner.sources)
-                slots, own = token_slots(self.pruner.sources[0], end - start)
+                image_sources = self.pruner.sources[0]
+            sources.append(image_sources)
+            slots, own = token_slots(image_sources, end - start)
             slots = start + torch.tensor(slots, dtype=torch.long, device=kept.device)
             placed[slots] = reduced[0].to(placed.dtype)
             kept[slots] = True
