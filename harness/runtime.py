@@ -8,10 +8,12 @@ them on exit. During prefill it:
 
 - locates the vision tokens from the model's image token id (never from fixed offsets), and each image's tokens,
   through the adapter (LLaVA-NeXT/OneVision's image-newline slots share that id but are kept like text);
-- lets a pre-LLM method reduce the vision features before the projector, or the projected embeddings after it (on
-  LLaVA-NeXT/OneVision: each image's embeddings once `pack_image_features` has laid out its crops and newline slots;
-  the freed placeholder slots are dropped before decoder layer 0, so the language model sees exactly the shorter
-  sequence);
+- lets a pre-LLM method reduce the vision features before the projector, or the projected embeddings after it (the
+  freed placeholder slots are dropped before decoder layer 0, so the language model sees exactly the shorter
+  sequence), where each family allows it: LLaVA-NeXT/OneVision each image's embeddings once `pack_image_features` has
+  laid out its crops and newline slots; InternVL each image's projected tokens as layer 0 receives them; towers
+  without CLS (Qwen) each image's tokens at the tower's output, ranked by the attention each token's patches receive
+  (`received_attention`), each kept token in its own slot;
 - before each decoder layer, applies the pruner's `Selection`: it physically gathers the hidden states, the
   4-D mask and the RoPE positions (kept original, or renumbered contiguously as a shorter input would get them),
   with as many position rows as the model's RoPE takes (M-RoPE: the (3, B, n) ids the model computed), and on
@@ -33,8 +35,9 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +46,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
 
 from harness.adapters import adapter_for
+from harness.adapters.base import VisionAttentionCall
 from harness.cost import decoding, forward_cache
 from harness.records import SelectionRecorder
 from methods.base import ConfigError, Probe, Selection, TokenPruner
@@ -70,15 +74,18 @@ class ProbeResult:
 @dataclass
 class VisionProbe:
     """One vision-tower layer, for pre-LLM methods: the feature layer (the one LLaVA reads) unless the method's
-    `vision_probe_layer` names another."""
+    `vision_probe_layer` names another. Towers without CLS (Qwen: one image at a time) have no `hidden`,
+    `cls_attention` or `cls_query`; they give `received` and keys per vision token (the tower's outputs)."""
 
-    hidden: torch.Tensor  # (images, 1 + patches, d_vision): the layer's output, CLS first
-    cls_attention: torch.Tensor  # (images, heads, 1 + patches): softmax attention of the CLS query
+    hidden: torch.Tensor | None  # (images, 1 + patches, d_vision): the layer's output, CLS first
+    cls_attention: torch.Tensor | None  # (images, heads, 1 + patches): softmax attention of the CLS query
     keys: torch.Tensor  # (images, heads, 1 + patches, head_dim): the layer's keys (k_proj output, per head)
     cls_query: torch.Tensor | None = None  # (images, heads, 1, head_dim): the CLS query (q_proj output, unscaled)
     #: False where `hidden` is the image's projected tokens, which the CLS token never reaches (InternVL: see
     #: `ModelAdapter.image_probes`); the other fields keep their CLS entry first
     hidden_has_cls: bool = True
+    #: (images, tokens) without CLS: the mean attention each vision token's patches receive (`received_attention`)
+    received: torch.Tensor | None = None
 
 
 @dataclass
@@ -165,6 +172,13 @@ class PruningRuntime:
         self._reduces_in_sequence = False  # pre-LLM reduction before layer 0, image by image (`_reduce_in_sequence`)
         self._packed_keep: list[torch.Tensor] | None = None  # per packed image: its vision tokens kept (NeXT/OV)
         self._image_slots = 0  # vision slots per image before that reduction
+        #: the vision slots (every row's, in order) a pre-LLM reduction filled; the others are dropped before layer 0
+        self._kept_slots: torch.Tensor | None = None
+        self._image_grids: torch.Tensor | None = None  # towers without CLS: the images of the current tower call
+        self._received: tuple[torch.Tensor, torch.Tensor] | None = None  # and their (received, keys) per token
+        #: compact positions renumber a shorter input; M-RoPE models accept them only for pre-LLM reductions (the
+        #: adapter refuses the rest), where a shorter input's image keeps its grid positions: the kept tokens' own
+        self.compact = pruner.positions == "compact" and self.adapter.position_rows == 1
         self._vision_probe: dict[str, torch.Tensor] = {}
         self._full_len = 0
         self._full_valid: torch.Tensor | None = None
@@ -196,6 +210,8 @@ class PruningRuntime:
             # LLaVA-NeXT/OneVision lay out crops and newlines after the projector: reduce each packed image instead
             self.multimodal.pack_image_features = functools.partial(
                 self._reduce_packed, type(self.multimodal).pack_image_features, self.multimodal)
+        elif (reduces_features or self._reduces_embeddings) and not self.adapter.cls_token:
+            self._install_tower_reduction()
         elif reduces_features or self._reduces_embeddings:
             if self.adapter.reduces_in_sequence:  # the projector's output cannot be split into images here
                 if self.recorder is not None:
@@ -354,8 +370,11 @@ class PruningRuntime:
         if self._reduced_slots is None:
             return None
         # The model scatters features into every <image> placeholder; fill the freed slots with zeros and drop
-        # them before layer 0 (`_reduced_slots_keep`), so no layer ever sees them.
+        # them before layer 0 (`_kept_slots`), so no layer ever sees them.
         pad = output.new_zeros(output.shape[0], self._image_slots - output.shape[1], output.shape[2])
+        kept = torch.zeros(output.shape[0], self._image_slots, dtype=torch.bool, device=output.device)
+        kept[:, :output.shape[1]] = True
+        self._kept_slots = kept.flatten()
         return torch.cat([output, pad], dim=1)
 
     def _reduce_packed(self, pack, module, *args, **kwargs):
@@ -387,12 +406,73 @@ class PruningRuntime:
             torch.cat([(images[row] == i).nonzero()[:, 0][kept[row * per_row + i]] for i in range(per_row)])
             for row in range(self.state.batch_size)]))
 
-    def _reduced_slots_keep(self) -> Selection:
-        images = self.state.num_vision // self._image_slots
-        device = self.state.is_vision.device
-        slots = torch.arange(images, device=device)[:, None] * self._image_slots
-        keep = (slots + torch.arange(self._reduced_slots, device=device)).flatten()
-        return Selection(keep=keep.expand(self.state.batch_size, -1))
+    def _kept_slots_selection(self) -> Selection:
+        kept = self._kept_slots.view(self.state.batch_size, -1)  # the model scatters features row by row
+        return Selection(keep=kept.nonzero()[:, 1].view(self.state.batch_size, -1))
+
+    # ------------------------------------------------------------------ pre-LLM reduction, towers without CLS
+    def _install_tower_reduction(self) -> None:
+        """Towers without CLS pack every image of a call into one sequence: each image's vision tokens are reduced on
+        their own at the tower's output (raster order), ranked by the attention their patches receive."""
+        tower = self.adapter.vision_tower(self.model)
+        self._handles.append(tower.register_forward_pre_hook(self._on_tower_call, with_kwargs=True))
+        self._handles.append(tower.register_forward_hook(self._reduce_tower_output))
+        if self.pruner.needs_vision_probe:
+            attention = self.adapter.tower_attention(self.model, self.pruner.vision_probe_layer)
+            self._handles.append(attention.register_forward_pre_hook(self._probe_tower_attention, with_kwargs=True))
+
+    def _on_tower_call(self, module, args, kwargs):
+        self._image_grids = self.adapter.image_grids(args, kwargs)
+
+    def _probe_tower_attention(self, module, args, kwargs):
+        def signal():
+            call = self.adapter.vision_attention_call(module, args, kwargs)
+            token_of_patch = self.adapter.token_of_patch(self.model, self._image_grids)
+            received = received_attention(chunk_attention(call), token_of_patch)
+            # in the tower's dtype, as the CLS attention of CLIP towers (methods' `score_dtype` converts it)
+            return received.to(call.raw_keys.dtype), token_mean(call.raw_keys, token_of_patch)
+
+        self._received = self._timed(signal)
+
+    def _reduce_tower_output(self, module, args, output):
+        embeddings = self.adapter.image_embeddings(output)
+        counts = self.adapter.tokens_per_image(self.model, self._image_grids)
+        placed = torch.zeros_like(embeddings)
+        kept = torch.zeros(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
+        own_slot = torch.zeros_like(kept)
+        questions, sources = self._image_questions(len(counts)), []
+        for image, (start, end) in enumerate(itertools.pairwise([0, *itertools.accumulate(counts)])):
+            vision = None
+            if self._received is not None:
+                received, keys = self._received
+                vision = VisionProbe(hidden=None, cls_attention=None, keys=keys[start:end].transpose(0, 1)[None],
+                                     received=received[start:end][None])
+            question = None if questions is None else questions[image:image + 1]
+            reduced = self._timed(self._reduce_image, embeddings[start:end][None], vision, question)
+            if reduced is None:  # left alone
+                reduced, image_sources = embeddings[start:end][None], [[i] for i in range(end - start)]
+            else:
+                image_sources = self.pruner.sources[0]
+            sources.append(image_sources)
+            slots, own = token_slots(image_sources, end - start)
+            slots = start + torch.tensor(slots, dtype=torch.long, device=kept.device)
+            placed[slots] = reduced[0].to(placed.dtype)
+            kept[slots] = True
+            own_slot[slots] = torch.tensor(own, device=kept.device)
+        self.adapter.set_image_embeddings(output, placed, own_slot)
+        self.pruner.sources = sources  # every image's, as a method sets them for a batch of images
+        self._kept_slots, self._received = kept, None
+        return output
+
+    def _image_questions(self, images: int) -> list[str] | None:
+        """Each image's question, for methods that read it. generate() may run the tower before the prefill's model
+        call, so nothing says which prompt an image belongs to: that needs one image per prompt."""
+        if not self.pruner.needs_question:
+            return None
+        if len(self.questions) != images:
+            raise ValueError(f"method {self.pruner.name} reads each image's question: it needs one image per prompt, "
+                             f"got {images} images for {len(self.questions)} questions")
+        return self.questions
 
     def _reduce_in_sequence(self) -> None:
         """Pre-LLM reduction where the projector's output mixes the tiles of every image (InternVL, whose tower
@@ -410,6 +490,8 @@ class PruningRuntime:
                 probe = VisionProbe(**probes[row][image]) if probes is not None else None
                 question = None if self.questions is None else [self.questions[row]]
                 reduced = self._timed(self._reduce_image, hidden[row:row + 1, start:end], probe, question)
+                if reduced is None:  # left alone
+                    reduced = hidden[row:row + 1, start:end]
                 hidden[row, start:start + reduced.shape[1]] = reduced[0]
                 kept.append(offset + torch.arange(reduced.shape[1], device=hidden.device))
                 offset += end - start
@@ -418,14 +500,15 @@ class PruningRuntime:
         self._apply(Selection(keep=torch.stack(keep)))
 
     def _reduce_image(self, tokens: torch.Tensor, probe: VisionProbe | None,
-                      question: list[str] | None) -> torch.Tensor:
-        """(1, V', d) from one image's (1, V, d) projected tokens, through whichever pre-LLM hook the method has, with
-        its budget resolved on this image (`retain=F`: a fraction of V; `budget=N`: N; an image of at most that many
-        tokens keeps them all)."""
+                      question: list[str] | None) -> torch.Tensor | None:
+        """(1, V', d) from one image's (1, V, d) tokens (InternVL: projected; Qwen: the merger's outputs, which are both
+        its features and its embeddings), through whichever pre-LLM hook the method has, with its budget resolved on
+        this image (`retain=F`: a fraction of V; `budget=N`: N); None where the image is left alone (at most that many
+        tokens, or the method returned None)."""
         budget, count = self.pruner.budget, tokens.shape[1]
         if budget.given:
             if budget.target(count) >= count:
-                return tokens
+                return None
             self.pruner.budget = dataclasses.replace(budget, tokens=budget.target(count))
         try:
             if type(self.pruner).reduce_image_features is not TokenPruner.reduce_image_features:
@@ -434,7 +517,7 @@ class PruningRuntime:
                 reduced = self.pruner.reduce_image_embeddings(tokens, probe, question)
         finally:
             self.pruner.budget = budget
-        return tokens if reduced is None else reduced
+        return reduced
 
     # ------------------------------------------------------------------ per layer
     def _before_layer(self, module, args, kwargs):
@@ -452,9 +535,9 @@ class PruningRuntime:
         if layer == 0 and self._reduces_in_sequence:
             self._reduce_in_sequence()
             changed = True
-        if layer == 0 and self._reduced_slots is not None:
-            self._apply(self._reduced_slots_keep())
-            self._reduced_slots = None
+        if layer == 0 and self._kept_slots is not None:
+            self._apply(self._kept_slots_selection())
+            self._reduced_slots = self._kept_slots = None
             changed = True
             if self.recorder is not None:
                 self.recorder.reduced()
@@ -474,7 +557,7 @@ class PruningRuntime:
         self._edit = (layer, e) if (e := self._timed(self.pruner.attention_edit, layer, state)) else None
 
         shift = self._full_valid.sum(1) - state.valid.sum(1)
-        if self.pruner.positions == "original":
+        if not self.compact:
             shift = torch.zeros_like(shift)
         self.layers.append(LayerRecord(state.orig_index, state.is_vision.sum(1), shift, self._pos_emb is not None))
 
@@ -565,7 +648,7 @@ class PruningRuntime:
         if selection.merged is not None:
             merged = selection.merged.to(hidden.dtype)
             m = merged.shape[1]
-            if selection.merged_positions is None and self.pruner.positions == "original":
+            if selection.merged_positions is None and not self.compact:
                 raise ValueError("merged tokens need merged_positions when positions are kept original")
             # Place merged tokens right after each row's last vision slot: their sort keys lie strictly between that
             # slot and the next token.
@@ -585,7 +668,7 @@ class PruningRuntime:
             }
             new = {k: torch.cat([v, sources[k]], -1)[..., batch_rows, order] for k, v in new.items()}
             new_hidden = torch.cat([new_hidden, merged], 1)[batch_rows, order]
-        if self.pruner.positions == "compact":
+        if self.compact:
             new["positions"] = (new["valid"].long().cumsum(1) - 1).clamp(min=0)
         for key, value in new.items():
             setattr(state, key, value)
@@ -702,6 +785,48 @@ def _cls_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.
     keys = keys.view(shape).transpose(1, 2)
     scores = (queries @ keys.transpose(-1, -2)).float() * attention.scale
     return {"cls_attention": scores.softmax(-1).to(hidden.dtype)[:, :, 0], "keys": keys, "cls_query": queries}
+
+
+def chunk_attention(call: VisionAttentionCall) -> Iterator[torch.Tensor]:
+    """Each chunk's (heads, n, n) softmax attention probabilities, in fp32, one chunk at a time."""
+    for start, end in itertools.pairwise(call.chunks.tolist()):
+        queries, keys = call.queries[start:end].transpose(0, 1), call.keys[start:end].transpose(0, 1)
+        yield ((queries @ keys.transpose(1, 2)).float() * call.scaling).softmax(dim=-1)
+
+
+def received_attention(attention: Iterable[torch.Tensor], token_of_patch: torch.Tensor) -> torch.Tensor:
+    """(tokens,) the importance signal of vision towers without CLS (models.md §8.2): the attention each patch
+    receives, averaged over the heads and the query rows of its chunk, then over the patches of each vision token.
+
+    attention: each chunk's (heads, n, n) softmax probabilities (a chunk is an image, or a window of a windowed
+        block), chunks in the tower's sequence order; token_of_patch: (P,) the vision token of each patch in that
+        order (`ModelAdapter.token_of_patch`, which undoes Qwen2.5-VL's window permutation)."""
+    return token_mean(torch.cat([chunk.mean(dim=(0, 1)) for chunk in attention]), token_of_patch)
+
+
+def token_mean(values: torch.Tensor, token_of_patch: torch.Tensor) -> torch.Tensor:
+    """(P, ...) per-patch values -> (tokens, ...) their mean over each vision token's patches."""
+    tokens = int(token_of_patch.max()) + 1
+    sums = values.new_zeros(tokens, *values.shape[1:]).index_add_(0, token_of_patch, values)
+    counts = torch.bincount(token_of_patch, minlength=tokens).to(values.dtype)
+    return sums / counts.view(-1, *[1] * (values.dim() - 1))
+
+
+def token_slots(sources: list[list[int]], slots: int) -> tuple[list[int], list[bool]]:
+    """Where a pre-LLM reduction's output tokens go among an image's `slots` vision slots, so that each keeps a slot's
+    original position: a token takes its first source's slot (a kept token its own, a merged one its target's); a
+    token of no source (zero padding) one of the last slots left. Also whether each is its slot's own token, kept
+    as it is (side features of the slot, DeepStack's, apply only to those)."""
+    anchors = [tokens[0] if tokens else None for tokens in sources]
+    taken = {anchor for anchor in anchors if anchor is not None}
+    if len(taken) != len(anchors) - anchors.count(None):
+        raise ValueError("two tokens of a pre-LLM reduction share their first source; each needs a slot of its own")
+    free = [slot for slot in range(slots) if slot not in taken]
+    if anchors.count(None) > len(free):
+        raise ValueError(f"a pre-LLM reduction returned more tokens than the image's {slots} vision slots")
+    spare = iter(free[len(free) - anchors.count(None):])
+    placed = [anchor if anchor is not None else next(spare) for anchor in anchors]
+    return placed, [tokens == [slot] for tokens, slot in zip(sources, placed, strict=True)]
 
 
 def _base_attention(base: str):

@@ -69,8 +69,9 @@ class Budget:
         return self.tokens is not None or self.retain is not None
 
     def target(self, num_vision: int) -> int:
-        """The retained vision tokens (exact) or T̄_in (average) for a prompt of `num_vision` vision tokens."""
-        return max(1, round(self.retain * num_vision)) if self.retain is not None else self.tokens
+        """The retained vision tokens (exact) or T̄_in (average) for a prompt of `num_vision` vision tokens (an image
+        with fewer tokens than the budget, on dynamic-resolution models, keeps them all)."""
+        return max(1, round(self.retain * num_vision)) if self.retain is not None else min(self.tokens, num_vision)
 
     def keep_after(self, layer: int, num_vision: int, num_layers: int) -> int:
         """Vision tokens to keep from decoder layer `layer` on (all layers before it see `num_vision`)."""
@@ -138,6 +139,9 @@ class TokenPruner:
     needs_question: ClassVar[bool] = False
     #: the vision-tower layer the `VisionProbe` records (None: the feature layer LLaVA reads; -1: the last layer)
     vision_probe_layer: ClassVar[int | None] = None
+    #: why the method needs a CLIP vision tower (CLS token, CLIP's own projections), or None: it also runs on towers
+    #: without CLS (Qwen's ViTs), whose `VisionProbe` gives the attention each token receives instead
+    needs_clip_tower: ClassVar[str | None] = None
     #: per-sample numbers from `record()` whose means go into result.json (`method_stats`)
     record_keys: ClassVar[tuple[str, ...]] = ()
     #: RoPE positions of surviving tokens: kept original (FastV) or renumbered contiguously (SparseVLM, PDrop)

@@ -18,7 +18,8 @@ The CLIP text tower is not part of LLaVA checkpoints: `text_tower` names the CLI
 model loads, with the command that fetches it), or `tiny`: random CLIP text and projection weights from a seed, a
 stand-in whose relevance signal is meaningless. `auto` (default) reads the model's config before loading: CLIP
 ViT-L/14-336's geometry (LLaVA-1.5) gives openai/clip-vit-large-patch14-336, a tower narrower than any CLIP (the tiny
-models, never CLIP) gives `tiny`, anything else is refused.
+models, never CLIP) gives `tiny`, anything else is refused. On models whose vision tower is no CLIP (Qwen) the method
+is refused before loading (`needs_clip_tower`).
 """
 
 from __future__ import annotations
@@ -156,6 +157,11 @@ class CDPruner(TokenPruner):
     uses_budget: ClassVar[bool] = True
     needs_vision_probe: ClassVar[bool] = True
     needs_question: ClassVar[bool] = True
+    needs_clip_tower: ClassVar[str | None] = (
+        "its relevance compares the patches' CLIP image embeddings (the tower's post_layernorm and visual_projection) "
+        "with the question's CLIP text embedding; the paper's fallback without a text tower (the mean of the language "
+        "model's input embeddings of the question) is not implemented: use divprune (the same diversity selection on "
+        "the projected embeddings, without the question)")
     text_tower: str = AUTO
     variant: str = "code"
     positions: str = "compact"

@@ -8,7 +8,9 @@ Pre-LLM and text-agnostic, on the projected image embeddings (the language model
    the nearest token already picked. `argmax` takes the first maximal index.
 3. The picked tokens enter the language model in raster order, at contiguous positions (a shorter input).
 
-Budget mapping: B tokens exactly (the reference's `round(ratio * V)` with ratio = B / V). The reference computes the
+Budget mapping: B tokens exactly (the reference's `round(ratio * V)` with ratio = B / V), per image; `retain=F` keeps
+round(F·V) of each image's V. On Qwen the embeddings are the merger's outputs, and the kept tokens keep their own
+M-RoPE positions (as LightCompress's Qwen2.5-VL port of DivPrune). The reference computes the
 distances in the model's dtype (fp16); ties and near-ties can flip in another dtype: `score_dtype="model"` (default)
 uses the model's dtype (fp16 on GPU like the reference, fp32 on CPU), `float32` / `float16` force one.
 """

@@ -17,6 +17,14 @@ The language model sees the K tokens at contiguous positions, in that (not raste
 hard-codes 16 at K = 64; its Qwen2.5-VL code sets C = max(1, int(1024 / 576 · V / K)), which gives the same 16 at 64
 (and 8 at 128, 5 at 192): `chunks: null` uses that rule. Arithmetic as the reference: similarities in the model's
 dtype, the rest in fp32.
+
+On Qwen, the reference's own Qwen2.5-VL path (`qwen-model-HoloV`): the attention each merged token's 2x2 patches
+receive in the last ViT block (`VisionProbe.received`) instead of CLS attention, on the merger's outputs, with the
+kept tokens' own M-RoPE positions; K per image (`retain=F`: round(F·V), where the reference floors). Its two bugs
+are not reproduced: the scores are mapped from the ViT's window order back to raster order (the reference leaves
+them permuted), and the pruned span is the image's tokens (the reference's is shifted by one). Each kept token
+stays in its own slot, so the language model sees them in raster order; zero padding takes the image's last free
+slots (the reference gives it the position of the image's last token).
 """
 
 from __future__ import annotations
@@ -105,15 +113,19 @@ class HoloV(TokenPruner):
     def num_chunks(self, num_vision: int) -> int:
         if self.chunks is not None:
             return self.chunks
-        return max(1, int(1024 / 576 * num_vision / self.budget.tokens))
+        return max(1, int(1024 / 576 * num_vision / self.budget.target(num_vision)))
 
     def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
         return [self.budget.target(num_vision)] * num_layers  # zero padding fills any shortfall
 
     def reduce_image_embeddings(self, embeddings: torch.Tensor, vision: VisionProbe | None,
                                 questions: list[str] | None) -> torch.Tensor:
-        attention = vision.cls_attention[:, :, 1:].mean(dim=1).float()  # CLS row over the patches, head mean
-        budget, chunks = self.budget.tokens, self.num_chunks(embeddings.shape[1])
+        if vision.cls_attention is None:  # no CLS (Qwen): the attention each token receives, as HoloV-Qwen
+            attention = vision.received.float()
+        else:
+            attention = vision.cls_attention[:, :, 1:].mean(dim=1).float()  # CLS row over the patches, head mean
+        budget = self.budget.target(embeddings.shape[1])
+        chunks = self.num_chunks(embeddings.shape[1])
         reduced = embeddings.new_zeros(embeddings.shape[0], budget, embeddings.shape[2])
         self.sources = []
         for image, (tokens, scores) in enumerate(zip(embeddings, attention, strict=True)):

@@ -13,6 +13,12 @@ Pre-LLM, on the V patch features LLaVA reads (feature layer -2), per image:
    token Σ a_j·x_j sums every non-kept patch.
 The projector sees the kept tokens in that order (outliers, samples, extra token: not raster), at contiguous
 positions. The count is the image's own (outliers + 1, plus the samples for PruMerge+): the budget is not used.
+
+On towers without CLS (Qwen; the reference has none, models.md §8.2) a is the attention each merged token's patches
+receive in the last ViT block (`VisionProbe.received`), normalised to sum to 1 over the image like a CLS row, and
+the keys are that block's per-head keys averaged over each token's patches, heads concatenated; the tokens merged
+are the merger's outputs. Each token keeps its own M-RoPE position (a merged token its centre's, the extra token
+that of the first token it sums), and an image of at most `neighbours` tokens merges all the others.
 """
 
 from __future__ import annotations
@@ -71,11 +77,15 @@ class PruMerge(TokenPruner):
         return {"outliers": self.outliers}
 
     def reduce_image_features(self, features: torch.Tensor, vision: VisionProbe | None) -> torch.Tensor:
-        query = vision.cls_query.transpose(1, 2).flatten(2)  # (images, 1, d): heads concatenated, unscaled
-        keys = vision.keys.transpose(1, 2).flatten(2)  # (images, 1 + V, d)
-        attention = ((query @ keys.transpose(1, 2)) * features.shape[-1] ** -0.5).softmax(dim=-1)[:, 0, 1:]
+        keys = vision.keys.transpose(1, 2).flatten(2)  # (images, [1 +] V, d): heads concatenated
+        if vision.cls_query is None:  # no CLS: the attention each token receives, a distribution like a CLS row
+            attention = vision.received / vision.received.sum(dim=-1, keepdim=True)
+        else:
+            query = vision.cls_query.transpose(1, 2).flatten(2)  # (images, 1, d): heads concatenated, unscaled
+            attention = ((query @ keys.transpose(1, 2)) * features.shape[-1] ** -0.5).softmax(dim=-1)[:, 0, 1:]
+            keys = keys[:, 1:]
         outputs, self.sources = [], []
-        for image, image_keys, image_attention in zip(features, keys[:, 1:], attention, strict=True):
+        for image, image_keys, image_attention in zip(features, keys, attention, strict=True):
             kept = self.select_tokens(image_attention)
             merged, sources = self.merge(image, F.normalize(image_keys, dim=-1), image_attention, kept)
             outputs.append(merged)
@@ -104,7 +114,8 @@ class PruMerge(TokenPruner):
         candidates = torch.cat([kept, pruned])  # the reference's "rest" order, with the token itself masked below
         similarity = unit_keys[kept] @ unit_keys[candidates].T  # (kept, V)
         similarity[torch.arange(kept.numel()), torch.arange(kept.numel())] = float("-inf")
-        neighbours = candidates[similarity.topk(self.neighbours, dim=-1).indices]  # (kept, neighbours)
+        count = min(self.neighbours, features.shape[0] - 1)  # small images (Qwen) have fewer others
+        neighbours = candidates[similarity.topk(count, dim=-1).indices]  # (kept, neighbours)
         centres = features[kept] + (features[neighbours] * attention[neighbours][..., None]).sum(dim=1)
         extra = (features[pruned] * attention[pruned][:, None]).sum(dim=0, keepdim=True)
         sources = [[i, *row] for i, row in zip(kept.tolist(), neighbours.tolist(), strict=True)] + [pruned.tolist()]

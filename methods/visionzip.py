@@ -9,12 +9,16 @@ Pre-LLM and text-agnostic, on the vision tower's feature layer (the one LLaVA re
    contextual token is target + mean of the tokens that joined it.
 The projector then sees exactly dominant + contextual tokens (CLS included), so the language model processes that
 many image tokens in every layer, at contiguous positions. Budgets: 192 = 162+30, 128 = 108+20, 64 = 54+10 (the
-reference's LLaVA-1.5 settings); a budget given as `retain=F` (resolved on each image's own tokens) is split in
-the same 54:10 proportion; other budgets need explicit `dominant` and `contextual`.
+reference's LLaVA-1.5 settings); other budgets need explicit `dominant` and `contextual`. `retain=F` (per image)
+splits T = round(F·V) as the three settings do, 27:5 (contextual = round(T·5/32)), with at least one of each.
 
 On InternVL the tower's CLS never reaches the language model, and the method runs on each image's projected tokens
 (`ModelAdapter.image_probes`: CLS attention summed over each token's 2x2 patches, keys averaged over them): the
-dominant tokens are all patches.
+dominant tokens are all patches. On towers without CLS (Qwen; models.md §8.2, as the public Qwen ports) the dominant
+tokens are the `dominant` merged tokens whose patches receive the most attention in the last ViT block
+(`VisionProbe.received`), the contextual merge uses that block's keys averaged over heads and over each token's
+patches, and both act on the merger's outputs, per image; a dominant token keeps its own M-RoPE position, a contextual
+token its target's.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from harness.runtime import VisionProbe
 
 SETTINGS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
+CONTEXTUAL_SHARE = 5 / 32  # of every setting's budget: 30/192 = 20/128 = 10/64
 
 
 @dataclass
@@ -46,13 +51,15 @@ class VisionZip(TokenPruner):
     def uses_budget(self) -> bool:  # explicit counts replace the budget
         return self.dominant is None
 
-    def counts(self) -> tuple[int, int]:
+    def counts(self, num_vision: int | None = None) -> tuple[int, int]:
+        """(dominant, contextual); a `retain` budget on per-image token counts resolves on `num_vision`."""
         if self.dominant is not None and self.contextual is not None:
             return self.dominant, self.contextual
+        if self.budget.retain is not None and num_vision is not None:  # a fraction of each image's own tokens
+            total = max(self.budget.target(num_vision), 2)  # at least one of each
+            contextual = max(round(total * CONTEXTUAL_SHARE), 1)
+            return total - contextual, contextual
         tokens = self.budget.tokens
-        if self.budget.retain is not None and tokens is not None and tokens not in SETTINGS:
-            contextual = max(1, round(tokens * 10 / 64))  # the settings' proportion: 64 = 54 + 10
-            return tokens - contextual, contextual
         if tokens not in SETTINGS:
             raise ConfigError(f"VisionZip settings exist for budgets {', '.join(map(str, SETTINGS))}; for budget "
                               f"{tokens} set method.dominant and method.contextual")
@@ -60,24 +67,27 @@ class VisionZip(TokenPruner):
 
     def validate(self, num_vision: int, num_layers: int) -> None:
         super().validate(num_vision, num_layers)
-        if self.uses_budget and self.budget.tokens is None:  # a fraction of each image's tokens: resolved per image
-            return
-        dominant, contextual = self.counts()
+        dominant, contextual = self.counts(num_vision)
         if dominant < 1 or contextual < 1 or dominant + contextual > num_vision:
             raise ConfigError(f"dominant ({dominant}) + contextual ({contextual}) must be positive and at most "
                               f"{num_vision}")
 
     def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:
-        if self.uses_budget and self.budget.tokens is None:  # retain=F: that fraction of the image's own tokens
-            return [self.budget.target(num_vision)] * num_layers
-        return [sum(self.counts())] * num_layers
+        return [sum(self.counts(num_vision))] * num_layers
 
     def reduce_image_features(self, features: torch.Tensor, vision: VisionProbe | None) -> torch.Tensor:
-        dominant, contextual = self.counts()
-        cls = int(vision.hidden_has_cls)  # 1: CLS leads `hidden` and is always dominant (LLaVA)
-        hidden, keys = vision.hidden, vision.keys.mean(dim=1)[:, 1 - cls:]  # (images, N, d), (images, N, head_dim)
+        dominant, contextual = self.counts(features.shape[1])
+        if dominant + contextual >= features.shape[1]:  # an image smaller than the budget: nothing to reduce
+            return None
+        keys = vision.keys.mean(dim=1)  # (images, N, head_dim)
+        if vision.cls_attention is None:  # no CLS: the tokens are the features, ranked by the attention received
+            hidden, scores, cls = features, vision.received, 0
+        else:  # the patches ranked by the CLS query; CLS leads `hidden` and is always dominant on LLaVA, and is not
+            # among InternVL's projected tokens (`hidden_has_cls`)
+            cls = int(vision.hidden_has_cls)
+            hidden, scores, keys = vision.hidden, vision.cls_attention[:, :, 1:].sum(dim=1), keys[:, 1 - cls:]
         images, n, _ = hidden.shape
-        top = vision.cls_attention[:, :, 1:].sum(dim=1).topk(dominant - cls, dim=1).indices + cls
+        top = scores.topk(dominant - cls, dim=1).indices + cls
         is_dominant = torch.zeros(images, n, dtype=torch.bool, device=hidden.device)
         is_dominant[:, :cls] = True
         is_dominant.scatter_(1, top, 1)  # not True: the jit tracer (harness.fvcore_flops) rejects a bool value

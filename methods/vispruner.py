@@ -11,6 +11,10 @@ Pre-LLM and text-agnostic, on the vision tower's feature layer (the one LLaVA re
 3. The projector sees exactly the T selected patch features, in raster order; the language model gets them at
    contiguous positions (a shorter input).
 
+On towers without CLS (Qwen; the reference has no Qwen code) the important tokens are those whose patches receive the
+most attention in the last ViT block (`VisionProbe.received`), and both steps run on the merger's outputs, which keep
+their own M-RoPE positions; T is per image (`retain=F`: round(F·V) of each image's V).
+
 Arithmetic: the reference sorts fp16 scores with an unstable sort, so ties and near-ties may order differently in
 another dtype; `score_dtype="model"` (default) scores in the features' dtype (fp16 on GPU, like the reference),
 `float32`/`float16` force one.
@@ -55,20 +59,23 @@ class VisPruner(TokenPruner):
         return [self.budget.target(num_vision)] * num_layers
 
     def reduce_image_features(self, features: torch.Tensor, vision: VisionProbe | None) -> torch.Tensor:
-        attention = vision.cls_attention[:, :, 1:].mean(dim=1)  # (images, V): CLS row over the patches
+        if vision.cls_attention is None:  # no CLS: the attention each token receives
+            attention = vision.received
+        else:
+            attention = vision.cls_attention[:, :, 1:].mean(dim=1)  # (images, V): CLS row over the patches
         if self.score_dtype != "model":
             attention, normed = attention.to(DTYPES[self.score_dtype]), features.to(DTYPES[self.score_dtype])
         else:
             normed = features
         normed = normed / normed.norm(dim=-1, keepdim=True)
-        kept = [self.select_tokens(a, f) for a, f in zip(attention, normed, strict=True)]
+        total = self.budget.target(features.shape[1])
+        kept = [self.select_tokens(a, f, total) for a, f in zip(attention, normed, strict=True)]
         self.sources = [[[i] for i in index.tolist()] for index in kept]
         return torch.stack([image[index] for image, index in zip(features, kept, strict=True)])
 
-    def select_tokens(self, attention: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-        """Indices of the T kept patches of one image, ascending, from its (V,) CLS attention and (V, d) unit
-        features."""
-        total = self.budget.tokens
+    def select_tokens(self, attention: torch.Tensor, normed: torch.Tensor, total: int) -> torch.Tensor:
+        """Indices of the `total` (T) kept patches of one image, ascending, from its (V,) CLS attention and (V, d)
+        unit features."""
         important = int(total * self.important_ratio)
         order = attention.argsort(descending=True)
         diverse = total - important

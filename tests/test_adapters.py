@@ -110,7 +110,7 @@ def test_every_supported_class_has_one_adapter_and_others_are_refused(tiny):
 @pytest.mark.parametrize(("overrides", "message"), [
     (["method=pdrop", "budget=16"], "method pdrop with positions=compact is not defined on Qwen2.5-VL's M-RoPE (3-row "
                                     "image-grid positions): use method.positions=original"),
-    (["method=visionzip", "budget=64"], "method visionzip reduces the vision features before the language model"),
+    (["method=cdpruner", "budget=16"], "method cdpruner does not run on Qwen2.5-VL, whose vision tower is no CLIP"),
     (["method=fastv", "budget=16", "batch_size=2"], "Qwen2.5-VL gives images of different sizes different numbers "
                                                     "of vision tokens"),
     (["method=fastv", "budget=65"], "budget must be in 1..64"),

@@ -8,6 +8,7 @@ family offline. The runtime, the methods and the harness ask the adapter, never 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,6 +19,18 @@ from PIL import Image
 from methods.base import ConfigError, TokenPruner
 
 Images = list[list[Image.Image]] | None  # the images of each prompt, in order (None: a text-only batch)
+
+
+@dataclass
+class VisionAttentionCall:
+    """What one call of a vision-tower attention layer computes with, for the importance signal of towers without
+    CLS: every patch of the call (all images of a batch) in the tower's own sequence order."""
+
+    queries: torch.Tensor  # (P, heads, head_dim), as the layer's softmax sees them (after the tower's RoPE)
+    keys: torch.Tensor  # (P, heads, head_dim), likewise
+    raw_keys: torch.Tensor  # (P, heads, head_dim): the key projection before any RoPE (a position-free metric)
+    chunks: torch.Tensor  # (c + 1,) boundaries of the runs of patches that attend only among themselves
+    scaling: float
 
 
 class ModelAdapter:
@@ -40,10 +53,17 @@ class ModelAdapter:
     #: whether the model lays the projected features of each image out afterwards (`pack_image_features`: crops and
     #: newline slots; LLaVA-NeXT/OneVision), so that pre-LLM embedding reductions act on the packed images
     packs_features: ClassVar[bool] = False
+    #: whether the vision tower has a CLS token whose attention ranks the patches (CLIP). Towers without one hand
+    #: pre-LLM methods the attention each vision token's patches receive instead (models.md §8.2); the runtime
+    #: then reduces each image's tokens at the tower's output, through the methods below marked "CLS-less"
+    cls_token: ClassVar[bool] = True
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         """Refuse, before anything loads, what the runtime does not define on this family; the message names why and
         what would work."""
+        if pruner.needs_clip_tower and not self.cls_token:
+            raise ConfigError(f"method {pruner.name} does not run on {self.title}, whose vision tower is no CLIP: "
+                              f"{pruner.needs_clip_tower}")
         if batch_size > 1 and not self.fixed_vision_tokens:
             raise ConfigError(f"{self.title} gives images of different sizes different numbers of vision tokens, and "
                               "the pruning runtime needs the same number in every row of a batch: set batch_size=1")
@@ -115,6 +135,37 @@ class ModelAdapter:
         """How one prompt's images are laid out, where the FLOPs depend on more than the vision tokens (LLaVA-NeXT/
         OneVision: `AnyResLayout`); None elsewhere."""
         return None
+    # ------------------------------------------------------------------ towers without CLS (pre-LLM methods)
+    def tower_attention(self, model, layer: int | None) -> torch.nn.Module:
+        """CLS-less: the attention module of vision-tower block `layer` (None: the feature layer, whose output the
+        projector reads), whose calls give the importance signal (`vision_attention_call`)."""
+        raise NotImplementedError
+
+    def vision_attention_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> VisionAttentionCall:
+        """CLS-less: the queries and keys of one call of `tower_attention`'s module, from its inputs."""
+        raise NotImplementedError
+
+    def image_grids(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """CLS-less: each image's patch grid, from the arguments of a call of the vision tower."""
+        raise NotImplementedError
+
+    def tokens_per_image(self, model, grids: torch.Tensor) -> list[int]:
+        """CLS-less: the vision tokens (the tower's outputs) of each image."""
+        raise NotImplementedError
+
+    def token_of_patch(self, model, grids: torch.Tensor) -> torch.Tensor:
+        """CLS-less: (P,) for each patch of a tower call, in the tower's sequence order, the vision token (index into
+        all images' tokens in output order) it becomes part of."""
+        raise NotImplementedError
+
+    def image_embeddings(self, output) -> torch.Tensor:
+        """CLS-less: (Σ tokens, d_model) the tower's vision tokens, every image's in order (raster within one)."""
+        raise NotImplementedError
+
+    def set_image_embeddings(self, output, embeddings: torch.Tensor, own_slot: torch.Tensor) -> None:
+        """CLS-less: replace the tower's vision tokens in `output`; `own_slot` (Σ tokens,) is False where a reduction
+        put a token that is not the slot's own (per-slot side features, e.g. DeepStack's, no longer apply)."""
+        raise NotImplementedError
 
     def image_token_id(self, model) -> int:
         return model.config.image_token_id

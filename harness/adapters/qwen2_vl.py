@@ -9,6 +9,9 @@
 - Prompts: lmms-eval's `qwen2_vl` wrapper (simple): a system turn "You are a helpful assistant.", then the user turn
   with the images first and the context (any literal `<image>` removed), rendered by the processor's chat template.
 - The processors reject `video_processor=None` without torchvision (trap 18): `ImagesOnly` accepts it.
+- No CLS in the ViT: pre-LLM methods rank by the attention each vision token's 2x2 patches receive in the last ViT
+  block (the one the merger reads), and reduce each image's merger outputs, which keep their own M-RoPE positions.
+  The ViT sequence packs every image of a batch, separated by `cu_seqlens`; 4 consecutive patches form one token.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import ClassVar
 import torch
 from omegaconf import DictConfig
 
-from harness.adapters.base import Images, ModelAdapter, byte_vocab, reduces_before_llm
+from harness.adapters.base import Images, ModelAdapter, VisionAttentionCall, byte_vocab, reduces_before_llm
 from methods.base import ConfigError, TokenPruner
 
 SYSTEM_PROMPT = "You are a helpful assistant."  # lmms-eval's `system_prompt` default for the Qwen wrappers
@@ -70,6 +73,7 @@ class Qwen2VLAdapter(ModelAdapter):
     architectures = ("Qwen2VLForConditionalGeneration",)
     position_rows = 3
     fixed_vision_tokens = False
+    cls_token = False
     #: the tiny models' chat template (Qwen3-VL's checkpoints have no default system turn)
     tiny_chat_template: ClassVar[str] = DEFAULT_SYSTEM_TURN + CHAT_TURNS
     #: the image processor's merge of 2x2 ViT patches into one vision token
@@ -110,13 +114,10 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         super().check_method(pruner, batch_size)
-        if reduces_before_llm(pruner):
-            raise ConfigError(f"method {pruner.name} reduces the vision features before the language model, which the "
-                              f"runtime supports around LLaVA-1.5's projector only (one (images, tokens, d) tensor, "
-                              f"a CLS token); {self.title}'s ViT has no CLS and its merger output is flat: use "
-                              f"a method that prunes inside the language model (e.g. fastv, random, pdrop)")
-        if pruner.positions == "compact":
-            # Renumbering a 2-D image grid is not defined, and no public Qwen port does it (models.md trap 3).
+        if pruner.positions == "compact" and not reduces_before_llm(pruner):
+            # Renumbering a 2-D image grid is not defined, and no public Qwen port does it (models.md trap 3). A
+            # pre-LLM reduction's "shorter input" is defined instead as the kept tokens at their own M-RoPE ids, as
+            # the reference Qwen paths (HoloV-Qwen2.5-VL, LightCompress) feed them (see `PruningRuntime.compact`).
             raise ConfigError(f"method {pruner.name} with positions=compact is not defined on {self.title}'s M-RoPE "
                               f"(3-row image-grid positions): use method.positions=original")
 
@@ -181,6 +182,38 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def projector(self, model) -> torch.nn.Module:
         return model.model.visual.merger
+
+    # ------------------------------------------------------------------ the ViT, for pre-LLM methods
+    def tower_attention(self, model, layer: int | None) -> torch.nn.Module:
+        """The merger reads the last block (in Qwen2.5-VL a full-attention one): that is the feature layer."""
+        return model.model.visual.blocks[-1 if layer is None else layer].attn
+
+    def vision_attention_call(self, module, args, kwargs) -> VisionAttentionCall:
+        """The block's fused q/k projection and 2-D RoPE recomputed from its normed input, as its forward does."""
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+        hidden = args[0] if args else kwargs["hidden_states"]
+        chunks = args[1] if len(args) > 1 else kwargs["cu_seqlens"]
+        queries, keys, _ = module.qkv(hidden).reshape(hidden.shape[0], 3, module.num_heads, -1).unbind(1)
+        cos, sin = kwargs["position_embeddings"]
+        rotated_queries, rotated_keys = apply_rotary_pos_emb_vision(queries, keys, cos, sin)
+        return VisionAttentionCall(rotated_queries, rotated_keys, keys, chunks, module.scaling)
+
+    def image_grids(self, args, kwargs) -> torch.Tensor:
+        return kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+
+    def tokens_per_image(self, model, grids: torch.Tensor) -> list[int]:
+        return (grids.prod(-1) // self.merge_size ** 2).tolist()
+
+    def token_of_patch(self, model, grids: torch.Tensor) -> torch.Tensor:
+        """Every 4 consecutive patches form one token, images one after the other."""
+        return torch.arange(int(grids.prod(-1).sum()), device=grids.device) // self.merge_size ** 2
+
+    def image_embeddings(self, output) -> torch.Tensor:
+        return output.pooler_output
+
+    def set_image_embeddings(self, output, embeddings: torch.Tensor, own_slot: torch.Tensor) -> None:
+        output.pooler_output = embeddings
 
 
 def _chat_template(path: Path) -> str | None:

@@ -11,6 +11,7 @@ positions with
 
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
 
 from harness.adapters.qwen2_vl import CHAT_TURNS, Qwen2VLAdapter
@@ -51,3 +52,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     def deepstack_layers(self, model) -> int:
         return len(model.config.vision_config.deepstack_visual_indexes)
+
+    def set_image_embeddings(self, output, embeddings: torch.Tensor, own_slot: torch.Tensor) -> None:
+        """DeepStack features belong to their slot's own token: a token put into another's slot (a merged summary,
+        zero padding) gets none."""
+        output.pooler_output = embeddings
+        output.deepstack_features = [features * own_slot[:, None].to(features.dtype)
+                                     for features in output.deepstack_features]
