@@ -14,13 +14,12 @@ from harness.config import compose, validate
 from harness.runtime import prune
 from methods import METHODS, ConfigError
 from tests.conftest import tiny_of
-from tests.test_methods_qwen import BUDGET as QWEN_BUDGET
 
 PRE_LLM = "a reduction must act on the packed features"
 REFUSED = {name: PRE_LLM for name in ("visionzip", "holov", "cdpruner", "vispruner", "prumerge")}
 VISION = {"tiny_next": 80, "tiny_ov": 90}  # prunable vision tokens of a 336 px image
 # PDrop's average budget must lie within its stages' reach: T̄_in from 20 to 80 tokens on tiny NeXT
-BUDGET = {**QWEN_BUDGET, "pdrop": 40}
+BUDGET = {"sparsevlm": 64, "visionzip": 64, "pdrop": 40}  # SparseVLM and VisionZip have settings for 64/128/192
 
 
 @pytest.fixture(scope="module", params=list(VISION))
