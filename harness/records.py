@@ -78,7 +78,7 @@ class SelectionRecorder:
         """A `Selection` applied to the input of `layer`: merged tokens join in sequence order after the kept ones
         (as `PruningRuntime._apply` places them), their sources the union of the merged current tokens'."""
         for row, current in enumerate(self.tokens):
-            tokens = [current[i] for i in selection.keep[row].tolist()]
+            tokens = [current[i] for i in selection.keep[row].tolist() if i >= 0]  # -1: a ragged batch's padding
             if selection.merged is not None:
                 merged = (selection.merged_sources[row] if selection.merged_sources is not None
                           else [[] for _ in range(selection.merged.shape[1])])

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from methods.base import ConfigError, TokenPruner
+from methods.base import ConfigError, TokenPruner, handles_ragged_batches
 
 Images = list[list[Image.Image]] | None  # the images of each prompt, in order (None: a text-only batch)
 
@@ -31,16 +31,20 @@ class ModelAdapter:
     architectures: ClassVar[tuple[str, ...]]
     #: rows of RoPE position ids the language model takes: 1 (1-D RoPE) or 3 (M-RoPE: t, h, w)
     position_rows: ClassVar[int] = 1
-    #: whether every image gives the same number of vision tokens (else images of different sizes cannot share a
-    #: batch: the runtime needs the same count in every row)
+    #: whether every image gives the same number of vision tokens (else a batch's rows may hold different numbers:
+    #: only methods that handle such batches may share one)
     fixed_vision_tokens: ClassVar[bool] = True
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         """Refuse, before anything loads, what the runtime does not define on this family; the message names why and
         what would work."""
-        if batch_size > 1 and not self.fixed_vision_tokens:
+        if batch_size > 1 and not self.fixed_vision_tokens and not handles_ragged_batches(type(pruner)):
+            from methods import METHODS
+
+            able = ", ".join(name for name, cls in METHODS.items() if handles_ragged_batches(cls))
             raise ConfigError(f"{self.title} gives images of different sizes different numbers of vision tokens, and "
-                              "the pruning runtime needs the same number in every row of a batch: set batch_size=1")
+                              f"method {pruner.name} needs the same number in every row of a batch: set batch_size=1 "
+                              f"(methods that take such batches: {able})")
 
     # ------------------------------------------------------------------ loading
     def config_class(self):
