@@ -115,17 +115,22 @@ class Prunebench(lmms):
                 ForwardTimer(loaded.model) as timer:
             out = loaded.model.generate(**inputs, **options, return_dict_in_generate=True, output_logits=True)
         method_fields = [pruner.record(row) if runtime.active else {} for row in range(len(batch))]
-        schedule = flops.executed_schedule(runtime, timer.decode_steps)
-        # Dynamic-resolution models: the image sizes the processor chose (one sample per batch there).
+        rows = range(len(batch))
+        schedules = [flops.executed_schedule(runtime, timer.decode_steps, row) for row in rows]
+        # Dynamic-resolution models: the image sizes the processor chose, each row's images in turn.
         grids = [tuple(grid) for grid in inputs["image_grid_thw"][:, 1:].tolist()] if "image_grid_thw" in inputs else []
-        architecture = flops.model_architecture(loaded.model.config, grids)
+        counts = [len(visual) for visual in images] if images is not None else [0] * len(batch)
+        architectures = [flops.model_architecture(loaded.model.config, grids[sum(counts[:row]):sum(counts[:row + 1])])
+                         for row in rows]
         if self.cfg.flops == "counted":  # an untimed replay, after the timed run (whose method state is read above)
-            prefill, decode = flops.count_generation(loaded.model, pruner, inputs, [item[1] for item in batch],
-                                                     questions, **options)
+            costs = [flops.count_generation(loaded.model, pruner, inputs, [item[1] for item in batch], questions,
+                                            **options)] * len(batch)
         else:
-            prefill, decode = flops.project(architecture, schedule)
+            costs = [flops.project(architecture, schedule) for architecture, schedule in zip(architectures, schedules,
+                                                                                           strict=True)]
             if self.cfg.flops == "fvcore":  # an untimed traced prefill replaces the projected one
                 prefill = fvcore_flops.count_prefill(loaded.model, pruner, inputs, [item[1] for item in batch])
+                costs = [(prefill, decode) for _, decode in costs]
         prompt_len = inputs["input_ids"].shape[1]
         generated = out.sequences[:, prompt_len:]
         texts = [_cut(text, gen_kwargs.get("until")) for text in loaded.decode(generated)]
@@ -143,7 +148,7 @@ class Prunebench(lmms):
                                     "logprobs": [round(v, 5) for v in first.values[row].tolist()]},
                 "pruned": runtime.active and pruner.name != "none",
                 "vision_tokens_per_layer": per_layer[row],
-                "tokens_per_layer": schedule.tokens,
+                "tokens_per_layer": schedules[row].tokens,
                 "mean_vision_tokens": sum(per_layer[row]) / len(per_layer[row]),
                 "vision_tokens_unpruned": unpruned[row],
                 "mean_vision_fraction": sum(per_layer[row]) / len(per_layer[row]) / unpruned[row] if unpruned[row]
@@ -154,7 +159,7 @@ class Prunebench(lmms):
                 "selection_ms": 1e3 * runtime.selection_seconds,
                 "batch_size": len(batch),
                 "decode_steps": timer.decode_steps,
-                "flops": flops.sample_record(prefill, decode, architecture, per_layer[row]),
+                "flops": flops.sample_record(*costs[row], architectures[row], per_layer[row]),
                 "input_tokens": int(inputs["attention_mask"][row].sum()),
                 "peak_memory_bytes": peak_memory_bytes(loaded.device),
             }

@@ -113,6 +113,9 @@ def test_every_supported_class_has_one_adapter_and_others_are_refused(tiny):
                                                    "row of a batch: set batch_size=1 (methods that take such batches: "
                                                    "none, random, fastv)"),
     (["method=fastv", "budget=65"], "budget must be in 1..64"),
+    (["method=fastv", "budget=16", "batch_size=2", "flops=counted"], "flops=counted counts a batch as a whole, whose "
+                                                                     "rows may hold images of different sizes on "
+                                                                     "Qwen2.5-VL: set batch_size=1 or flops=projected"),
 ])
 def test_what_the_runtime_does_not_define_on_qwen_is_refused_before_loading(overrides, message):
     with pytest.raises(ConfigError) as error:
