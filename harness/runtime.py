@@ -97,6 +97,8 @@ class PruneState:
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     #: `final_norm(hidden)`: the language model's last norm (the one before lm_head), e.g. for DART's duplication
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: the model's family (`ModelAdapter.family`), for methods whose constants differ per family (VisiPruner)
+    family: str = "llava"
 
     @property
     def batch_size(self) -> int:
@@ -165,6 +167,7 @@ class LayerRecord:
     position_shift: torch.Tensor  # (B,) decode-position shift (compact positions only)
     changed: bool  # whether the layer's tokens differ from the model's own full sequence
     valid: torch.Tensor  # (B, n_l) False for padding, and for dropped tokens kept as padding slots (ragged batches)
+    tokens: int  # tokens entering the layer in every row (padding and padding slots included)
 
 
 class PruningRuntime:
@@ -281,6 +284,7 @@ class PruningRuntime:
             input_ids=input_ids,
             rotary=self._rotary,
             final_norm=self.lm.norm,
+            family=self.adapter.family,
         )
         self._pos_emb = None
         if self.active and self.recorder is not None:
@@ -411,7 +415,7 @@ class PruningRuntime:
         if self.pruner.positions == "original":
             shift = torch.zeros_like(shift)
         self.layers.append(LayerRecord(state.orig_index, state.is_vision.sum(1), shift, self._pos_emb is not None,
-                                       state.valid))
+                                       state.valid, state.seq_len))
 
         if self._pos_emb is None:
             return (state.hidden_states, *args[1:]), kwargs  # nothing changed yet: the model's own tensors
@@ -488,7 +492,7 @@ class PruningRuntime:
         # Entries -1 pad the rows that keep fewer tokens; a spare last column takes them.
         kept_vision = torch.where(keep >= 0, vision.gather(1, keep.clamp(min=0)), n)
         retained = torch.cat([~state.is_vision, state.is_vision.new_zeros(state.batch_size, 1)], 1)
-        retained = retained.scatter(1, kept_vision, True)[:, :n]
+        retained = retained.scatter(1, kept_vision, torch.ones_like(kept_vision, dtype=torch.bool))[:, :n]
         # Rows must stay one length: a row that drops more than the row dropping least keeps the difference as
         # padding slots (its first dropped vision tokens, masked from every query).
         dropped = state.is_vision & ~retained
