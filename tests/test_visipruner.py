@@ -264,8 +264,9 @@ def test_the_qwen_rule_places_s_at_qwen2_vl_7bs_depth():
 @torch.no_grad()
 def test_the_qwen_rule_is_what_runs_on_tiny_qwen2vl():
     """On an 8-layer tiny_qwen2vl, with two images of different sizes in one prompt: S = 1 (5 of 28 scaled; LLaVA's
-    rule would give 2), the 7B rule, and one sink per image, its first patch; layer 0 merges each image's text mass onto its own sink, and
-    shallow layers leave the vision_start/end markers and the other image's vision rows alone."""
+    rule would give 2), the 7B rule, and one sink per image, its first patch; layer 0 merges each image's text mass
+    onto its own sink, and shallow layers leave the vision_start/end markers and the other image's vision rows
+    alone."""
     qwen = tiny_of("tiny_qwen2vl", num_layers=8)
     generator = torch.Generator().manual_seed(0)
     pictures = [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
