@@ -99,6 +99,11 @@ class ModelAdapter:
         """(B, N) True at the slots that carry vision features (the prunable tokens)."""
         return input_ids == self.image_token_id(model)
 
+    def token_grids(self, model_inputs: dict) -> list[tuple[int, int]] | None:
+        """Each image's vision-token grid (rows, columns), the batch's images in order, from the model's inputs; None
+        where every image has the model's one fixed grid."""
+        return None
+
     def image_spans(self, model, input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
         """Per row, each image's vision tokens as a half-open [start, end) range of sequence indices: every family here
         separates consecutive images by at least one text token, so an image is a maximal run of vision slots."""

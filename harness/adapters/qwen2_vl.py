@@ -176,6 +176,10 @@ class Qwen2VLAdapter(ModelAdapter):
         return prompts
 
     # ------------------------------------------------------------------ where things are
+    def token_grids(self, model_inputs: dict) -> list[tuple[int, int]] | None:
+        """From `image_grid_thw` (ViT patches): one vision token per 2x2 patches, row-major."""
+        return [(h // self.merge_size, w // self.merge_size) for _, h, w in model_inputs["image_grid_thw"].tolist()]
+
     def vision_tower(self, model) -> torch.nn.Module:
         return model.model.visual
 
