@@ -192,7 +192,7 @@ def analyze(loaded: LoadedModel, request: Request, pruner: TokenPruner | None) -
     norms = value_norms(probes, vision, text_config.num_attention_heads // text_config.num_key_value_heads).cpu()
     drop, drop_token = cosine_drops(probes, vision)
     side = math.isqrt(len(vision))  # a fixed-resolution model's square grid, else the image's own (Qwen)
-    grid = (loaded.adapter.token_grids(inputs) or [(side, side)])[0]
+    grid = (loaded.adapter.token_grids(loaded.model, inputs) or [(side, side)])[0]
     insight = Insight(
         input_ids=inputs["input_ids"][0].cpu(), vision_start=int(vision[0]), lens_probs=lens.values.cpu(),
         lens_ids=lens.indices.cpu(), value_probs=value_probs.cpu(), value_ids=value_ids.cpu(),
@@ -415,7 +415,7 @@ def processed_image(loaded: LoadedModel, image: Image.Image) -> Image.Image:
     processor = loaded.processor.image_processor
     if getattr(processor, "crop_size", None) is not None:
         return ImageOps.fit(image, (processor.crop_size["width"], processor.crop_size["height"]))
-    rows, columns = loaded.adapter.token_grids(processor(images=[image], return_tensors="pt"))[0]
+    rows, columns = loaded.adapter.token_grids(loaded.model, processor(images=[image], return_tensors="pt"))[0]
     pixels = processor.patch_size * processor.merge_size
     return image.resize((columns * pixels, rows * pixels))
 

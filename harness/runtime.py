@@ -288,7 +288,7 @@ class PruningRuntime:
         )
         self._pos_emb = None
         if self.active and self.recorder is not None:
-            self.recorder.begin(is_vision, self.adapter.token_grids(kwargs))
+            self.recorder.begin(is_vision, self.adapter.token_grids(self.model, {**kwargs, "input_ids": input_ids}))
         if self.active:
             self._timed(self.pruner.begin, self.state)
         return None

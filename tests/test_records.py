@@ -313,3 +313,29 @@ def test_qwen_records_each_images_own_grid_in_a_ragged_batch():
             image = max(i for i, o in enumerate(offsets) if o <= patch)
             t, h, w = positions[:, current.index(index)].tolist()
             assert (h - t, w - t) == divmod(patch - offsets[image], grids[image][1])
+
+
+@torch.no_grad()
+def test_a_ragged_qwen_batch_gives_each_sample_its_own_record(tmp_path):
+    """`batch_size=2` on tiny_qwen25vl with a 336 px and a 100x90 px image: each sample's output, vision tokens per
+    layer, selection record and vision-tower FLOPs are those it gets alone; both rows ran the same tokens per layer
+    (the first keeps padding slots), of which each counts its own vision tokens."""
+    from harness.config import compose as compose_run
+    from tests.conftest import tiny_of
+
+    cfg = compose_run(["model=tiny_qwen25vl", "method=fastv", "retain=0.25", "batch_size=2", f"output_dir={tmp_path}"])
+    model = Prunebench.for_run(cfg, validate(cfg), {}, None)
+    model.loaded = tiny_of("tiny_qwen25vl")
+    requests = [(0, "t/0", QUESTION, {"max_new_tokens": 3}, [noise(336, 336)], {}),
+                (1, "t/1", "Describe it.", {"max_new_tokens": 3}, [noise(100, 90)], {})]
+    batch = model._generate(requests)
+    alone = [model._generate([request])[0] for request in requests]
+    assert [r["vision_tokens_per_layer"] for r in batch] == [[64, 64, 16, 16], [12, 12, 3, 3]]
+    assert [r["selections"]["grid"] for r in batch] == [[8, 8], [3, 4]]
+    assert batch[0]["tokens_per_layer"] == batch[1]["tokens_per_layer"]
+    for together, single in zip(batch, alone, strict=True):
+        for key in ("output", "vision_tokens_per_layer", "vision_tokens_unpruned", "selections"):
+            assert together[key] == single[key], key
+        assert together["first_token_top"]["ids"] == single["first_token_top"]["ids"]
+        assert together["flops"]["prefill"]["vision"] == single["flops"]["prefill"]["vision"] > 0
+    assert batch[0]["flops"]["prefill"]["vision"] > batch[1]["flops"]["prefill"]["vision"]

@@ -99,9 +99,9 @@ class ModelAdapter:
         """(B, N) True at the slots that carry vision features (the prunable tokens)."""
         return input_ids == self.image_token_id(model)
 
-    def token_grids(self, model_inputs: dict) -> list[tuple[int, int]] | None:
-        """Each image's vision-token grid (rows, columns), the batch's images in order, from the model's inputs; None
-        where every image has the model's one fixed grid."""
+    def token_grids(self, model, model_inputs: dict) -> list[tuple[int, int]] | None:
+        """Each image's vision-token grid (rows, columns), the batch's images in order, from the model call's inputs;
+        None where every image has the model's one fixed grid."""
         return None
 
     def image_spans(self, model, input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
