@@ -108,11 +108,10 @@ class KeepEveryRow(TokenPruner):
 
 @torch.no_grad()
 @pytest.mark.parametrize(("pruner", "vision"), [
-    (TokenPruner(), lambda small: [[64] * 4, [small] * 4]),
     (KeepEveryRow(), lambda small: [[64] * 4, [small] * 4]),
     (RandomPruner(k=1, budget=Budget(8)), lambda small: [[64] + [8] * 3, [small] + [8] * 3]),  # the same kept
     (FastV(k=2, budget=Budget(retain=0.25)), lambda small: [[64, 64] + [16] * 2, [small] * 2 + [round(small / 4)] * 2]),
-], ids=["none", "keep-all", "random-8", "fastv-retain0.25"])
+], ids=["keep-all", "random-8", "fastv-retain0.25"])
 def test_a_padded_batch_of_images_of_different_sizes_equals_each_alone(qwen, pictures, pruner, vision):
     """Rows with 64 and 12 (Qwen3-VL: 9) vision tokens: a row that drops more keeps the difference as masked padding
     slots, so both rows stay one length; each row's logits at every step and its tokens are those it gets alone."""
