@@ -93,6 +93,7 @@ class Insight:
     sinks: list[torch.Tensor]  # per layer, the vision tokens (0..V-1) that are sinks
     cosine_drop: torch.Tensor  # (L,) 1 - min_j cos(O - c_j, O) over vision tokens j
     drop_token: torch.Tensor  # (L,) the vision token j of that minimum
+    grid: tuple[int, int]  # the image's vision-token grid (rows, columns): V = rows * columns, row-major
     vision_tokens: list[int] | None = None  # with a method: vision tokens entering each layer
     selections: dict | None = None  # with a method: its selection record (`harness.records`)
 
@@ -104,10 +105,6 @@ class Insight:
     @property
     def vision_attention_mass(self) -> torch.Tensor:
         return self.vision_attention.sum(-1)
-
-    @property
-    def grid_side(self) -> int:
-        return math.isqrt(self.vision_attention.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------------- numbers
@@ -194,11 +191,13 @@ def analyze(loaded: LoadedModel, request: Request, pruner: TokenPruner | None) -
     attention = vision_attention(probes, vision).cpu()
     norms = value_norms(probes, vision, text_config.num_attention_heads // text_config.num_key_value_heads).cpu()
     drop, drop_token = cosine_drops(probes, vision)
+    side = math.isqrt(len(vision))  # a fixed-resolution model's square grid, else the image's own (Qwen)
+    grid = (loaded.adapter.token_grids(loaded.model, inputs) or [(side, side)])[0]
     insight = Insight(
         input_ids=inputs["input_ids"][0].cpu(), vision_start=int(vision[0]), lens_probs=lens.values.cpu(),
         lens_ids=lens.indices.cpu(), value_probs=value_probs.cpu(), value_ids=value_ids.cpu(),
         vision_attention=attention, value_norms=norms, sinks=find_sinks(attention, norms),
-        cosine_drop=drop.float().cpu(), drop_token=drop_token.cpu(),
+        cosine_drop=drop.float().cpu(), drop_token=drop_token.cpu(), grid=grid,
     )
     if pruner is not None:
         insight.vision_tokens, insight.selections = method_pass(loaded, inputs, pruner, request.source,
@@ -225,7 +224,7 @@ def report(insight: Insight, loaded: LoadedModel, request: Request, method: dict
         "input": {"source": request.source, "question": request.question,
                   "last_token": token_text(tokenizer, int(insight.input_ids[-1])),
                   "tokens": len(insight.input_ids), "vision_start": insight.vision_start,
-                  "vision_tokens": insight.vision_attention.shape[1], "grid": insight.grid_side},
+                  "vision_tokens": insight.vision_attention.shape[1], "grid": list(insight.grid)},
         "method": method,
         "logit_lens": [{"layer": layer, "top": top_tokens(tokenizer, p, i)} for layer, (p, i) in enumerate(lens)],
         "value_output": [{"layer": layer, "heads": [top_tokens(tokenizer, p, i) for p, i in zip(probs, ids,
@@ -312,18 +311,17 @@ def plot_value_output(result: dict, path: Path) -> Path:
 
 
 def _overlay(ax, image: Image.Image, grid: torch.Tensor, **imshow) -> None:
-    size = image.width
-    ax.imshow(image, extent=(0, size, size, 0))
-    ax.imshow(grid, extent=(0, size, size, 0), interpolation="nearest", **imshow)
+    extent = (0, image.width, image.height, 0)
+    ax.imshow(image, extent=extent)
+    ax.imshow(grid, extent=extent, interpolation="nearest", **imshow)
     ax.set_xticks([])
     ax.set_yticks([])
 
 
 def plot_attention(insight: Insight, image: Image.Image, path: Path) -> Path:
     fig, axes = _panel_grid(len(insight.vision_attention), width=1.6)
-    side = insight.grid_side
     for layer, (ax, row) in enumerate(zip(axes, insight.vision_attention.numpy(), strict=False)):
-        _overlay(ax, image, row.reshape(side, side), cmap="jet", alpha=0.55, vmin=row.min(), vmax=row.max())
+        _overlay(ax, image, row.reshape(insight.grid), cmap="jet", alpha=0.55, vmin=row.min(), vmax=row.max())
         ax.set_title(f"layer {layer}: {row.sum():.2f}", fontsize=8)
     fig.suptitle("Last token's attention on the image, mean over heads\n(colour: each layer's min to max; "
                  "title: total mass on the image)", fontsize=9)
@@ -412,9 +410,14 @@ def plot_pruning(selections: dict, image: Image.Image, title: str, path: Path) -
 
 
 def processed_image(loaded: LoadedModel, image: Image.Image) -> Image.Image:
-    """The image as the processor crops it (shortest-edge resize, centre crop): what the vision grid covers."""
-    crop = loaded.processor.image_processor.crop_size
-    return ImageOps.fit(image, (crop["width"], crop["height"]))
+    """What the vision grid covers: the image as LLaVA's processor crops it (shortest-edge resize, centre crop), or
+    as Qwen's resizes it whole to its own grid (no crop)."""
+    processor = loaded.processor.image_processor
+    if getattr(processor, "crop_size", None) is not None:
+        return ImageOps.fit(image, (processor.crop_size["width"], processor.crop_size["height"]))
+    rows, columns = loaded.adapter.token_grids(loaded.model, processor(images=[image], return_tensors="pt"))[0]
+    pixels = processor.patch_size * processor.merge_size
+    return image.resize((columns * pixels, rows * pixels))
 
 
 # ---------------------------------------------------------------------------------------------------- command line
@@ -529,6 +532,8 @@ def run_from_record(own: dict[str, str], overrides: list[str]) -> Path:
     if not panels:
         print(f"the record of {sample_id} shows no change: every patch entered every layer; nothing drawn")
         return out
+    if "grid" not in selections:
+        raise ConfigError(f"{sample_id} holds {len(selections['grids'])} images; from_run= draws one-image records")
     out.mkdir(parents=True, exist_ok=True)
     rows, cols = selections["grid"]
     image = ImageOps.fit(image, (cols * RECORD_PATCH_PIXELS, rows * RECORD_PATCH_PIXELS))

@@ -130,6 +130,10 @@ def validate(cfg: DictConfig) -> TokenPruner:
             raise ConfigError(f"method {pruner.name} supports batch size 1 only (it decides per sample); "
                               f"set batch_size=1, got {cfg.batch_size}")
         adapter_of(cfg.model).check_method(pruner, cfg.batch_size)
+        if cfg.batch_size > 1 and not adapter_of(cfg.model).fixed_vision_tokens and cfg.flops != "projected":
+            # The counters see a batch whole: its mean is each sample's only where every row runs the same.
+            raise ConfigError(f"flops={cfg.flops} counts a batch as a whole, whose rows may hold images of different "
+                              f"sizes on {adapter_of(cfg.model).title}: set batch_size=1 or flops=projected")
     except ConfigError as error:
         raise Refusal(str(error), pruner) from None
     if cfg.model.source == "hf":

@@ -566,7 +566,7 @@ class FlopCounter(FlopCounterMode):
         if prefill:
             return int(runtime.layers[index].vision_tokens[0])
         if index not in self._cache_vision:
-            self._cache_vision[index] = int(runtime.prompt_vision[0, runtime.layers[index].orig_index[0]].sum())
+            self._cache_vision[index] = cached_vision(runtime, index, row=0)
         return self._cache_vision[index]
 
     def _count_flops(self, func_packet, out, args, kwargs):
@@ -588,21 +588,25 @@ class FlopCounter(FlopCounterMode):
             layer.vision_attention += flops * vision_pairs // pairs
 
 
-def executed_schedule(runtime: PruningRuntime, decode_steps: int) -> Schedule:
-    """What one sample of the runtime's last prefill processed (every row of a batch has the same shapes)."""
-    input_ids = runtime.state.input_ids[0]
+def cached_vision(runtime: PruningRuntime, layer: int, row: int) -> int:
+    """Vision tokens of batch row `row` in `layer`'s KV cache after prefill (not a ragged batch's padding slots)."""
+    record = runtime.layers[layer]
+    # the prompt's prunable vision slots (LLaVA-NeXT/OneVision's newline slots are text)
+    return int((runtime.prompt_vision[row, record.orig_index[row]] & record.valid[row]).sum())
+
+
+def executed_schedule(runtime: PruningRuntime, decode_steps: int, row: int = 0) -> Schedule:
+    """What sample `row` of the runtime's last prefill processed (every row of a batch runs the same number of
+    tokens; on a ragged batch their vision tokens differ)."""
     if not runtime.active:
         # No image: the runtime recorded nothing, and every layer saw (and cached) the whole prompt.
         layers = len(runtime.lm.layers)
-        return Schedule([input_ids.numel()] * layers, [0] * layers, images=0, decode_steps=decode_steps)
-    # text: every token but the prunable vision slots (LLaVA-NeXT/OneVision's newline slots count as text)
-    text = input_ids.numel() - int(runtime.prompt_vision[0].sum())
-    vision = [int(record.vision_tokens[0]) for record in runtime.layers]
-    cached = [runtime.prompt_vision[0, record.orig_index[0]] for record in runtime.layers]
+        return Schedule([runtime.state.input_ids.shape[1]] * layers, [0] * layers, images=0, decode_steps=decode_steps)
     return Schedule(
-        tokens=[text + v for v in vision], vision=vision,
-        cache=[slots.numel() for slots in cached],
-        cache_vision=[int(slots.sum()) for slots in cached],
+        tokens=[record.tokens for record in runtime.layers],
+        vision=[int(record.vision_tokens[row]) for record in runtime.layers],
+        cache=[record.orig_index.shape[1] for record in runtime.layers],
+        cache_vision=[cached_vision(runtime, layer, row) for layer in range(len(runtime.layers))],
         decode_steps=decode_steps,
     )
 

@@ -110,24 +110,30 @@ class Prunebench(lmms):
         if sampling:
             options.update(temperature=gen_kwargs["temperature"], top_p=gen_kwargs.get("top_p") or 1.0)
         with prune(loaded.model, pruner, sample_ids=[sample_id for _, sample_id, *_ in batch],
-                   record=self.cfg.record_selections and loaded.adapter.fixed_vision_tokens,
+                   record=self.cfg.record_selections,
                    questions=questions) as runtime, \
                 ForwardTimer(loaded.model) as timer:
             out = loaded.model.generate(**inputs, **options, return_dict_in_generate=True, output_logits=True)
         method_fields = [pruner.record(row) if runtime.active else {} for row in range(len(batch))]
-        schedule = flops.executed_schedule(runtime, timer.decode_steps)
-        # Dynamic-resolution models: the image sizes the processor chose (one sample per batch there).
+        rows = range(len(batch))
+        schedules = [flops.executed_schedule(runtime, timer.decode_steps, row) for row in rows]
+        # Dynamic-resolution models: the image sizes the processor chose, each row's images in turn.
         grids = [tuple(grid) for grid in inputs["image_grid_thw"][:, 1:].tolist()] if "image_grid_thw" in inputs else []
-        tiles = len(inputs["pixel_values"]) if "pixel_values" in inputs else 0  # InternVL: all tiles (one sample)
-        architecture = flops.model_architecture(loaded.model.config, grids, tiles,
-                                                loaded.adapter.prompt_layout(loaded.model, inputs))
+        counts = [len(visual) for visual in images] if images is not None else [0] * len(batch)
+        # InternVL: a batch's rows hold the same number of tiles (`ModelAdapter.check_method`)
+        tiles = len(inputs["pixel_values"]) // len(batch) if "pixel_values" in inputs else 0
+        layout = loaded.adapter.prompt_layout(loaded.model, inputs)  # LLaVA-NeXT/OneVision
+        architectures = [flops.model_architecture(loaded.model.config, grids[sum(counts[:row]):sum(counts[:row + 1])],
+                                                  tiles, layout) for row in rows]
         if self.cfg.flops == "counted":  # an untimed replay, after the timed run (whose method state is read above)
-            prefill, decode = flops.count_generation(loaded.model, pruner, inputs, [item[1] for item in batch],
-                                                     questions, **options)
+            costs = [flops.count_generation(loaded.model, pruner, inputs, [item[1] for item in batch], questions,
+                                            **options)] * len(batch)
         else:
-            prefill, decode = flops.project(architecture, schedule)
+            costs = [flops.project(architecture, schedule) for architecture, schedule in zip(architectures, schedules,
+                                                                                           strict=True)]
             if self.cfg.flops == "fvcore":  # an untimed traced prefill replaces the projected one
                 prefill = fvcore_flops.count_prefill(loaded.model, pruner, inputs, [item[1] for item in batch])
+                costs = [(prefill, decode) for _, decode in costs]
         prompt_len = inputs["input_ids"].shape[1]
         generated = out.sequences[:, prompt_len:]
         texts = [_cut(text, gen_kwargs.get("until")) for text in loaded.decode(generated)]
@@ -148,7 +154,7 @@ class Prunebench(lmms):
                                     "logprobs": [round(v, 5) for v in first.values[row].tolist()]},
                 "pruned": runtime.active and pruner.name != "none",
                 "vision_tokens_per_layer": per_layer[row],
-                "tokens_per_layer": schedule.tokens,
+                "tokens_per_layer": schedules[row].tokens,
                 "mean_vision_tokens": sum(per_layer[row]) / len(per_layer[row]),
                 "vision_tokens_unpruned": unpruned[row],
                 "mean_vision_fraction": sum(per_layer[row]) / len(per_layer[row]) / unpruned[row] if unpruned[row]
@@ -159,7 +165,7 @@ class Prunebench(lmms):
                 "selection_ms": 1e3 * runtime.selection_seconds,
                 "batch_size": len(batch),
                 "decode_steps": timer.decode_steps,
-                "flops": flops.sample_record(prefill, decode, architecture, per_layer[row]),
+                "flops": flops.sample_record(*costs[row], architectures[row], per_layer[row]),
                 "input_tokens": int(inputs["attention_mask"][row].sum()),
                 "peak_memory_bytes": peak_memory_bytes(loaded.device),
             }
@@ -172,8 +178,6 @@ class Prunebench(lmms):
             record.update(method_fields[row])
             if runtime.active and runtime.recorder is not None:
                 record["selections"] = runtime.recorder.record(row)
-            elif runtime.active and self.cfg.record_selections:  # the recorder knows one fixed patch grid per image
-                record["selections_note"] = f"selections are not recorded on {loaded.adapter.title} yet"
             records.append(record)
         return records
 

@@ -12,6 +12,10 @@ sequence order; a pre-LLM output token counts as merged where it has several sou
 non-zero) how many tokens are no patch. A pre-LLM reduction is recorded as
 layer 0 with `"pre_llm": true`; a cache eviction as `"cache": true` (the vision tokens whose K/V stay in that
 layer's cache; the layer itself saw them all). A sample's record is `{"grid": [h, w], "layers": [...]}`.
+
+On dynamic-resolution models (Qwen) a patch is one vision token, a 2x2 group of ViT patches, on the image's own
+merged grid (the processor's `image_grid_thw` rows and columns halved). A prompt with several images is recorded as
+`{"grids": [[h, w], ...], "layers": [...]}`: the patches of image i are numbered after those of the images before it.
 """
 
 from __future__ import annotations
@@ -33,15 +37,20 @@ class Token(NamedTuple):
 
 @dataclass
 class SelectionRecorder:
-    grid: tuple[int, int]  # the vision tower's patch grid (rows, columns)
+    grid: tuple[int, int] | None  # the vision tower's patch grid (rows, columns); None: each image has its own
     slots: int  # <image> placeholders per image: the patches, plus CLS under LLaVA's `full` feature strategy
     tokens: list[list[Token]] = field(default_factory=list)  # per row, the current vision tokens' sources
     layers: list[list[dict]] = field(default_factory=list)  # per row, the snapshots of this prefill
     reduction: list[list[Token]] | None = None  # per image, a pre-LLM reduction's sources, until layer 0 applies it
+    grids: list[list[tuple[int, int]]] = field(default_factory=list)  # per row, its images' grids (dynamic only)
 
     @classmethod
     def for_model(cls, config) -> SelectionRecorder:
+        """A fixed grid from the vision config (LLaVA); a vision config without `image_size` (dynamic resolution)
+        takes each prefill's image grids."""
         vision = config.vision_config
+        if getattr(vision, "image_size", None) is None:
+            return cls(grid=None, slots=0)
         side = vision.image_size // vision.patch_size
         return cls(grid=(side, side), slots=side * side + (config.vision_feature_select_strategy == "full"))
 
@@ -50,8 +59,20 @@ class SelectionRecorder:
         cls_slots = self.slots - self.grid[0] * self.grid[1]
         return (slot - cls_slots,) if slot >= cls_slots else ()
 
-    def begin(self, is_vision: torch.Tensor) -> None:
-        """A new prefill; every row holds one image (LLaVA-1.5's single-image prompts)."""
+    def begin(self, is_vision: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> None:
+        """A new prefill; on a fixed grid every row holds one image (LLaVA-1.5's single-image prompts), else `grids`
+        gives each image's vision-token grid, the batch's images in order (each row's run of vision tokens per
+        image)."""
+        if self.grid is None:
+            images = (is_vision & ~torch.nn.functional.pad(is_vision, (1, 0))[:, :-1]).sum(1).tolist()
+            self.grids = [grids[sum(images[:row]):sum(images[:row + 1])] for row in range(len(images))]
+            for row, row_grids in enumerate(self.grids):
+                if sum(h * w for h, w in row_grids) != int(is_vision[row].sum()):
+                    raise ValueError(f"the image grids {row_grids} do not hold row {row}'s "
+                                     f"{int(is_vision[row].sum())} vision tokens")
+            self.tokens = [[Token((patch,)) for patch in range(int(count))] for count in is_vision.sum(1)]
+            self.layers = [[] for _ in self.grids]
+            return
         if int(is_vision[0].sum()) != self.slots:
             raise ValueError(f"selections are recorded for one image per sample ({self.slots} vision tokens), got "
                              f"{int(is_vision[0].sum())}; set record_selections=false")
@@ -78,7 +99,7 @@ class SelectionRecorder:
         """A `Selection` applied to the input of `layer`: merged tokens join in sequence order after the kept ones
         (as `PruningRuntime._apply` places them), their sources the union of the merged current tokens'."""
         for row, current in enumerate(self.tokens):
-            tokens = [current[i] for i in selection.keep[row].tolist()]
+            tokens = [current[i] for i in selection.keep[row].tolist() if i >= 0]  # -1: a ragged batch's padding
             if selection.merged is not None:
                 merged = (selection.merged_sources[row] if selection.merged_sources is not None
                           else [[] for _ in range(selection.merged.shape[1])])
@@ -100,7 +121,11 @@ class SelectionRecorder:
             self.tokens[row] = tokens
 
     def record(self, row: int) -> dict:
-        return {"grid": list(self.grid), "layers": self.layers[row]}
+        if self.grid is not None:
+            return {"grid": list(self.grid), "layers": self.layers[row]}
+        grids = [list(grid) for grid in self.grids[row]]
+        return {"grid": grids[0], "layers": self.layers[row]} if len(grids) == 1 else {"grids": grids,
+                                                                                       "layers": self.layers[row]}
 
 
 def snapshot(layer: int, tokens: list[Token], **flags) -> dict:

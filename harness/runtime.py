@@ -49,7 +49,7 @@ from harness.adapters import adapter_for
 from harness.adapters.base import VisionAttentionCall
 from harness.cost import decoding, forward_cache
 from harness.records import SelectionRecorder
-from methods.base import ConfigError, Probe, Selection, TokenPruner
+from methods.base import ConfigError, Probe, Selection, TokenPruner, handles_ragged_batches
 
 SUPPORTED_BACKENDS = ("sdpa", "eager")
 _ACTIVE: contextvars.ContextVar[PruningRuntime | None] = contextvars.ContextVar("prunebench_runtime", default=None)
@@ -110,6 +110,8 @@ class PruneState:
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     #: `final_norm(hidden)`: the language model's last norm (the one before lm_head), e.g. for DART's duplication
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: the model's family (`ModelAdapter.family`), for methods whose constants differ per family (VisiPruner)
+    family: str = "llava"
 
     @property
     def batch_size(self) -> int:
@@ -120,21 +122,50 @@ class PruneState:
         return self.is_vision.shape[1]
 
     @property
+    def vision_counts(self) -> torch.Tensor:
+        """(B,) vision tokens of each row."""
+        return self.is_vision.sum(1)
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the rows hold different numbers of vision tokens (a padded batch of images of different sizes on a
+        dynamic-resolution model, or rows that kept different numbers)."""
+        counts = self.vision_counts
+        return bool((counts != counts[0]).any())
+
+    @property
     def num_vision(self) -> int:
+        """The vision tokens of every row; a ragged batch has no one count (read `vision_counts`), so a method that
+        reads this never runs on one silently wrong."""
+        if self.ragged:
+            raise ValueError(f"the rows hold different numbers of vision tokens, {self.vision_counts.tolist()}: "
+                             f"this method needs the same number in every row of a batch; set batch_size=1")
         return int(self.is_vision[0].sum())
 
     @property
+    def vision_valid(self) -> torch.Tensor:
+        """(B, V) False at the entries of `vision_index` that pad a ragged batch's shorter rows."""
+        counts = self.vision_counts
+        return torch.arange(int(counts.max()), device=counts.device) < counts[:, None]
+
+    @property
     def vision_index(self) -> torch.Tensor:
-        """(B, V) current-sequence indices of the vision tokens, ascending."""
-        return self.is_vision.nonzero()[:, 1].view(self.batch_size, -1)
+        """(B, V) current-sequence indices of the vision tokens, ascending; on a ragged batch V is the largest row's
+        count, and a shorter row ends in entries 0 (`vision_valid` says which)."""
+        if not self.ragged:
+            return self.is_vision.nonzero()[:, 1].view(self.batch_size, -1)
+        n = self.seq_len
+        slots = torch.where(self.is_vision, torch.arange(n, device=self.is_vision.device), n)
+        index = slots.sort(dim=1).values[:, :int(self.vision_counts.max())]
+        return index.masked_fill(index == n, 0)
 
     @property
     def vision_images(self) -> torch.Tensor:
-        """(B, V) the image of each current vision token, in `vision_index` order (a state built without
-        `image_index`: one image per row)."""
+        """(B, V) the image of each current vision token, in `vision_index` order, -1 at a ragged batch's padding
+        entries (a state built without `image_index`: one image per row)."""
         if self.image_index is None:
             return torch.zeros_like(self.vision_index)
-        return self.image_index.gather(1, self.vision_index)
+        return self.image_index.gather(1, self.vision_index).masked_fill(~self.vision_valid, -1)
 
     @property
     def last_query(self) -> torch.Tensor:
@@ -148,6 +179,8 @@ class LayerRecord:
     vision_tokens: torch.Tensor  # (B,) vision tokens entering the layer
     position_shift: torch.Tensor  # (B,) decode-position shift (compact positions only)
     changed: bool  # whether the layer's tokens differ from the model's own full sequence
+    valid: torch.Tensor  # (B, n_l) False for padding, and for dropped tokens kept as padding slots (ragged batches)
+    tokens: int  # tokens entering the layer in every row (padding and padding slots included)
 
 
 class PruningRuntime:
@@ -266,8 +299,9 @@ class PruningRuntime:
         counts = is_vision.sum(dim=1)
         self.layers, self._ended = [], False
         self.active = bool(counts.any())
-        if self.active and not bool((counts == counts[0]).all()):
-            raise ValueError(f"every sample of a batch needs the same number of vision tokens, got {counts.tolist()}")
+        if self.active and not bool((counts == counts[0]).all()) and not handles_ragged_batches(type(self.pruner)):
+            raise ValueError(f"method {self.pruner.name} needs the same number of vision tokens in every sample of a "
+                             f"batch, got {counts.tolist()}; set batch_size=1")
         batch = input_ids.shape[0]
         if self.active and batch > 1 and not self.pruner.supports_batching:
             raise ValueError(f"method {self.pruner.name} supports batch size 1 only; set batch_size=1")
@@ -285,10 +319,11 @@ class PruningRuntime:
             input_ids=input_ids,
             rotary=self._rotary,
             final_norm=self.lm.norm,
+            family=self.adapter.family,
         )
         self._pos_emb = None
         if self.active and self.recorder is not None:
-            self.recorder.begin(is_vision)
+            self.recorder.begin(is_vision, self.adapter.token_grids(self.model, {**kwargs, "input_ids": input_ids}))
         if self.active:
             self._timed(self.pruner.begin, self.state)
         return None
@@ -559,7 +594,8 @@ class PruningRuntime:
         shift = self._full_valid.sum(1) - state.valid.sum(1)
         if not self.compact:
             shift = torch.zeros_like(shift)
-        self.layers.append(LayerRecord(state.orig_index, state.is_vision.sum(1), shift, self._pos_emb is not None))
+        self.layers.append(LayerRecord(state.orig_index, state.is_vision.sum(1), shift, self._pos_emb is not None,
+                                       state.valid, state.seq_len))
 
         if self._pos_emb is None:
             return (state.hidden_states, *args[1:]), kwargs  # nothing changed yet: the model's own tensors
@@ -620,7 +656,8 @@ class PruningRuntime:
         cached.keys = cached.keys.transpose(1, 2)[rows, keep].transpose(1, 2).contiguous()
         cached.values = cached.values.transpose(1, 2)[rows, keep].transpose(1, 2).contiguous()
         record = self.layers[layer]
-        record.orig_index, record.changed = record.orig_index.gather(1, keep), True
+        record.orig_index, record.valid = record.orig_index.gather(1, keep), record.valid.gather(1, keep)
+        record.changed = True
         if self.recorder is not None:
             self.recorder.evict(layer, keep, self.state.is_vision)
         return None
@@ -631,21 +668,31 @@ class PruningRuntime:
         keep = selection.keep
         if keep.dim() != 2 or keep.shape[0] != state.batch_size:
             raise ValueError(f"Selection.keep must be (batch, k), got {tuple(keep.shape)}")
-        vision = state.vision_index
-        kept_vision = vision.gather(1, keep)
-        text = (~state.is_vision).nonzero()[:, 1].view(state.batch_size, -1)
-        index = torch.cat([text, kept_vision], dim=1).sort(dim=1).values
+        vision, n = state.vision_index, state.seq_len
+        # Entries -1 pad the rows that keep fewer tokens; a spare last column takes them.
+        kept_vision = torch.where(keep >= 0, vision.gather(1, keep.clamp(min=0)), n)
+        retained = torch.cat([~state.is_vision, state.is_vision.new_zeros(state.batch_size, 1)], 1)
+        retained = retained.scatter(1, kept_vision, torch.ones_like(kept_vision, dtype=torch.bool))[:, :n]
+        # Rows must stay one length: a row that drops more than the row dropping least keeps the difference as
+        # padding slots (its first dropped vision tokens, masked from every query).
+        dropped = state.is_vision & ~retained
+        extra = dropped.sum(1) - dropped.sum(1).min()
+        masked = dropped & (dropped.long().cumsum(1) <= extra[:, None])
+        index = (retained | masked).nonzero()[:, 1].view(state.batch_size, -1)
         hidden = state.hidden_states
         batch_rows = torch.arange(state.batch_size, device=hidden.device)[:, None]
         new_hidden = hidden[batch_rows, index]
+        slot = masked[batch_rows, index]
         new = {
             "orig_index": state.orig_index[batch_rows, index],
-            "is_vision": state.is_vision[batch_rows, index],
-            "image_index": state.image_index[batch_rows, index],
-            "valid": state.valid[batch_rows, index],
+            "is_vision": state.is_vision[batch_rows, index] & ~slot,
+            "image_index": state.image_index[batch_rows, index].masked_fill(slot, -1),
+            "valid": state.valid[batch_rows, index] & ~slot,
             "positions": state.positions[..., batch_rows, index],
         }
         if selection.merged is not None:
+            if state.ragged or masked.any():
+                raise ValueError("merged tokens need every row to keep the same number of vision tokens")
             merged = selection.merged.to(hidden.dtype)
             m = merged.shape[1]
             if selection.merged_positions is None and not self.compact:
@@ -675,21 +722,25 @@ class PruningRuntime:
         state.hidden_states = new_hidden
 
     def _prefill_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
-        """The model's full-length 4-D mask gathered to the current tokens; None (pure causal) stays None."""
-        if mask is None:
-            return None
+        """The model's full-length 4-D mask gathered to the current tokens, with the padding slots of a ragged batch
+        masked as keys; None (pure causal) stays None where there are none."""
         state = self.state
         index = state.orig_index
         batch, n = index.shape
+        slots = self._full_valid.gather(1, index) & ~state.valid  # dropped tokens kept as padding slots
+        if mask is None and not slots.any():
+            return None
+        causal = torch.ones(n, n, dtype=torch.bool, device=index.device).tril()
+        if mask is None:
+            return (causal & ~slots[:, None, :])[:, None]
         full = mask[:, 0].expand(batch, -1, -1)
         rows = full.gather(1, index[:, :, None].expand(-1, -1, full.shape[2]))
         gathered = rows.gather(2, index[:, None, :].expand(-1, n, -1))
         # Merged tokens share their image's last slot: re-impose causality in the current order.
-        causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
         if gathered.dtype == torch.bool:
-            gathered = gathered & causal
+            gathered = gathered & causal & ~slots[:, None, :]
         else:
-            gathered = gathered.masked_fill(~causal, torch.finfo(gathered.dtype).min)
+            gathered = gathered.masked_fill(~causal | slots[:, None, :], torch.finfo(gathered.dtype).min)
         return gathered[:, None]
 
     def _decode_inputs(self, layer: int, args, kwargs):
@@ -721,7 +772,7 @@ class PruningRuntime:
         if mask2d is None:
             mask2d = torch.ones(hidden.shape[0], self._full_len + decoded, dtype=torch.bool, device=hidden.device)
         mask2d = mask2d.bool()
-        cached = mask2d.gather(1, record.orig_index)[:, None, None, :].expand(-1, 1, queries, -1)
+        cached = (mask2d.gather(1, record.orig_index) & record.valid)[:, None, None, :].expand(-1, 1, queries, -1)
         causal = torch.ones(queries, decoded, dtype=torch.bool, device=mask2d.device).tril(decoded - queries)
         allowed = torch.cat([cached, mask2d[:, None, None, self._full_len:] & causal], dim=-1)
         if model_mask.dtype == torch.bool:

@@ -94,7 +94,8 @@ class Budget:
 class Selection:
     """What survives into a layer.
 
-    keep: (B, k) indices into the *current* vision tokens (`state.vision_index`), the same k for every row.
+    keep: (B, k) indices into the *current* vision tokens (`state.vision_index`); a row that keeps fewer tokens than
+        another ends in entries -1 (a ragged batch: `state.ragged`).
     merged: optional (B, m, d) new tokens placed right after the kept vision tokens of each row (they count as
         vision tokens); `merged_positions` (B, m) gives their RoPE positions, required when positions are kept
         original (in compact mode positions are renumbered anyway).
@@ -132,6 +133,9 @@ class TokenPruner:
     uses_budget: ClassVar[bool] = False
     #: whether a padded batch of several samples is supported (else the runtime refuses batch size > 1)
     supports_batching: ClassVar[bool] = True
+    #: whether such a batch may hold different numbers of vision tokens per row (images of different sizes on a
+    #: dynamic-resolution model): the method reads them through `vision_counts`, `vision_valid` and -1 in `keep`
+    supports_ragged_batches: ClassVar[bool] = False
     #: whether `reduce_image_features` / `reduce_image_embeddings` need the vision tower's CLS attention and keys
     #: (`VisionProbe`)
     needs_vision_probe: ClassVar[bool] = False
@@ -230,6 +234,7 @@ class ScorerPruner(TokenPruner):
     """
 
     uses_budget: ClassVar[bool] = True
+    supports_ragged_batches: ClassVar[bool] = True  # each row keeps each of its images' top tokens
     k: int = 0
 
     def validate(self, num_vision: int, num_layers: int) -> None:
@@ -252,13 +257,28 @@ class ScorerPruner(TokenPruner):
     def select(self, layer: int, state: PruneState) -> Selection | None:
         if layer != self.k:
             return None
-        scores, images = self.score(state), state.vision_images[0]  # rows share their images' token counts
+        scores, images = self.score(state), state.vision_images
+        if not state.ragged:  # rows share their images' token counts
+            return Selection(keep=self.top_per_image(scores, images[0], state.num_layers))
+        rows = [self.top_per_image(scores[row:row + 1], images[row], state.num_layers)[0]
+                for row in range(state.batch_size)]
+        return Selection(keep=torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1))
+
+    def top_per_image(self, scores: torch.Tensor, images: torch.Tensor, num_layers: int) -> torch.Tensor:
+        """(b, k) indices of each image's top-scoring tokens, ascending: `scores` (b, V) of rows whose tokens show
+        `images` (V,) (-1: no image)."""
         keep = []
         for image in range(int(images.max()) + 1):
             members = (images == image).nonzero()[:, 0]
-            count = min(self.keep_count(members.numel(), state.num_layers), members.numel())
+            count = min(self.keep_count(members.numel(), num_layers), members.numel())
             keep.append(members[scores[:, members].topk(count, dim=-1).indices])
-        return Selection(keep=torch.cat(keep, dim=-1).sort(dim=-1).values)
+        return torch.cat(keep, dim=-1).sort(dim=-1).values
+
+
+def handles_ragged_batches(method: type[TokenPruner]) -> bool:
+    """Whether a method runs on a padded batch whose rows hold different numbers of vision tokens: it says so, or it
+    is the dense baseline (which prunes nothing)."""
+    return method.supports_ragged_batches or method is TokenPruner
 
 
 def scale_layers(layers: list[int], num_layers: int, reference_layers: int = 32) -> list[int]:

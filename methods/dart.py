@@ -39,6 +39,7 @@ class DART(ScorerPruner):
     0..K-1 see every token)."""
 
     name: ClassVar[str] = "dart"
+    supports_ragged_batches: ClassVar[bool] = False  # its pivots pool one run of image tokens per row
     k: int = 2
 
     def validate(self, num_vision: int, num_layers: int) -> None:

@@ -56,15 +56,16 @@ class FastV(ScorerPruner):
     def score(self, state: PruneState) -> torch.Tensor:
         attention = state.probes[self.k - 1].attention[:, :, -1]  # (B, H, keys): the last prompt token's row
         vision = state.vision_index
-        self.scores = attention.mean(dim=1).gather(1, vision)
+        self.scores = attention.mean(dim=1).gather(1, vision).masked_fill(~state.vision_valid, float("-inf"))
         return self.scores
 
     def select(self, layer: int, state: PruneState) -> Selection | None:
         selection = super().select(layer, state)
         if selection is not None:  # how close the cut was: the last kept score minus the first dropped one
-            kept = selection.keep.shape[1]
-            ranked = self.scores.topk(min(kept + 1, self.scores.shape[1]), dim=-1).values.float()
-            self.margins = (ranked[:, kept - 1] - ranked[:, kept]).tolist() if kept < self.scores.shape[1] else None
+            kept, available = (selection.keep >= 0).sum(1).tolist(), state.vision_counts.tolist()
+            ranked = self.scores.sort(dim=-1, descending=True).values.float()
+            self.margins = [float(ranked[row, k - 1] - ranked[row, k]) if k < v else None
+                            for row, (k, v) in enumerate(zip(kept, available, strict=True))]
         return selection
 
     def record(self, row: int) -> dict:

@@ -45,9 +45,10 @@ class RandomPruner(ScorerPruner):
         device = state.is_vision.device
         self.drawn_seeds = [generator_seed(self.seed, sample_id, self.generator_seed)
                             for sample_id in state.sample_ids]
-        rows = [torch.rand(state.num_vision, generator=torch.Generator().manual_seed(seed))
-                for seed in self.drawn_seeds]
-        return torch.stack(rows).to(device)
+        # Each row draws its own count, as it would alone (a ragged batch pads the shorter rows).
+        rows = [torch.rand(count, generator=torch.Generator().manual_seed(seed))
+                for count, seed in zip(state.vision_counts.tolist(), self.drawn_seeds, strict=True)]
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=float("-inf")).to(device)
 
     def record(self, row: int) -> dict:
         return {"generator_seed": self.drawn_seeds[row]}

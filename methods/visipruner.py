@@ -43,6 +43,34 @@ if TYPE_CHECKING:
 STAGES = ("shallow", "middle", "deep")
 
 
+@dataclass(frozen=True)
+class FamilyRule:
+    """What VisiPruner fixes per model family: S (`shallow_mid_layer`) at the depth it was set for (placed at the same
+    relative depth on others), and the layer-0 rule by depth."""
+
+    depth: int
+    shallow_mid_layer: int
+    layer0_rules: dict[int, str]  # depth -> rule where not "7b"
+    same_s_at: tuple[int, ...] = ()  # other depths that keep S as it is
+
+    def mid_layer(self, num_layers: int) -> int:
+        if num_layers == self.depth or num_layers in self.same_s_at:
+            return self.shallow_mid_layer
+        return scale_layers([self.shallow_mid_layer], num_layers, reference_layers=self.depth)[0]
+
+    def layer0_rule(self, num_layers: int) -> str:
+        return self.layer0_rules.get(num_layers, "7b")
+
+
+#: The reference code's LLaVA-1.5 constants (S = 6 on the 7B and the 13B, the 13B's own layer-0 rule). The paper's
+#: Qwen2-VL-7B row has no public code: S = 5 is LLaVA-7B's relative depth (6 of 32) on its 28 layers, and its layer 0
+#: merges each image onto that image's first patch (the 7B rule); Qwen2.5-VL and Qwen3-VL take the same rule.
+#: docs/models-qwen-rest.md says why, and that no real weights checked it.
+QWEN_RULE = FamilyRule(depth=28, shallow_mid_layer=5, layer0_rules={})
+FAMILY_RULES = {"llava": FamilyRule(depth=32, shallow_mid_layer=6, layer0_rules={40: "13b"}, same_s_at=(40,)),
+                "qwen2_vl": QWEN_RULE, "qwen2_5_vl": QWEN_RULE, "qwen3_vl": QWEN_RULE}
+
+
 @dataclass
 class VisiPruner(TokenPruner):
     """Options: `mode` (subset of shallow/middle/deep), `shallow_mid_layer` S, `layer_threshold`,
@@ -91,13 +119,13 @@ class VisiPruner(TokenPruner):
             raise ConfigError(f"shallow_mid_layer must be null or in 1..{num_layers - 1}, got {layer!r}")
         self.mid_layer(num_layers)  # a depth that has no room for S stops here
 
-    def mid_layer(self, num_layers: int) -> int:
-        """S: as set, else the reference's 6 on LLaVA-1.5-7B/13B (32/40 layers), placed at the same relative depth
-        of 32 layers on other depths (the reference has no other depth; S = 6 would leave an 8-layer model two
-        layers that see the image)."""
+    def mid_layer(self, num_layers: int, family: str = "llava") -> int:
+        """S: as set, else the family's (`FAMILY_RULES`): the reference's 6 on LLaVA-1.5-7B/13B (32/40 layers),
+        placed at the same relative depth of 32 layers on other depths (the reference has no other depth; S = 6 would
+        leave an 8-layer model two layers that see the image); 5 on Qwen's 28."""
         if self.shallow_mid_layer is not None:
             return self.shallow_mid_layer
-        return 6 if num_layers in (32, 40) else scale_layers([6], num_layers)[0]
+        return FAMILY_RULES[family].mid_layer(num_layers)
 
     @property
     def attention_backend(self) -> str | None:
@@ -105,18 +133,20 @@ class VisiPruner(TokenPruner):
 
     # ------------------------------------------------------------------ per prefill
     def begin(self, state: PruneState) -> None:
-        vision = state.vision_index[0]
-        self.vision_start, self.vision_end = int(vision[0]), int(vision[-1]) + 1
-        self.num_vision = vision.numel()
-        self.shallow_end = self.mid_layer(state.num_layers)
-        self.rule = self.layer0_rule if self.layer0_rule != "auto" else ("13b" if state.num_layers == 40 else "7b")
+        vision, images = state.vision_index[0], state.vision_images[0]
+        # Each image's run of vision tokens (Qwen: the <|image_pad|> slots between its vision_start/end markers).
+        self.spans = [(int(vision[images == i][0]), int(vision[images == i][-1]) + 1)
+                      for i in range(int(images.max()) + 1)]
+        self.shallow_end = self.mid_layer(state.num_layers, state.family)
+        rule = FAMILY_RULES[state.family].layer0_rule(state.num_layers)
+        self.rule = self.layer0_rule if self.layer0_rule != "auto" else rule
         self.drawn_seed = None
-        if self.variant == "paper":  # the paper's random sink patch, reproducible per sample
+        if self.variant == "paper":  # the paper's random sink patch of each image, reproducible per sample
             self.drawn_seed = generator_seed(self.seed, state.sample_ids[0], self.generator_seed)
-            self.sink = int(torch.randint(self.num_vision, (1,), generator=torch.Generator().manual_seed(
-                self.drawn_seed)))
+            generator = torch.Generator().manual_seed(self.drawn_seed)
+            self.sinks = [int(torch.randint(end - start, (1,), generator=generator)) for start, end in self.spans]
         else:
-            self.sink = 0  # the code always merges onto the first patch
+            self.sinks = [0] * len(self.spans)  # the code always merges onto the first patch
         self.filter_layer: int | None = None
         self.kept: int | None = None
         self.exit_layer: int | None = None
@@ -143,19 +173,27 @@ class VisiPruner(TokenPruner):
         return lambda probs, state: self._shallow_edit(layer, probs)
 
     def _shallow_edit(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
-        v0, v1 = self.vision_start, self.vision_end
+        """The reference's edits of its one image, on each image of the prompt: its keys [v0, v1), the text queries
+        after it (the runs between later images, and after the last)."""
         probs = probs.clone()
-        if layer == 0 and (self.rule == "7b" or self.variant == "paper"):
-            mass = probs[:, :, v1:, v0:v1].sum(dim=-1)  # each text query's attention on the whole image
-            probs[:, :, v0:, v0:v1] = 0  # vision and text queries lose all attention to vision keys ...
-            probs[:, :, v1:, v0 + self.sink] = mass  # ... and text queries put that mass on the sink patch
-        elif layer == 0:  # 13B rule
-            probs[:, :, v0:v1, v0:v1] = 0
-            probs[:, :, v1:, v0:v0 + self.num_vision // 2] = 0
-        else:
-            probs[:, :, v1:, v0:v1] = 0
-            if self.variant == "paper":
+        for image, ((v0, v1), sink) in enumerate(zip(self.spans, self.sinks, strict=True)):
+            text = [slice(end, start) for end, start in
+                    zip([end for _, end in self.spans[image:]], [start for start, _ in self.spans[image + 1:]] + [None],
+                        strict=True)]
+            if layer == 0 and (self.rule == "7b" or self.variant == "paper"):
+                mass = [probs[:, :, rows, v0:v1].sum(dim=-1) for rows in text]  # each text query's mass on the image
+                probs[:, :, v0:, v0:v1] = 0  # vision and text queries lose all attention to its vision keys ...
+                for rows, moved in zip(text, mass, strict=True):
+                    probs[:, :, rows, v0 + sink] = moved  # ... and text queries put that mass on the sink patch
+            elif layer == 0:  # 13B rule
                 probs[:, :, v0:v1, v0:v1] = 0
+                for rows in text:
+                    probs[:, :, rows, v0:v0 + (v1 - v0) // 2] = 0
+            else:
+                for rows in text:
+                    probs[:, :, rows, v0:v1] = 0
+                if self.variant == "paper":
+                    probs[:, :, v0:v1, v0:v1] = 0
         return probs
 
     # ------------------------------------------------------------------ stages 2 and 3: probes and drops

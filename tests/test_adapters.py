@@ -111,15 +111,21 @@ def test_every_supported_class_has_one_adapter_and_others_are_refused(tiny):
     (["method=pdrop", "budget=16"], "method pdrop with positions=compact is not defined on Qwen2.5-VL's M-RoPE (3-row "
                                     "image-grid positions): use method.positions=original"),
     (["method=cdpruner", "budget=16"], "method cdpruner does not run on Qwen2.5-VL, whose vision tower is no CLIP"),
-    (["method=fastv", "budget=16", "batch_size=2"], "Qwen2.5-VL gives images of different sizes different numbers "
-                                                    "of vision tokens"),
+    (["method=dart", "budget=16", "batch_size=2"], "Qwen2.5-VL gives images of different sizes different numbers "
+                                                   "of vision tokens, and method dart needs the same number in every "
+                                                   "row of a batch: set batch_size=1 (methods that take such batches: "
+                                                   "none, random, fastv)"),
     (["method=fastv", "budget=65"], "budget must be in 1..64"),
+    (["method=fastv", "budget=16", "batch_size=2", "flops=counted"], "flops=counted counts a batch as a whole, whose "
+                                                                     "rows may hold images of different sizes on "
+                                                                     "Qwen2.5-VL: set batch_size=1 or flops=projected"),
 ])
 def test_what_the_runtime_does_not_define_on_qwen_is_refused_before_loading(overrides, message):
     with pytest.raises(ConfigError) as error:
         check_overrides(["model=tiny_qwen25vl", *overrides])
     assert message in str(error.value)
     check_overrides(["model=tiny_qwen25vl", "method=pdrop", "budget=16", "method.positions=original"])
+    check_overrides(["model=tiny_qwen25vl", "method=fastv", "budget=16", "batch_size=2"])  # rows of any sizes
 
 
 def test_a_tiny_qwen_run_goes_end_to_end_through_lmms_eval(tmp_path):

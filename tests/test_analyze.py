@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from harness import analyze
 from harness.analyze import Request
 from harness.tasks import synthetic_samples
 from methods import Budget, FastV
-from tests.conftest import tiny_model
+from tests.conftest import tiny_model, tiny_of
 
 QUESTION = "What color is the square?"
 LAYERS = [1, 3]
@@ -214,3 +215,27 @@ def test_bad_input_fails_before_loading_with_a_clear_message(monkeypatch, args, 
     assert str(exit_.value).startswith("prunebench.analyze: error: ")
     assert message in str(exit_.value)
 
+
+
+def test_qwen_attention_maps_lie_on_each_images_own_grid(tmp_path):
+    """tiny_qwen25vl, images of two sizes: the attention maps and the pruning record lie on the image's merged token
+    grid (rows x columns, 28 px each; 336x224 px is scaled down within max_pixels to 6x9), drawn over the image as
+    the processor resized it (no crop)."""
+    generator = torch.Generator().manual_seed(0)
+    small, large = (Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
+                    for w, h in ((100, 90), (336, 224)))
+    small.save(tmp_path / "small.png")
+    out = analyze.run(["model=tiny_qwen25vl", f"image={tmp_path / 'small.png'}", "question=What is this?",
+                       "method=fastv", "retain=0.25", "layers=0", "topk=2", f"output_dir={tmp_path}"])
+    result = json.loads((out / "analysis.json").read_text())
+    assert result["input"]["grid"] == [3, 4] and result["input"]["vision_tokens"] == 12
+    assert [len(row) for row in result["vision_attention"]["tokens"]] == [12] * 4
+    assert result["pruning"]["selections"]["grid"] == [3, 4]
+    assert result["pruning"]["vision_tokens_per_layer"] == [12, 12, 3, 3]
+    assert "attention_to_image.png" in result["figures"] and "pruning.png" in result["figures"]
+
+    loaded = tiny_of("tiny_qwen25vl")
+    insight = analyze.analyze(loaded, Request(large, "What is this?", "test", "test", [0], 2), None)
+    assert insight.grid == (6, 9) and insight.vision_attention.shape == (4, 54)
+    for image, (rows, columns) in ((small, (3, 4)), (large, (6, 9))):
+        assert analyze.processed_image(loaded, image).size == (columns * 28, rows * 28)

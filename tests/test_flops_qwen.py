@@ -22,10 +22,14 @@ from transformers import (
 )
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
+from harness.cost import ForwardTimer
 from harness.flops import (
     FlopCounter,
+    LayerFlops,
+    PhaseFlops,
     QwenArchitecture,
     Schedule,
+    executed_schedule,
     image_grid,
     model_architecture,
     parse_args,
@@ -33,8 +37,11 @@ from harness.flops import (
     report,
 )
 from harness.models import MODEL_CONFIGS
-from methods import ConfigError
+from harness.runtime import prune
+from methods import Budget, ConfigError, FastV
+from tests.conftest import tiny_of
 from tests.test_flops import assert_equal_flops
+from tests.test_runtime import QUESTION
 
 IMAGE, VIDEO, VISION_START, VISION_END = 100, 101, 102, 103
 TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -205,3 +212,46 @@ def test_pixel_bounds_come_from_the_options_then_the_model_conf():
 def test_flops_command_refuses_what_it_cannot_project(args, message):
     with pytest.raises(ConfigError, match=message):
         report(*parse_args(["method=none", *args]))
+
+
+def executed(loaded, pruner, images: list[list[Image.Image]], questions: list[str]) -> tuple:
+    """Generate under the counter: its (prefill, decode) of the whole batch, and each row's projection of what ran
+    (its own images' architecture, its own schedule)."""
+    inputs = loaded.inputs(images, questions)
+    with torch.no_grad(), prune(loaded.model, pruner, sample_ids=list(range(len(questions)))) as runtime, \
+            ForwardTimer(loaded.model) as timer, FlopCounter(loaded.model, runtime) as counter:
+        loaded.model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    grids = [tuple(grid[1:]) for grid in inputs["image_grid_thw"].tolist()]
+    firsts = [sum(len(row) for row in images[:index]) for index in range(len(images))]
+    projected = [project(model_architecture(loaded.model.config, grids[first:first + len(row)]),
+                         executed_schedule(runtime, timer.decode_steps, index))
+                 for index, (first, row) in enumerate(zip(firsts, images, strict=True))]
+    return (counter.prefill, counter.decode), projected, runtime
+
+
+def noise(width: int, height: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(width)
+    return Image.fromarray((torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy())
+
+
+@pytest.mark.parametrize("conf", ["tiny_qwen2vl", "tiny_qwen25vl", "tiny_qwen3vl"])
+def test_counter_equals_projection_of_a_pruned_qwen_run(conf):
+    """FastV at retain=0.25 on each tiny Qwen (64 vision tokens, 16 kept from layer 2): per layer and component,
+    vision-related attention included, as for LLaVA's pruned runs; then a padded batch of a 336 px and a 100x90 px
+    image, whose counted batch is the sum of its rows' projections (each row its own images and kept tokens; the
+    row that dropped more counts its masked padding slots as tokens, not as vision)."""
+    loaded = tiny_of(conf)
+    pruner = FastV(budget=Budget(retain=0.25))
+    counted, (projected,), runtime = executed(loaded, pruner, [[noise(336, 336)]], [QUESTION])
+    assert runtime.vision_tokens_per_layer().tolist() == [[64, 64, 16, 16]]
+    for phase_counted, phase_projected in zip(counted, projected, strict=True):
+        assert_equal_flops(phase_counted, phase_projected)
+    assert counted[0].vision > 0 and counted[0].projector > 0 and counted[0].layers[3].vision_attention > 0
+    counted, rows, runtime = executed(loaded, pruner, [[noise(336, 336)], [noise(100, 90)]], [QUESTION] * 2)
+    small = 9 if conf == "tiny_qwen3vl" else 12
+    assert runtime.vision_tokens_per_layer().tolist() == [[64, 64, 16, 16], [small, small] + [round(small / 4)] * 2]
+    for phase_counted, *phase_rows in zip(counted, *rows, strict=True):
+        total = PhaseFlops([sum(layers, LayerFlops()) for layers in zip(*(p.layers for p in phase_rows), strict=True)],
+                           *(sum(getattr(p, part) for p in phase_rows) for part in ("vision", "projector", "lm_head")))
+        # the counter splits vision-related attention by the batch's first row
+        assert_equal_flops(phase_counted, total, skip=("method", "vision_attention"))

@@ -273,3 +273,69 @@ def test_the_options_are_checked_before_loading_and_keep_earlier_config_keys(tmp
     check_overrides(["model=tiny", "method=sparsevlm", "budget=64", "+method.generator_seed=5"])
     assert validate(run_config(tmp_path, "method=sparsevlm", "+method.generator_seed=5")).generator_seed == 5
     assert "generator_seed" not in run_config(tmp_path, "method=sparsevlm").method  # default configs: keys unchanged
+
+
+def noise(width: int, height: int):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(width)
+    return Image.fromarray((torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy())
+
+
+@torch.no_grad()
+def test_qwen_records_each_images_own_grid_in_a_ragged_batch():
+    """tiny_qwen25vl: a prompt with a 100x90 image (3x4 vision tokens) and a 336 px one (8x8) beside a prompt with
+    only the small one. Each recorded patch is the kept token's place on its image's own merged grid: its M-RoPE
+    (h, w) positions minus the image's t position are the patch's row and column."""
+    from tests.conftest import tiny_of
+
+    qwen = tiny_of("tiny_qwen25vl")
+    small, big = noise(100, 90), noise(336, 336)
+    inputs = qwen.inputs([[small, big], [small]], [QUESTION, "Which one?"])
+    with prune(qwen.model, RandomPruner(k=1, budget=Budget(5)), sample_ids=["two", "one"], record=True) as runtime:
+        qwen.model(**inputs)
+    first, second = runtime.recorder.record(0), runtime.recorder.record(1)
+    assert first["grids"] == [[3, 4], [8, 8]] and second["grid"] == [3, 4] and "grids" not in second
+    kept, valid = runtime.layers[1].orig_index, runtime.layers[1].valid  # the first row keeps padding slots
+    for row, record, grids in ((0, first, [(3, 4), (8, 8)]), (1, second, [(3, 4)])):
+        (entry,) = record["layers"]
+        assert entry["layer"] == 1 and entry["merged"] == []
+        is_image = inputs["input_ids"][row] == qwen.model.config.image_token_id
+        ordinal = is_image.long().cumsum(0) - 1  # sequence index -> vision token (= patch) number
+        tokens = [int(i) for i, real in zip(kept[row], valid[row], strict=True) if is_image[i] and real]
+        assert entry["kept"] == [int(ordinal[i]) for i in tokens]
+        offsets = [sum(h * w for h, w in grids[:image]) for image in range(len(grids))]
+        assert [sum(o <= p < o + h * w for p in entry["kept"]) for o, (h, w) in zip(offsets, grids, strict=True)] == \
+            [5] * len(grids)  # each image keeps its budget
+        positions = runtime.state.positions[:, row]  # (3, n) of the kept tokens, after layer 1's drop
+        current = runtime.state.orig_index[row].tolist()
+        for patch, index in zip(entry["kept"], tokens, strict=True):
+            image = max(i for i, o in enumerate(offsets) if o <= patch)
+            t, h, w = positions[:, current.index(index)].tolist()
+            assert (h - t, w - t) == divmod(patch - offsets[image], grids[image][1])
+
+
+@torch.no_grad()
+def test_a_ragged_qwen_batch_gives_each_sample_its_own_record(tmp_path):
+    """`batch_size=2` on tiny_qwen25vl with a 336 px and a 100x90 px image: each sample's output, vision tokens per
+    layer, selection record and vision-tower FLOPs are those it gets alone; both rows ran the same tokens per layer
+    (the first keeps padding slots), of which each counts its own vision tokens."""
+    from harness.config import compose as compose_run
+    from tests.conftest import tiny_of
+
+    cfg = compose_run(["model=tiny_qwen25vl", "method=fastv", "retain=0.25", "batch_size=2", f"output_dir={tmp_path}"])
+    model = Prunebench.for_run(cfg, validate(cfg), {}, None)
+    model.loaded = tiny_of("tiny_qwen25vl")
+    requests = [(0, "t/0", QUESTION, {"max_new_tokens": 3}, [noise(336, 336)], {}),
+                (1, "t/1", "Describe it.", {"max_new_tokens": 3}, [noise(100, 90)], {})]
+    batch = model._generate(requests)
+    alone = [model._generate([request])[0] for request in requests]
+    assert [r["vision_tokens_per_layer"] for r in batch] == [[64, 64, 16, 16], [12, 12, 3, 3]]
+    assert [r["selections"]["grid"] for r in batch] == [[8, 8], [3, 4]]
+    assert batch[0]["tokens_per_layer"] == batch[1]["tokens_per_layer"]
+    for together, single in zip(batch, alone, strict=True):
+        for key in ("output", "vision_tokens_per_layer", "vision_tokens_unpruned", "selections"):
+            assert together[key] == single[key], key
+        assert together["first_token_top"]["ids"] == single["first_token_top"]["ids"]
+        assert together["flops"]["prefill"]["vision"] == single["flops"]["prefill"]["vision"] > 0
+    assert batch[0]["flops"]["prefill"]["vision"] > batch[1]["flops"]["prefill"]["vision"]

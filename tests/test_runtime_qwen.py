@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from harness.runtime import prune
-from methods import Budget, ConfigError, Probe, RandomPruner, TokenPruner
+from methods import Budget, ConfigError, FastV, PDrop, Probe, RandomPruner, Selection, TokenPruner
 from tests.conftest import tiny_of
 from tests.test_runtime import QUESTION, KeepAll, generate, hide_keys_from
 
@@ -94,12 +94,53 @@ def test_padded_batch_equals_each_sample_alone(qwen, pictures):
         assert (batch_logits[row] - logits[0]).abs().max() <= 1e-4
 
 
+class KeepEveryRow(TokenPruner):
+    """Selects every vision token of each row at layer 1, -1 padding the shorter rows of a ragged batch."""
+
+    supports_ragged_batches = True
+
+    def select(self, layer, state):
+        if layer != 1:
+            return None
+        entries = torch.arange(state.vision_index.shape[1]).expand(state.batch_size, -1)
+        return Selection(keep=entries.masked_fill(~state.vision_valid, -1))
+
+
 @torch.no_grad()
-def test_a_batch_whose_images_differ_in_size_is_refused(qwen, pictures):
+@pytest.mark.parametrize(("pruner", "vision"), [
+    (KeepEveryRow(), lambda small: [[64] * 4, [small] * 4]),
+    (RandomPruner(k=1, budget=Budget(8)), lambda small: [[64] + [8] * 3, [small] + [8] * 3]),  # the same kept
+    (FastV(k=2, budget=Budget(retain=0.25)), lambda small: [[64, 64] + [16] * 2, [small] * 2 + [round(small / 4)] * 2]),
+], ids=["keep-all", "random-8", "fastv-retain0.25"])
+def test_a_padded_batch_of_images_of_different_sizes_equals_each_alone(qwen, pictures, pruner, vision):
+    """Rows with 64 and 12 (Qwen3-VL: 9) vision tokens: a row that drops more keeps the difference as masked padding
+    slots, so both rows stay one length; each row's logits at every step and its tokens are those it gets alone."""
+    questions = [QUESTION, "Describe the colours and the shapes you can see in this picture, please."]
+    batch = qwen.inputs([pictures[0], pictures[2]], questions)
+    with prune(qwen.model, pruner, sample_ids=["a", "b"]) as runtime:
+        out = qwen.model.generate(**batch, max_new_tokens=FEW, min_new_tokens=FEW, do_sample=False,
+                                  return_dict_in_generate=True, output_logits=True)
+    assert runtime.vision_tokens_per_layer().tolist() == vision(small(qwen))
+    width = batch["input_ids"].shape[1]
+    for row in range(2):
+        alone = qwen.inputs([pictures[[0, 2][row]]], questions[row: row + 1])
+        with prune(qwen.model, pruner, sample_ids=[["a", "b"][row]]):
+            reference = qwen.model.generate(**alone, max_new_tokens=FEW, min_new_tokens=FEW, do_sample=False,
+                                            return_dict_in_generate=True, output_logits=True)
+        assert torch.equal(out.sequences[row, width:], reference.sequences[0, alone["input_ids"].shape[1]:])
+        for step, logits in enumerate(out.logits):
+            assert (logits[row] - reference.logits[step][0]).abs().max() <= 1e-5, step
+
+
+@torch.no_grad()
+def test_a_method_that_needs_one_count_per_batch_refuses_images_of_different_sizes(qwen, pictures):
     inputs = qwen.inputs([pictures[0], pictures[2]], [QUESTION, QUESTION])
-    with prune(qwen.model, RandomPruner(k=1, budget=Budget(8))), \
-            pytest.raises(ValueError, match=rf"the same number of vision tokens, got \[64, {small(qwen)}\]"):
+    with prune(qwen.model, PDrop(budget=Budget(32), positions="original")), \
+            pytest.raises(ValueError, match=rf"^method pdrop needs the same number of vision tokens in every sample of "
+                                            rf"a batch, got \[64, {small(qwen)}\]; set batch_size=1$"):
         qwen.model(**inputs)
+    with prune(qwen.model, PDrop(budget=Budget(32), positions="original")):  # images of one size: no refusal
+        qwen.model(**qwen.inputs([pictures[0], pictures[1]], [QUESTION, QUESTION]))
 
 
 @torch.no_grad()

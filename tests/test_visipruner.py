@@ -6,11 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+from PIL import Image
 
 from harness.cost import returned_cache
 from harness.runtime import ProbeResult, PruneState, prune
 from methods import ConfigError, VisiPruner
-from tests.conftest import tiny_model
+from methods.visipruner import FAMILY_RULES
+from tests.conftest import tiny_model, tiny_of
 from tests.test_runtime import hide_keys_from
 
 # ---------------------------------------------------------------------- hand-built tensors
@@ -247,3 +249,51 @@ def test_paper_variant_removes_shallow_vision_from_the_cache(deep_tiny, images):
     assert returned_cache(out).layers[0].keys.shape[2] == n - 576  # shallow layer 0 (S=1): no vision K/V
     assert returned_cache(out).layers[1].keys.shape[2] == n
     assert generated.sequences.shape[1] == n + 5
+
+
+# ---------------------------------------------------------------------- Qwen (docs/models-qwen-rest.md)
+def test_the_qwen_rule_places_s_at_qwen2_vl_7bs_depth():
+    """S = 5 of Qwen2-VL-7B's 28 layers (LLaVA-7B's 6 of 32), scaled from 28 on other depths: 14 layers give 2
+    where LLaVA's rule gives 3; every Qwen family uses it; the layer-0 rule is the 7B one at every depth."""
+    assert [VisiPruner().mid_layer(n, "qwen2_vl") for n in (28, 14, 36, 4)] == [5, 2, 6, 1]
+    assert VisiPruner().mid_layer(14) == 3 and FAMILY_RULES["llava"].layer0_rule(40) == "13b"
+    assert FAMILY_RULES["qwen2_vl"] is FAMILY_RULES["qwen2_5_vl"] is FAMILY_RULES["qwen3_vl"]
+    assert FAMILY_RULES["qwen2_vl"].layer0_rule(40) == "7b"
+
+
+@torch.no_grad()
+def test_the_qwen_rule_is_what_runs_on_tiny_qwen2vl():
+    """On an 8-layer tiny_qwen2vl, with two images of different sizes in one prompt: S = 1 (5 of 28 scaled; LLaVA's
+    rule would give 2), the 7B rule, and one sink per image, its first patch; layer 0 merges each image's text mass
+    onto its own sink, and shallow layers leave the vision_start/end markers and the other image's vision rows
+    alone."""
+    qwen = tiny_of("tiny_qwen2vl", num_layers=8)
+    generator = torch.Generator().manual_seed(0)
+    pictures = [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
+                for w, h in ((100, 90), (168, 112))]  # 12 and 24 vision tokens
+    inputs = qwen.inputs([pictures], ["Which picture is brighter?"])
+    pruner = VisiPruner()
+    with prune(qwen.model, pruner, sample_ids=["s"]) as runtime:
+        qwen.model(**inputs)
+    (a0, a1), (b0, b1) = spans = qwen.adapter.image_spans(qwen.model, inputs["input_ids"])[0]
+    assert (a1 - a0, b1 - b0) == (12, 24) and b0 > a1 + 1  # markers and text between the images
+    assert (pruner.spans, pruner.sinks, pruner.shallow_end, pruner.rule) == (spans, [0, 0], 1, "7b")
+    assert pruner.filter_layer is None or pruner.filter_layer > 1
+    assert runtime.vision_tokens_per_layer()[0, :3].tolist() == [36] * 3  # nothing drops before detection starts
+
+    n = inputs["input_ids"].shape[1]
+    scores = torch.randn(1, 2, n, n, generator=torch.Generator().manual_seed(0))
+    probs = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    edited = pruner._shallow_edit(0, probs)
+    between, after = slice(a1, b0), slice(b1, n)  # text rows after the first image, and after the second
+    for rows in (between, after):
+        assert torch.allclose(edited[:, :, rows, a0], probs[:, :, rows, a0:a1].sum(-1))
+        assert (edited[:, :, rows, a0 + 1:a1] == 0).all()
+    assert torch.allclose(edited[:, :, after, b0], probs[:, :, after, b0:b1].sum(-1))
+    assert (edited[:, :, b0:b1, a0:a1] == 0).all()  # vision rows lose every vision key at layer 0
+    for marker in (a0 - 1, a1, b0 - 1, b1):  # vision_start / vision_end: text keys, untouched
+        assert torch.equal(edited[..., marker], probs[..., marker])
+    later = pruner._shallow_edit(1, probs)
+    assert (later[:, :, between, a0:a1] == 0).all() and (later[:, :, after, a0:a1] == 0).all()
+    assert (later[:, :, after, b0:b1] == 0).all()
+    assert torch.equal(later[:, :, b0:b1, a0:a1], probs[:, :, b0:b1, a0:a1])  # code: vision rows keep vision keys

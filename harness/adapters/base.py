@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from methods.base import ConfigError, TokenPruner
+from methods.base import ConfigError, TokenPruner, handles_ragged_batches
 
 Images = list[list[Image.Image]] | None  # the images of each prompt, in order (None: a text-only batch)
 
@@ -44,8 +44,8 @@ class ModelAdapter:
     architectures: ClassVar[tuple[str, ...]]
     #: rows of RoPE position ids the language model takes: 1 (1-D RoPE) or 3 (M-RoPE: t, h, w)
     position_rows: ClassVar[int] = 1
-    #: whether every image gives the same number of vision tokens (else images of different sizes cannot share a
-    #: batch: the runtime needs the same count in every row)
+    #: whether every image gives the same number of vision tokens (else a batch's rows may hold different numbers:
+    #: only methods that handle such batches may share one)
     fixed_vision_tokens: ClassVar[bool] = True
     #: whether pre-LLM methods reduce each image's projected tokens in the sequence before decoder layer 0 (and with a
     #: probe from `image_probes`), because the projector's output cannot be split into images where it runs
@@ -64,9 +64,13 @@ class ModelAdapter:
         if pruner.needs_clip_tower and not self.cls_token:
             raise ConfigError(f"method {pruner.name} does not run on {self.title}, whose vision tower is no CLIP: "
                               f"{pruner.needs_clip_tower}")
-        if batch_size > 1 and not self.fixed_vision_tokens:
+        if batch_size > 1 and not self.fixed_vision_tokens and not handles_ragged_batches(type(pruner)):
+            from methods import METHODS
+
+            able = ", ".join(name for name, cls in METHODS.items() if handles_ragged_batches(cls))
             raise ConfigError(f"{self.title} gives images of different sizes different numbers of vision tokens, and "
-                              "the pruning runtime needs the same number in every row of a batch: set batch_size=1")
+                              f"method {pruner.name} needs the same number in every row of a batch: set batch_size=1 "
+                              f"(methods that take such batches: {able})")
 
     # ------------------------------------------------------------------ loading
     def config_class(self):
@@ -186,6 +190,11 @@ class ModelAdapter:
         is_vision = self.vision_mask(model, input_ids, inputs)
         starts = is_vision & ~torch.nn.functional.pad(is_vision, (1, 0))[:, :-1]
         return torch.where(is_vision, starts.long().cumsum(1) - 1, -1)
+
+    def token_grids(self, model, model_inputs: dict) -> list[tuple[int, int]] | None:
+        """Each image's vision-token grid (rows, columns), the batch's images in order, from the model call's inputs;
+        None where every image has the model's one fixed grid."""
+        return None
 
     def image_spans(self, model, input_ids: torch.Tensor, inputs: dict | None = None) -> list[list[tuple[int, int]]]:
         """Per row, each image's vision tokens as a half-open [start, end) range of sequence indices: every family here

@@ -177,6 +177,18 @@ class Qwen2VLAdapter(ModelAdapter):
         return prompts
 
     # ------------------------------------------------------------------ where things are
+    def token_grids(self, model, model_inputs: dict) -> list[tuple[int, int]] | None:
+        """From `image_grid_thw` (ViT patches): one vision token per 2x2 patches, row-major. Under generate() the
+        model call gets the image features and the (4, B, n) M-RoPE positions instead: an image's rows and columns
+        are then the spread of its tokens' h and w positions."""
+        grid_thw = model_inputs.get("image_grid_thw")
+        if grid_thw is not None:
+            return [(h // self.merge_size, w // self.merge_size) for _, h, w in grid_thw.tolist()]
+        positions = model_inputs["position_ids"]
+        return [(int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1)
+                for row, spans in enumerate(self.image_spans(model, model_inputs["input_ids"]))
+                for h, w in ((positions[-2, row, start:end], positions[-1, row, start:end]) for start, end in spans)]
+
     def vision_tower(self, model) -> torch.nn.Module:
         return model.model.visual
 
