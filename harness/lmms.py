@@ -110,7 +110,7 @@ class Prunebench(lmms):
         if sampling:
             options.update(temperature=gen_kwargs["temperature"], top_p=gen_kwargs.get("top_p") or 1.0)
         with prune(loaded.model, pruner, sample_ids=[sample_id for _, sample_id, *_ in batch],
-                   record=self.cfg.record_selections and loaded.adapter.records_selections,
+                   record=self.cfg.record_selections and loaded.adapter.records(pruner),
                    questions=questions) as runtime, \
                 ForwardTimer(loaded.model) as timer:
             out = loaded.model.generate(**inputs, **options, return_dict_in_generate=True, output_logits=True)

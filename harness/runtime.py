@@ -244,6 +244,8 @@ class PruningRuntime:
             self.multimodal.pack_image_features = functools.partial(
                 self._reduce_packed, type(self.multimodal).pack_image_features, self.multimodal)
         elif (reduces_features or self._reduces_embeddings) and not self.adapter.cls_token:
+            if self.recorder is not None:
+                raise ValueError(f"pre-LLM reductions on {self.adapter.title} are not recorded: use record=False")
             self._install_tower_reduction()
         elif reduces_features or self._reduces_embeddings:
             if self.adapter.reduces_in_sequence:  # the projector's output cannot be split into images here
@@ -299,6 +301,8 @@ class PruningRuntime:
         counts = is_vision.sum(dim=1)
         self.layers, self._ended = [], False
         self.active = bool(counts.any())
+        if self.active and not bool((counts == counts[0]).all()) and not self.adapter.ragged_batches:
+            raise ValueError(f"every sample of a batch needs the same number of vision tokens, got {counts.tolist()}")
         if self.active and not bool((counts == counts[0]).all()) and not handles_ragged_batches(type(self.pruner)):
             raise ValueError(f"method {self.pruner.name} needs the same number of vision tokens in every sample of a "
                              f"batch, got {counts.tolist()}; set batch_size=1")

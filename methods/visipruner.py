@@ -71,6 +71,12 @@ FAMILY_RULES = {"llava": FamilyRule(depth=32, shallow_mid_layer=6, layer0_rules=
                 "qwen2_vl": QWEN_RULE, "qwen2_5_vl": QWEN_RULE, "qwen3_vl": QWEN_RULE}
 
 
+def family_rule(family: str) -> FamilyRule:
+    """The family's rule; LLaVA-1.5's where a family has none of its own (LLaVA-NeXT/OneVision and InternVL, whose
+    VisiPruner settings nobody published: the reference's constants at the same relative depth)."""
+    return FAMILY_RULES.get(family, FAMILY_RULES["llava"])
+
+
 @dataclass
 class VisiPruner(TokenPruner):
     """Options: `mode` (subset of shallow/middle/deep), `shallow_mid_layer` S, `layer_threshold`,
@@ -125,7 +131,7 @@ class VisiPruner(TokenPruner):
         leave an 8-layer model two layers that see the image); 5 on Qwen's 28."""
         if self.shallow_mid_layer is not None:
             return self.shallow_mid_layer
-        return FAMILY_RULES[family].mid_layer(num_layers)
+        return family_rule(family).mid_layer(num_layers)
 
     @property
     def attention_backend(self) -> str | None:
@@ -138,7 +144,7 @@ class VisiPruner(TokenPruner):
         self.spans = [(int(vision[images == i][0]), int(vision[images == i][-1]) + 1)
                       for i in range(int(images.max()) + 1)]
         self.shallow_end = self.mid_layer(state.num_layers, state.family)
-        rule = FAMILY_RULES[state.family].layer0_rule(state.num_layers)
+        rule = family_rule(state.family).layer0_rule(state.num_layers)
         self.rule = self.layer0_rule if self.layer0_rule != "auto" else rule
         self.drawn_seed = None
         if self.variant == "paper":  # the paper's random sink patch of each image, reproducible per sample

@@ -62,6 +62,11 @@ class ModelAdapter:
     #: then reduces each image's tokens at the tower's output, through the methods below marked "CLS-less"
     cls_token: ClassVar[bool] = True
 
+    def records(self, pruner: TokenPruner) -> bool:
+        """Whether `harness.records` follows this method's selections on this family: not yet on the families without
+        `records_selections`, nor through the tower-output reduction of towers without CLS."""
+        return self.records_selections and (self.cls_token or not reduces_before_llm(pruner))
+
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         """Refuse, before anything loads, what the runtime does not define on this family; the message names why and
         what would work."""
