@@ -219,6 +219,20 @@ class ModelAdapter:
         return spans
 
 
+def seeded_model(model_class, config, spec: DictConfig, pad_token_id: int, eos_token_id: int | None = None):
+    """A tiny model of `config` in eval mode, its weights drawn from `spec.seed` (the global RNG left as it was), the
+    language model on `spec.attn_implementation` and the vision tower on sdpa."""
+    config.text_config._attn_implementation = spec.attn_implementation
+    config.vision_config._attn_implementation = "sdpa"
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        model = model_class(config)
+    model.generation_config.pad_token_id = pad_token_id
+    if eos_token_id is not None:
+        model.generation_config.eos_token_id = eos_token_id
+    return model.eval()
+
+
 def reduces_before_llm(pruner: TokenPruner) -> bool:
     """Whether the method reduces the vision features before the language model (around LLaVA-1.5's projector)."""
     hooks = ("reduce_image_features", "reduce_image_embeddings")

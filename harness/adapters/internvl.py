@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from harness.adapters.base import Images, ModelAdapter, byte_vocab, reduces_before_llm
+from harness.adapters.base import Images, ModelAdapter, byte_vocab, reduces_before_llm, seeded_model
 from harness.adapters.qwen2_vl import _chat_template, images_only
 from methods.base import ConfigError, TokenPruner
 
@@ -153,14 +153,8 @@ class InternVLAdapter(ModelAdapter):
             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
             image_seq_length=tokens_per_tile,
         )
-        config.text_config._attn_implementation = spec.attn_implementation
-        config.vision_config._attn_implementation = "sdpa"
-        with torch.random.fork_rng():
-            torch.manual_seed(spec.seed)
-            model = InternVLForConditionalGeneration(config)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        return model.eval(), processor
+        return seeded_model(InternVLForConditionalGeneration, config, spec, tokenizer.pad_token_id,
+                            tokenizer.eos_token_id), processor
 
     # ------------------------------------------------------------------ prompts
     def prompts(self, processor, questions: list[str], images: Images) -> list[str]:

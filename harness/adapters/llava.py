@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from harness.adapters.base import Images, ModelAdapter, byte_vocab
+from harness.adapters.base import Images, ModelAdapter, byte_vocab, seeded_model
 
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -106,13 +106,8 @@ class LlavaAdapter(ModelAdapter):
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
         )
-        config.text_config._attn_implementation = spec.attn_implementation
-        config.vision_config._attn_implementation = "sdpa"
-        with torch.random.fork_rng():
-            torch.manual_seed(spec.seed)
-            model = LlavaForConditionalGeneration(config)
-        model.generation_config.pad_token_id = 3
-        return model.eval(), processor
+        model = seeded_model(LlavaForConditionalGeneration, config, spec, 3)
+        return model, processor
 
     def prompts(self, processor, questions: list[str], images: Images) -> list[str]:
         if images is not None and any(len(row) != 1 for row in images):

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from omegaconf import DictConfig
 
-from harness.adapters.base import Images, ModelAdapter, reduces_before_llm
+from harness.adapters.base import Images, ModelAdapter, reduces_before_llm, seeded_model
 from harness.adapters.llava import byte_tokenizer
 from methods.base import ConfigError, TokenPruner
 
@@ -152,16 +152,10 @@ class LlavaNextAdapter(ModelAdapter):
             vision_config=self.tiny_vision_config(spec), text_config=self.tiny_text_config(spec, tokenizer),
             image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_grid_pinpoints=self.pinpoints(spec),
             **self.tiny_feature_options())
-        config.text_config._attn_implementation = spec.attn_implementation
-        config.vision_config._attn_implementation = "sdpa"
-        with torch.random.fork_rng():
-            torch.manual_seed(spec.seed)
-            model = model_class(config)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model = seeded_model(model_class, config, spec, tokenizer.pad_token_id, tokenizer.eos_token_id)
         processor = self.processor(processor_class, self.tiny_image_processor(image_processor_class, spec), tokenizer,
                                    config)
-        return model.eval(), processor
+        return model, processor
 
     def tiny_feature_options(self) -> dict:
         return dict(vision_feature_layer=-2, vision_feature_select_strategy="default")

@@ -23,7 +23,14 @@ from typing import ClassVar
 import torch
 from omegaconf import DictConfig
 
-from harness.adapters.base import Images, ModelAdapter, VisionAttentionCall, byte_vocab, reduces_before_llm
+from harness.adapters.base import (
+    Images,
+    ModelAdapter,
+    VisionAttentionCall,
+    byte_vocab,
+    reduces_before_llm,
+    seeded_model,
+)
 from methods.base import ConfigError, TokenPruner
 
 SYSTEM_PROMPT = "You are a helpful assistant."  # lmms-eval's `system_prompt` default for the Qwen wrappers
@@ -158,14 +165,8 @@ class Qwen2VLAdapter(ModelAdapter):
             vision_config=self.tiny_vision_config(spec),
             **ids,
         )
-        config.text_config._attn_implementation = spec.attn_implementation
-        config.vision_config._attn_implementation = "sdpa"
-        with torch.random.fork_rng():
-            torch.manual_seed(spec.seed)
-            model = model_class(config)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        return model.eval(), processor
+        model = seeded_model(model_class, config, spec, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        return model, processor
 
     # ------------------------------------------------------------------ prompts
     def prompts(self, processor, questions: list[str], images: Images) -> list[str]:
