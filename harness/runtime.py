@@ -203,7 +203,6 @@ class PruningRuntime:
         self.selection_seconds = 0.0  # inside the method's own code, accumulated while installed
         self._reduced_slots: int | None = None  # vision slots per image kept by a pre-LLM feature reduction
         self._reduces_in_sequence = False  # pre-LLM reduction before layer 0, image by image (`_reduce_in_sequence`)
-        self._packed_keep: list[torch.Tensor] | None = None  # per packed image: its vision tokens kept (NeXT/OV)
         self._image_slots = 0  # vision slots per image before that reduction
         #: the vision slots (every row's, in order) a pre-LLM reduction filled; the others are dropped before layer 0
         self._kept_slots: torch.Tensor | None = None
@@ -419,9 +418,10 @@ class PruningRuntime:
     def _reduce_packed(self, pack, module, *args, **kwargs):
         """`pack_image_features`, then the method's embedding reduction on each packed image's vision tokens (newline
         slots excluded, kept). A reduction that selects (one source per token) leaves each kept token in its own
-        slot; one that merges fills the image's first slots in order. The freed slots are dropped before layer 0."""
+        slot; one that merges fills the image's first slots in order. The freed slots are dropped before layer 0
+        (`_kept_slots`: the packed images are the batch's images in order, their vision tokens the rows' in order)."""
         features, lengths = pack(module, *args, **kwargs)
-        reduced_images, self._packed_keep = [], []
+        reduced_images, kept_slots = [], []
         for image, newlines in zip(features, self.adapter.packed_newlines(self.model, features), strict=True):
             slots = (~newlines).nonzero()[:, 0]  # the vision tokens
             reduced = self._timed(self.pruner.reduce_image_embeddings, image[slots][None], None, self.questions)[0]
@@ -433,17 +433,9 @@ class PruningRuntime:
             image[slots] = 0  # freed slots: dropped before layer 0, never seen
             image[slots[kept]] = reduced.to(image.dtype)
             reduced_images.append(image)
-            self._packed_keep.append(kept.sort().values)
+            kept_slots.append(torch.zeros(len(slots), dtype=torch.bool, device=image.device).index_fill_(0, kept, True))
+        self._kept_slots = torch.cat(kept_slots)
         return reduced_images, lengths
-
-    def _packed_keep_selection(self) -> Selection:
-        """The vision tokens kept by `_reduce_packed`, as indices into each row's vision tokens (the packed images are
-        the rows' images in order, the same count in every row)."""
-        per_row = len(self._packed_keep) // self.state.batch_size
-        images, kept = self.state.vision_images, self._packed_keep
-        return Selection(keep=torch.stack([
-            torch.cat([(images[row] == i).nonzero()[:, 0][kept[row * per_row + i]] for i in range(per_row)])
-            for row in range(self.state.batch_size)]))
 
     def _kept_slots_selection(self) -> Selection:
         kept = self._kept_slots.view(self.state.batch_size, -1)  # the model scatters features row by row
@@ -580,10 +572,6 @@ class PruningRuntime:
             changed = True
             if self.recorder is not None:
                 self.recorder.reduced()
-        if layer == 0 and self._packed_keep is not None:
-            self._apply(self._packed_keep_selection())
-            self._packed_keep = None
-            changed = True
         selection = self._timed(self.pruner.select, layer, state)
         if selection is not None:
             self._apply(selection)
