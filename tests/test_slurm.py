@@ -69,9 +69,9 @@ def job_logs(sweep_dir: Path) -> str:
     return "".join(log.read_text() for log in sorted(sweep_dir.glob(".submitit/*/*_log.out")))
 
 
-# Enough questions that the second job is still running when the test has seen its first sample and asks squeue
-# (with 6, an idle machine finished the job in between).
-QUESTIONS = 60
+# Enough questions that the second job is still running when the test has seen its first sample and cancels it
+# (with 6, and once with 60 on CI, an idle machine finished the job in between: scancel goes through slurmctld).
+QUESTIONS = 300
 
 
 def test_a_sweep_on_slurm_survives_a_cancelled_job(slurm, tmp_path):
@@ -95,11 +95,15 @@ def test_a_sweep_on_slurm_survives_a_cancelled_job(slurm, tmp_path):
         # still polling when its job is killed waits for good on a cluster without accounting.
         os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait(timeout=60)
-        while lines(second / "samples.jsonl") < 1:  # it starts and runs all the same
-            assert time.monotonic() < deadline, "the second job made no progress"
+        # It starts all the same. Its id is asked for before it writes anything, to cancel it without delay.
+        while not (running := [job for job in squeue(slurm, "--states=RUNNING") if job.endswith("_1")]):
+            assert time.monotonic() < deadline, "the second job did not start"
             time.sleep(0.05)
+        (job,) = running
+        while lines(second / "samples.jsonl") < 1:
+            assert time.monotonic() < deadline, "the second job made no progress"
+            time.sleep(0.01)
         # SIGKILL at once (plain scancel's SIGTERM leaves the job KillWait seconds, in which it could finish)
-        (job,) = squeue(slurm, "--states=RUNNING")
         subprocess.run(["scancel", "--signal=KILL", "--full", job], env=slurm, check=True)
         while squeue(slurm):
             assert time.monotonic() < deadline, "the cancelled job did not end"
