@@ -35,6 +35,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import inspect
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -238,10 +239,12 @@ class PruningRuntime:
         self._handles.append(self.lm.register_forward_pre_hook(self._on_language_model_call, with_kwargs=True))
         reduces_features = type(self.pruner).reduce_image_features is not TokenPruner.reduce_image_features
         self._reduces_embeddings = type(self.pruner).reduce_image_embeddings is not TokenPruner.reduce_image_embeddings
-        if self._reduces_embeddings and self.adapter.packs_features:
+        if (reduces_features or self._reduces_embeddings) and self.adapter.packs_features:
             # LLaVA-NeXT/OneVision lay out crops and newlines after the projector: reduce each packed image instead
             self.multimodal.pack_image_features = functools.partial(
                 self._reduce_packed, type(self.multimodal).pack_image_features, self.multimodal)
+            if self.pruner.needs_vision_probe:
+                self._install_vision_probe(output=False)  # each view's signal, packed with the features
         elif (reduces_features or self._reduces_embeddings) and not self.adapter.cls_token:
             if self.recorder is not None:
                 raise ValueError(f"pre-LLM reductions on {self.adapter.title} are not recorded: use record=False")
@@ -257,15 +260,7 @@ class PruningRuntime:
                     self._handles.append(projector.register_forward_pre_hook(self._reduce_features))
                 self._handles.append(projector.register_forward_hook(self._reduce_embeddings))
             if self.pruner.needs_vision_probe:
-                probed_layer = self.pruner.vision_probe_layer
-                if probed_layer is None:
-                    probed_layer = self.model.config.vision_feature_layer
-                if not isinstance(probed_layer, int):
-                    raise ConfigError("the vision probe needs a single vision_feature_layer")
-                encoder_layer, attention = self.adapter.vision_attention(self.model, probed_layer)
-                self._handles.append(attention.register_forward_pre_hook(
-                    self._probe_vision_attention, with_kwargs=True))
-                self._handles.append(encoder_layer.register_forward_hook(self._probe_vision_output))
+                self._install_vision_probe(output=True)
         for layer in self.lm.layers:
             self._handles.append(layer.register_forward_pre_hook(self._before_layer, with_kwargs=True))
         if self.adapter.deepstack_layers(self.model):
@@ -373,8 +368,23 @@ class PruningRuntime:
             self.selection_seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------------ pre-LLM feature reduction
+    def _install_vision_probe(self, output: bool) -> None:
+        """Probe the method's vision-tower layer (the feature layer unless it names another), every view of the
+        call at once: its attention (CLS towers: the CLS row and keys; OneVision's SigLIP: the attention each patch
+        receives), and with `output` the layer's output."""
+        probed_layer = self.pruner.vision_probe_layer
+        if probed_layer is None:
+            probed_layer = self.model.config.vision_feature_layer
+        if not isinstance(probed_layer, int):
+            raise ConfigError("the vision probe needs a single vision_feature_layer")
+        encoder_layer, attention = self.adapter.vision_attention(self.model, probed_layer)
+        self._handles.append(attention.register_forward_pre_hook(self._probe_vision_attention, with_kwargs=True))
+        if output:
+            self._handles.append(encoder_layer.register_forward_hook(self._probe_vision_output))
+
     def _probe_vision_attention(self, module, args, kwargs):
-        self._vision_probe = self._timed(_cls_attention_and_keys, module, args[0] if args else kwargs["hidden_states"])
+        signal = _cls_attention_and_keys if self.adapter.cls_token else _received_attention_and_keys
+        self._vision_probe = self._timed(signal, module, args[0] if args else kwargs["hidden_states"])
 
     def _probe_vision_output(self, module, args, output):
         self._vision_probe["hidden"] = output[0] if isinstance(output, tuple) else output
@@ -416,26 +426,64 @@ class PruningRuntime:
         return torch.cat([output, pad], dim=1)
 
     def _reduce_packed(self, pack, module, *args, **kwargs):
-        """`pack_image_features`, then the method's embedding reduction on each packed image's vision tokens (newline
-        slots excluded, kept). A reduction that selects (one source per token) leaves each kept token in its own
-        slot; one that merges fills the image's first slots in order. The freed slots are dropped before layer 0
-        (`_kept_slots`: the packed images are the batch's images in order, their vision tokens the rows' in order)."""
-        features, lengths = pack(module, *args, **kwargs)
+        """`pack_image_features`, then the method's pre-LLM reduction of each packed image's vision tokens (newline
+        slots excluded, kept), with the image's own budget (`_reduce_image`). Each view's vision signal (the CLS row
+        and keys, or the attention received) is laid out by the same packing, so a packed token is ranked by its own
+        patch's (OneVision's shrunk grids: blended like the features). Each output token takes its first source's slot
+        (`token_slots`); the freed slots are dropped before layer 0 (`_kept_slots`: the packed images are the batch's
+        images in order, their vision tokens the rows' in order)."""
+        call = inspect.signature(pack).bind(module, *args, **kwargs).arguments
+        features, sizes = call["image_features"], call["image_sizes"]
+        packed, lengths = pack(**call)
+        first_view = [0, *itertools.accumulate(len(views) for views in features)]
+        questions = self._image_questions(len(packed))
         reduced_images, kept_slots = [], []
-        for image, newlines in zip(features, self.adapter.packed_newlines(self.model, features), strict=True):
+        for index, (image, newlines) in enumerate(zip(packed, self.adapter.packed_newlines(self.model, packed),
+                                                      strict=True)):
             slots = (~newlines).nonzero()[:, 0]  # the vision tokens
-            reduced = self._timed(self.pruner.reduce_image_embeddings, image[slots][None], None, self.questions)[0]
-            sources = self.pruner.sources[0] if self.pruner.sources is not None else None
-            selects = sources is not None and all(len(source) == 1 for source in sources)
-            kept = torch.tensor([source[0] for source in sources] if selects else range(len(reduced)),
-                                device=image.device)
+            tokens = image[slots][None]
+
+            def lay_out(values: torch.Tensor, index: int = index) -> torch.Tensor:
+                """(views, patches, C) values of this image's views -> (vision tokens, C) as packed."""
+                return pack(**{**call, "image_features": [values], "image_sizes": sizes[index:index + 1],
+                               "image_newline": None})[0][0]
+
+            views = slice(first_view[index], first_view[index + 1])
+            probe = self._timed(self._packed_probe, lay_out, views, tokens) if self.pruner.needs_vision_probe else None
+            question = None if questions is None else questions[index:index + 1]
+            reduced = self._timed(self._reduce_image, tokens, probe, question)
+            if reduced is None:  # left alone
+                reduced, sources = tokens, [[slot] for slot in range(len(slots))]
+            else:
+                sources = self.pruner.sources[0]
+            placed = slots[torch.tensor(token_slots(sources, len(slots))[0], dtype=torch.long, device=image.device)]
             image = image.clone()
             image[slots] = 0  # freed slots: dropped before layer 0, never seen
-            image[slots[kept]] = reduced.to(image.dtype)
+            image[placed] = reduced[0].to(image.dtype)
             reduced_images.append(image)
-            kept_slots.append(torch.zeros(len(slots), dtype=torch.bool, device=image.device).index_fill_(0, kept, True))
+            kept_slots.append(torch.zeros_like(newlines).index_fill_(0, placed, True)[slots])
         self._kept_slots = torch.cat(kept_slots)
         return reduced_images, lengths
+
+    def _packed_probe(self, lay_out, views: slice, tokens: torch.Tensor) -> VisionProbe:
+        """One packed image's probe from its views' (`lay_out` packs per-view values like the features): with CLS, as
+        InternVL's (`ModelAdapter.image_probes`): the packed tokens as `hidden`, and CLS entries (its own attention,
+        key and query) that are means over the views; without CLS, the attention each token's patch receives."""
+        probe = {name: value[views] for name, value in self._vision_probe.items()}
+        keys = probe["keys"]  # (views, heads, [1 +] patches, head_dim)
+        heads, head_dim = keys.shape[1], keys.shape[3]
+
+        def packed_keys(patch_keys: torch.Tensor) -> torch.Tensor:  # -> (heads, tokens, head_dim)
+            return lay_out(patch_keys.transpose(1, 2).flatten(2)).view(-1, heads, head_dim).transpose(0, 1)
+
+        if "received" in probe:
+            return VisionProbe(hidden=None, cls_attention=None, keys=packed_keys(keys)[None],
+                               received=lay_out(probe["received"][..., None])[:, 0][None])
+        attention = probe["cls_attention"]
+        cls_attention = torch.cat([attention[:, :, :1].mean(0), lay_out(attention[:, :, 1:].transpose(1, 2)).T], -1)
+        return VisionProbe(hidden=tokens, hidden_has_cls=False, cls_attention=cls_attention[None],
+                           keys=torch.cat([keys[:, :, :1].mean(0), packed_keys(keys[:, :, 1:])], dim=1)[None],
+                           cls_query=probe["cls_query"].mean(0, keepdim=True))
 
     def _kept_slots_selection(self) -> Selection:
         kept = self._kept_slots.view(self.state.batch_size, -1)  # the model scatters features row by row
@@ -828,6 +876,20 @@ def _cls_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.
     keys = keys.view(shape).transpose(1, 2)
     scores = (queries @ keys.transpose(-1, -2)).float() * attention.scale
     return {"cls_attention": scores.softmax(-1).to(hidden.dtype)[:, :, 0], "keys": keys, "cls_query": queries}
+
+
+def _received_attention_and_keys(attention, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A ViT attention layer without CLS whose views attend only among themselves (OneVision's SigLIP, all crops of a
+    call at once): each view's patches' received attention (`received_attention`, a view per chunk) and the layer's
+    keys, from the layer's normed input."""
+    views, patches = hidden.shape[:2]
+    shape = (views, patches, -1, attention.head_dim)
+    queries = attention.q_proj(hidden).view(shape).transpose(1, 2)
+    keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
+    chunks = (((query @ key.transpose(-1, -2)).float() * attention.scale).softmax(-1)
+              for query, key in zip(queries, keys, strict=True))
+    received = received_attention(chunks, torch.arange(views * patches, device=hidden.device))
+    return {"received": received.view(views, patches).to(hidden.dtype), "keys": keys}
 
 
 def chunk_attention(call: VisionAttentionCall) -> Iterator[torch.Tensor]:

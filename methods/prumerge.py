@@ -82,7 +82,7 @@ class PruMerge(TokenPruner):
             attention = vision.received / vision.received.sum(dim=-1, keepdim=True)
         else:
             query = vision.cls_query.transpose(1, 2).flatten(2)  # (images, 1, d): heads concatenated, unscaled
-            attention = ((query @ keys.transpose(1, 2)) * features.shape[-1] ** -0.5).softmax(dim=-1)[:, 0, 1:]
+            attention = ((query @ keys.transpose(1, 2)) * keys.shape[-1] ** -0.5).softmax(dim=-1)[:, 0, 1:]
             keys = keys[:, 1:]
         outputs, self.sources = [], []
         for image, image_keys, image_attention in zip(features, keys, attention, strict=True):

@@ -100,9 +100,8 @@ def test_an_absent_checkpoint_is_refused_with_what_to_download(conf):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["method=visionzip", "budget=64"], "method visionzip reduces the vision features before the projector or ranks "
-                                        "them by the vision tower's attention, which the runtime supports on LLaVA-1.5 "
-                                        "only; on LLaVA-NeXT a reduction must act on the packed features"),
+    (["method=cdpruner", "budget=16"], "method cdpruner scores each patch's CLIP image embedding, which the runtime "
+                                       "does not lay out on LLaVA-NeXT's packed images"),
     (["method=fastv", "budget=16", "batch_size=2"], "LLaVA-NeXT gives images of different sizes different numbers of "
                                                     "vision tokens"),
     (["method=fastv", "budget=81"], "budget must be in 1..80"),
@@ -112,18 +111,21 @@ def test_what_the_runtime_does_not_define_on_next_is_refused_before_loading(over
         check_overrides(["model=tiny_next", *overrides])
     assert message in str(error.value)
     check_overrides(["model=tiny_next", "method=divprune", "budget=16"])  # pre-LLM on the packed embeddings
+    check_overrides(["model=tiny_next", "method=visionzip", "retain=0.25"])  # and ranked by the CLS rows, packed
 
 
-def test_cls_ranking_methods_are_refused_on_onevision_naming_its_tower():
+def test_clip_methods_are_refused_on_onevision_naming_its_tower():
     with pytest.raises(ConfigError) as error:
-        check_overrides(["model=tiny_ov", "method=vispruner", "budget=16"])
-    assert ("on LLaVA-OneVision (whose SigLIP tower has no CLS token to rank by: its row 0 is an ordinary patch) a "
-            "reduction must act on the packed features") in str(error.value)
+        check_overrides(["model=tiny_ov", "method=cdpruner", "budget=16"])
+    assert "does not run on LLaVA-OneVision, whose vision tower is no CLIP" in str(error.value)
+    check_overrides(["model=tiny_ov", "method=vispruner", "budget=16"])  # ranked by the attention patches receive
 
 
 @pytest.mark.parametrize(("conf", "method", "budget", "directory", "per_layer", "unpruned", "newlines"), [
     ("tiny_next", "fastv", "retain=0.25", "retain0.25", [80, 80, 20, 20], 80, 8),  # a quarter from layer 2 on
     ("tiny_ov", "divprune", "budget=16", "16", [16] * 4, 90, 9),  # pre-LLM, on the packed image
+    ("tiny_next", "visionzip", "retain=0.25", "retain0.25", [20] * 4, 80, 8),  # ranked by each view's CLS row
+    ("tiny_ov", "visionzip", "retain=0.25", "retain0.25", [22] * 4, 90, 9),  # by the attention patches receive
 ])
 def test_a_tiny_run_goes_end_to_end_through_lmms_eval(tmp_path, conf, method, budget, directory, per_layer, unpruned,
                                                       newlines):

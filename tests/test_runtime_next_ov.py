@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from harness.runtime import prune
-from methods import Budget, DivPrune, RandomPruner
+from methods import METHODS, Budget, DivPrune, RandomPruner
 from methods.divprune import max_min_diverse
 from tests.conftest import tiny_of
 from tests.test_runtime import QUESTION, KeepAll, generate, hide_keys_from
@@ -185,3 +185,55 @@ def test_pre_llm_reduction_equals_a_shorter_input_of_the_kept_packed_features(fa
         family.model(**inputs)
     vision = LAYOUT[family.name][0][0]
     assert runtime.vision_tokens_per_layer().tolist() == [[round(vision / 4)] * 4]  # a quarter of this image's
+
+
+def packed_view_values(loaded, values: torch.Tensor, inputs) -> torch.Tensor:
+    """(views, patches) per-view values of one image -> (vision tokens,) laid out by the model's own packing."""
+    model = loaded.model.model
+    options = {"vision_feature_select_strategy": loaded.model.config.vision_feature_select_strategy} \
+        if loaded.name == "tiny_next" else {"vision_aspect_ratio": loaded.model.config.vision_aspect_ratio}
+    [packed], _ = type(model).pack_image_features(model, [values[..., None]], inputs["image_sizes"],
+                                                  image_newline=None, **options)
+    return packed[:, 0]
+
+
+@torch.no_grad()
+def test_pre_llm_methods_rank_each_packed_token_by_its_own_patchs_signal(family, pictures):
+    """VisionZip's dominant tokens on a packed image are the tokens whose patch ranks highest by the vision tower's
+    own attention at the feature layer (eager `output_attentions`), laid out like the features: NeXT's CLIP by the
+    CLS row of the patch's view (summed over heads), OneVision's SigLIP (no CLS) by the attention the patch receives
+    within its view (mean over heads and queries; the 336 px grid is shrunk, so blended). They enter layer 0 as the
+    packed features themselves, at their own slots; the one contextual token merges the rest."""
+    inputs = family.inputs(pictures[:1], [QUESTION])
+    model, config = family.model.model, family.model.config
+    tower = model.vision_tower
+    views = int(family.adapter.views(config, inputs["image_sizes"], [True])[0])
+    tower.config._attn_implementation = "eager"
+    try:
+        attention = tower(inputs["pixel_values"][0, :views], output_attentions=True).attentions[
+            config.vision_feature_layer]
+    finally:
+        tower.config._attn_implementation = "sdpa"
+    if family.adapter.cls_token:  # the CLS row over the patches, summed over heads
+        signal = attention[:, :, 0, 1:].sum(1)
+    else:  # the attention each patch receives
+        signal = attention.mean(dim=(1, 2))
+    dominant = 12
+    expected = packed_view_values(family, signal, inputs).topk(dominant).indices.sort().values
+
+    [packed] = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    vision = packed[(packed != model.image_newline).any(-1)]
+    captured = {}
+    layer0 = family.model.model.language_model.layers[0]
+    handle = layer0.register_forward_pre_hook(lambda m, a, k: captured.update(hidden=a[0] if a else
+                                                                              k["hidden_states"]), with_kwargs=True)
+    pruner = METHODS["visionzip"](budget=Budget(64), dominant=dominant, contextual=1)
+    try:
+        with prune(family.model, pruner, sample_ids=["s"]) as runtime:
+            family.model(**inputs)
+    finally:
+        handle.remove()
+    assert runtime.vision_tokens_per_layer().tolist() == [[dominant + 1] * 4]
+    entering = captured["hidden"][0]
+    unchanged = [i for i in range(len(vision)) if (entering == vision[i]).all(-1).any()]
+    assert unchanged == expected.tolist()

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from omegaconf import DictConfig
 
-from harness.adapters.base import Images, ModelAdapter, reduces_before_llm, seeded_model
+from harness.adapters.base import Images, ModelAdapter, seeded_model
 from harness.adapters.llava import byte_tokenizer
 from methods.base import ConfigError, TokenPruner
 
@@ -61,8 +61,6 @@ class LlavaNextAdapter(ModelAdapter):
     architectures = ("LlavaNextForConditionalGeneration",)
     fixed_vision_tokens = False
     packs_features = True
-    #: what the refusal of tower-attention methods adds about the tower
-    tower_note: ClassVar[str] = ""
     #: the keyword `pack_image_features` takes besides the features, sizes and newline (NeXT: the CLS strategy)
     pack_options: ClassVar[tuple[str, ...]] = ("vision_feature_select_strategy",)
 
@@ -85,17 +83,12 @@ class LlavaNextAdapter(ModelAdapter):
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         super().check_method(pruner, batch_size)
-        if reduces_before_llm(pruner) and (pruner.needs_vision_probe or type(pruner).reduce_image_features
-                                           is not TokenPruner.reduce_image_features):
-            # The projector sees every crop before packing: reducing there scatters the freed slots (NeXT) or blends
-            # zeros into neighbours (OneVision's interpolation), models.md §6; packed tokens have no CLS row of their
-            # own to rank by.
-            raise ConfigError(f"method {pruner.name} reduces the vision features before the projector or ranks them "
-                              f"by the vision tower's attention, which the runtime supports on LLaVA-1.5 only; on "
-                              f"{self.title}{self.tower_note} a reduction must act on the packed features (after "
-                              f"pack_image_features: crops, unpadding, newline slots), where the runtime gives methods "
-                              f"the embeddings alone: use divprune (pre-LLM, on the packed embeddings) or a method "
-                              f"that prunes inside the language model (e.g. fastv, random, pdrop)")
+        if pruner.needs_clip_tower:
+            # Pre-LLM methods act on the packed (projected) features, where the runtime lays out each view's CLS
+            # attention and keys as well; the CLIP features of the feature layer are not laid out.
+            raise ConfigError(f"method {pruner.name} scores each patch's CLIP image embedding, which the runtime does "
+                              f"not lay out on {self.title}'s packed images (crops, unpadding, newline slots): use "
+                              f"divprune or vispruner (pre-LLM, on the packed features) or an in-LLM method")
 
     # ------------------------------------------------------------------ loading
     def from_pretrained(self, path: Path, spec: DictConfig, dtype: torch.dtype, device: torch.device):

@@ -34,7 +34,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     title = "LLaVA-OneVision"
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     pack_options = ("vision_aspect_ratio",)
-    tower_note = " (whose SigLIP tower has no CLS token to rank by: its row 0 is an ordinary patch)"
+    cls_token = False  # SigLIP: row 0 is an ordinary patch; pre-LLM methods rank by the attention patches receive
 
     def config_class(self):
         from transformers import LlavaOnevisionConfig
