@@ -62,12 +62,15 @@ def valid_options(cls: type[TokenPruner]) -> str:
 
 def budget_of(cfg: DictConfig) -> Budget:
     tokens, convention, retain = cfg.budget, cfg.budget_convention, cfg.get("retain")
+    per = cfg.get("budget_per") or "image"
     if convention not in CONVENTIONS:
         raise ConfigError(f"budget_convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    if per not in ("image", "view"):
+        raise ConfigError(f"budget_per must be image or view (each crop of a LLaVA-NeXT image), got {per!r}")
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)):
         raise ConfigError(f"budget must be a whole number of vision tokens (or null), got {tokens!r}")
     if retain is None:
-        return Budget(tokens, convention)
+        return Budget(tokens, convention, per=per)
     if tokens is not None:
         raise ConfigError(f"give budget (vision tokens) or retain (a fraction of them), not both: got budget={tokens} "
                           f"and retain={retain}")
@@ -77,7 +80,7 @@ def budget_of(cfg: DictConfig) -> Budget:
 
     # Where every image has the same count, the fraction is a token count before loading (reference schedules).
     fixed = "model" in cfg and adapter_of(cfg.model).fixed_vision_tokens
-    return Budget(round(retain * cfg.model.num_vision_tokens) if fixed else None, convention, float(retain))
+    return Budget(round(retain * cfg.model.num_vision_tokens) if fixed else None, convention, float(retain), per)
 
 
 def build_pruner(cfg: DictConfig) -> TokenPruner:

@@ -31,7 +31,7 @@ from methods.base import ConfigError, TokenPruner
 
 # Keys that change where or whether a run happens, or what it writes down, not what it computes.
 NON_RESULT_KEYS = ("force", "output_dir", "wandb", "record_selections")
-ADDED_KEYS = ("retain",)
+ADDED_KEYS = ("retain", "budget_per")
 
 
 def result_dir(cfg: DictConfig, pruner: TokenPruner) -> Path:
@@ -162,7 +162,7 @@ def summarize(records: list[dict], evaluation: Evaluation, cfg: DictConfig, prun
         "model": cfg.model.name,
         "task": cfg.task.name,
         "budget": {"tokens": pruner.budget.tokens, "convention": pruner.budget.convention,
-                   "used": pruner.uses_budget},
+                   "per": pruner.budget.per, "used": pruner.uses_budget},
         "n_samples": len(records),
         "config_key": key,
         "config": config,

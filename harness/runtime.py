@@ -427,11 +427,11 @@ class PruningRuntime:
 
     def _reduce_packed(self, pack, module, *args, **kwargs):
         """`pack_image_features`, then the method's pre-LLM reduction of each packed image's vision tokens (newline
-        slots excluded, kept), with the image's own budget (`_reduce_image`). Each view's vision signal (the CLS row
-        and keys, or the attention received) is laid out by the same packing, so a packed token is ranked by its own
-        patch's (OneVision's shrunk grids: blended like the features). Each output token takes its first source's slot
-        (`token_slots`); the freed slots are dropped before layer 0 (`_kept_slots`: the packed images are the batch's
-        images in order, their vision tokens the rows' in order)."""
+        slots excluded, kept), with the image's own budget (`_reduce_image`; or each view's, `_budget_parts`). Each
+        view's vision signal (the CLS row and keys, or the attention received) is laid out by the same packing, so a
+        packed token is ranked by its own patch's (OneVision's shrunk grids: blended like the features). Each output
+        token takes its first source's slot (`token_slots`); the freed slots are dropped before layer 0 (`_kept_slots`:
+        the packed images are the batch's images in order, their vision tokens the rows' in order)."""
         call = inspect.signature(pack).bind(module, *args, **kwargs).arguments
         features, sizes = call["image_features"], call["image_sizes"]
         packed, lengths = pack(**call)
@@ -451,19 +451,47 @@ class PruningRuntime:
             views = slice(first_view[index], first_view[index + 1])
             probe = self._timed(self._packed_probe, lay_out, views, tokens) if self.pruner.needs_vision_probe else None
             question = None if questions is None else questions[index:index + 1]
-            reduced = self._timed(self._reduce_image, tokens, probe, question)
-            if reduced is None:  # left alone
-                reduced, sources = tokens, [[slot] for slot in range(len(slots))]
-            else:
-                sources = self.pruner.sources[0]
+            outputs, sources = [], []
+            for part, part_probe in self._budget_parts(lay_out, views, features[index].shape[1], probe, slots):
+                reduced = self._timed(self._reduce_image, tokens[:, part], part_probe, question)
+                if reduced is None:  # left alone
+                    reduced, part_sources = tokens[:, part], [[i] for i in range(len(part))]
+                else:
+                    part_sources = self.pruner.sources[0]
+                outputs.append(reduced)
+                sources += [part[source].tolist() for source in part_sources]
             placed = slots[torch.tensor(token_slots(sources, len(slots))[0], dtype=torch.long, device=image.device)]
             image = image.clone()
             image[slots] = 0  # freed slots: dropped before layer 0, never seen
-            image[placed] = reduced[0].to(image.dtype)
+            image[placed] = torch.cat(outputs, dim=1)[0].to(image.dtype)
             reduced_images.append(image)
             kept_slots.append(torch.zeros_like(newlines).index_fill_(0, placed, True)[slots])
         self._kept_slots = torch.cat(kept_slots)
         return reduced_images, lengths
+
+    def _budget_parts(self, lay_out, views: slice, patches: int, probe: VisionProbe | None,
+                      slots: torch.Tensor) -> list[tuple[torch.Tensor, VisionProbe | None]]:
+        """What one budget applies to among a packed image's vision tokens (indices into its `slots`), with its probe:
+        all of them, or under `budget_per=view` (LLaVA-NeXT, whose packing only moves and unpads tokens) each view's,
+        with the view's own CLS entries, as the reference implementations reduce each crop with its own CLS row."""
+        if self.pruner.budget.per == "image":
+            return [(torch.arange(len(slots), device=slots.device), probe)]
+        view_ids = torch.arange(views.stop - views.start, dtype=torch.float32, device=slots.device)
+        view_of = lay_out(view_ids[:, None, None].expand(-1, patches, 1))[:, 0]
+        parts = []
+        for view in range(len(view_ids)):
+            tokens = (view_of == view).nonzero()[:, 0]
+            if probe is not None:
+                own = {name: value[views.start + view] for name, value in self._vision_probe.items()}
+                with_cls = torch.cat([tokens.new_zeros(1), tokens + 1])
+                cls_attention, keys = probe.cls_attention[..., with_cls].clone(), probe.keys[:, :, with_cls].clone()
+                cls_attention[..., 0], keys[:, :, 0] = own["cls_attention"][:, 0], own["keys"][:, 0]
+                parts.append((tokens, VisionProbe(hidden=probe.hidden[:, tokens], hidden_has_cls=False,
+                                                  cls_attention=cls_attention, keys=keys,
+                                                  cls_query=own["cls_query"][None])))
+            else:
+                parts.append((tokens, None))
+        return parts
 
     def _packed_probe(self, lay_out, views: slice, tokens: torch.Tensor) -> VisionProbe:
         """One packed image's probe from its views' (`lay_out` packs per-view values like the features): with CLS, as

@@ -51,17 +51,22 @@ class Budget:
 
     `retain` is resolved on each prompt's own vision tokens (dynamic-resolution models give each image its own
     count); where every image has the same count, `tokens` holds the resolved number too.
+
+    `per`: what one budget applies to, each image (default) or, for pre-LLM methods on LLaVA-NeXT, each `view` of an
+    image (its base view and each crop: the per-crop count of VisionZip's, VisPruner's and CDPruner's NeXT results).
     """
 
     tokens: int | None = None
     convention: Convention = "exact"
     retain: float | None = None
+    per: Literal["image", "view"] = "image"
 
     @property
     def label(self) -> str:
         if self.tokens is None and self.retain is None:
             return "none"
         amount = f"retain{self.retain:g}" if self.retain is not None else str(self.tokens)
+        amount = amount if self.per == "image" else f"{amount}-per-view"
         return amount if self.convention == "exact" else f"{amount}-average"
 
     @property

@@ -135,7 +135,7 @@ def test_a_tiny_qwen_run_goes_end_to_end_through_lmms_eval(tmp_path):
     assert run.returncode == 0, run.stderr
     out = tmp_path / "tiny_qwen25vl" / "synthetic" / "fastv" / "retain0.25"
     result = json.loads((out / "result.json").read_text())
-    assert result["budget"] == {"tokens": None, "convention": "exact", "used": True}
+    assert result["budget"] == {"tokens": None, "convention": "exact", "per": "image", "used": True}
     assert result["tokens"] == {"per_layer": [64.0, 64.0, 16.0, 16.0], "mean_vision_tokens": 40.0,
                                 "mean_vision_fraction": 0.625}
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -105,6 +105,9 @@ def test_an_absent_checkpoint_is_refused_with_what_to_download(conf):
     (["method=fastv", "budget=16", "batch_size=2"], "LLaVA-NeXT gives images of different sizes different numbers of "
                                                     "vision tokens"),
     (["method=fastv", "budget=81"], "budget must be in 1..80"),
+    (["method=fastv", "budget=4", "budget_per=view"], "budget_per=view (a budget per crop) is defined for pre-LLM "
+                                                      "methods on LLaVA-NeXT, not for method fastv"),
+    (["method=visionzip", "budget=64", "budget_per=crop"], "budget_per must be image or view"),
 ])
 def test_what_the_runtime_does_not_define_on_next_is_refused_before_loading(overrides, message):
     with pytest.raises(ConfigError) as error:
@@ -112,6 +115,17 @@ def test_what_the_runtime_does_not_define_on_next_is_refused_before_loading(over
     assert message in str(error.value)
     check_overrides(["model=tiny_next", "method=divprune", "budget=16"])  # pre-LLM on the packed embeddings
     check_overrides(["model=tiny_next", "method=visionzip", "retain=0.25"])  # and ranked by the CLS rows, packed
+
+
+def test_a_budget_per_view_is_labelled_and_refused_where_views_are_blended():
+    """Per view (LLaVA-NeXT's per-crop count) is a different budget: its own results directory; OneVision's shrunk grids
+    blend crops, so it has none."""
+    from harness.config import compose, validate
+
+    assert validate(compose(["model=tiny_next", "method=divprune", "budget=4", "budget_per=view"])).budget.label == \
+        "4-per-view"
+    with pytest.raises(ConfigError, match="not for method divprune on LLaVA-OneVision"):
+        check_overrides(["model=tiny_ov", "method=divprune", "budget=4", "budget_per=view"])
 
 
 def test_clip_methods_are_refused_on_onevision_naming_its_tower():
@@ -135,7 +149,7 @@ def test_a_tiny_run_goes_end_to_end_through_lmms_eval(tmp_path, conf, method, bu
     assert run.returncode == 0, run.stderr
     out = tmp_path / conf / "synthetic" / method / directory
     result = json.loads((out / "result.json").read_text())
-    assert result["tokens"]["per_layer"] == per_layer
+    assert result["tokens"]["per_layer"] == per_layer and result["budget"]["per"] == "image"
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     for sample in samples:
         assert sample["vision_tokens_unpruned"] == unpruned

@@ -35,7 +35,8 @@ def test_run_writes_results_and_a_rerun_is_skipped(tmp_path):
     out = tmp_path / "tiny" / "synthetic" / "random" / "64"
     result = json.loads((out / "result.json").read_text())
     assert RESULT_KEYS <= set(result) and COST_KEYS <= set(result["cost"])
-    assert result["n_samples"] == 3 and result["budget"] == {"tokens": 64, "convention": "exact", "used": True}
+    assert result["n_samples"] == 3 and result["budget"] == {"tokens": 64, "convention": "exact", "per": "image",
+                                                                   "used": True}
     assert result["tokens"]["per_layer"] == [64.0] * 16 and result["tokens"]["mean_vision_tokens"] == 64.0
     assert result["config"]["method"] == {"name": "random", "k": 0, "seed": 0, "positions": "original"}
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

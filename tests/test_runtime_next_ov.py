@@ -237,3 +237,45 @@ def test_pre_llm_methods_rank_each_packed_token_by_its_own_patchs_signal(family,
     entering = captured["hidden"][0]
     unchanged = [i for i in range(len(vision)) if (entering == vision[i]).all(-1).any()]
     assert unchanged == expected.tolist()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("picture", [0, 2])
+def test_a_budget_per_view_reduces_each_crop_with_its_own_cls_row(pictures, picture):
+    """`budget_per=view` on LLaVA-NeXT (VisionZip's and VisPruner's published per-crop count): VisionZip keeps, in
+    each view of the packed image (its base view, each crop as unpadded), the 7 tokens its own CLS row ranks highest
+    (eager `output_attentions`) plus one contextual token; a crop that unpadding left with at most 8 tokens (the
+    100x60 picture's, 8 of 16) is kept whole."""
+    family = tiny_of("tiny_next")
+    inputs = family.inputs(pictures[picture:picture + 1], [QUESTION])
+    model, config = family.model.model, family.model.config
+    views = int(family.adapter.views(config, inputs["image_sizes"], [True])[0])
+    model.vision_tower.config._attn_implementation = "eager"
+    try:
+        attention = model.vision_tower(inputs["pixel_values"][0, :views], output_attentions=True).attentions[
+            config.vision_feature_layer]
+    finally:
+        model.vision_tower.config._attn_implementation = "sdpa"
+    signal = packed_view_values(family, attention[:, :, 0, 1:].sum(1), inputs)
+    patches = attention.shape[-1] - 1
+    view_of = packed_view_values(family, torch.arange(views, dtype=torch.float32)[:, None].expand(-1, patches), inputs)
+    expected, kept = [], 0
+    for view in range(views):
+        tokens = (view_of == view).nonzero()[:, 0]
+        expected += tokens[signal[tokens].topk(7).indices].tolist() if len(tokens) > 8 else tokens.tolist()
+        kept += min(len(tokens), 8)
+
+    [packed] = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    vision = packed[(packed != model.image_newline).any(-1)]
+    captured = {}
+    handle = model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, a, k: captured.update(hidden=a[0] if a else k["hidden_states"]), with_kwargs=True)
+    pruner = METHODS["visionzip"](budget=Budget(8, per="view"), dominant=7, contextual=1)
+    try:
+        with prune(family.model, pruner, sample_ids=["s"]) as runtime:
+            family.model(**inputs)
+    finally:
+        handle.remove()
+    assert runtime.vision_tokens_per_layer().tolist() == [[kept] * 4]
+    unchanged = [i for i in range(len(vision)) if (captured["hidden"][0] == vision[i]).all(-1).any()]
+    assert unchanged == sorted(expected)

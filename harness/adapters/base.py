@@ -57,6 +57,8 @@ class ModelAdapter:
     #: whether the model lays the projected features of each image out afterwards (`pack_image_features`: crops and
     #: newline slots; LLaVA-NeXT/OneVision), so that pre-LLM embedding reductions act on the packed images
     packs_features: ClassVar[bool] = False
+    #: whether `budget_per=view` is defined: pre-LLM budgets per view of an image (LLaVA-NeXT's base view and crops)
+    views_budget: ClassVar[bool] = False
     #: whether the vision tower has a CLS token whose attention ranks the patches (CLIP). Towers without one hand
     #: pre-LLM methods the attention each vision token's patches receive instead (models.md §8.2); the runtime
     #: then reduces each image's tokens at the tower's output, through the methods below marked "CLS-less"
@@ -70,6 +72,9 @@ class ModelAdapter:
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         """Refuse, before anything loads, what the runtime does not define on this family; the message names why and
         what would work."""
+        if pruner.budget.per == "view" and not (self.views_budget and reduces_before_llm(pruner)):
+            raise ConfigError(f"budget_per=view (a budget per crop) is defined for pre-LLM methods on LLaVA-NeXT, not "
+                              f"for method {pruner.name} on {self.title}: use budget_per=null (per image)")
         if pruner.needs_clip_tower and not self.cls_token:
             raise ConfigError(f"method {pruner.name} does not run on {self.title}, whose vision tower is no CLIP: "
                               f"{pruner.needs_clip_tower}")

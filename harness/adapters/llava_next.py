@@ -61,6 +61,7 @@ class LlavaNextAdapter(ModelAdapter):
     architectures = ("LlavaNextForConditionalGeneration",)
     fixed_vision_tokens = False
     packs_features = True
+    views_budget = True
     #: the keyword `pack_image_features` takes besides the features, sizes and newline (NeXT: the CLS strategy)
     pack_options: ClassVar[tuple[str, ...]] = ("vision_feature_select_strategy",)
 

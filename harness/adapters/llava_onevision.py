@@ -34,6 +34,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     title = "LLaVA-OneVision"
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     pack_options = ("vision_aspect_ratio",)
+    views_budget = False  # a shrunk grid blends the crops' tokens
     cls_token = False  # SigLIP: row 0 is an ordinary patch; pre-LLM methods rank by the attention patches receive
 
     def config_class(self):
