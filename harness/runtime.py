@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
@@ -514,8 +515,10 @@ class PruningRuntime:
                            cls_query=probe["cls_query"].mean(0, keepdim=True))
 
     def _kept_slots_selection(self) -> Selection:
-        kept = self._kept_slots.view(self.state.batch_size, -1)  # the model scatters features row by row
-        return Selection(keep=kept.nonzero()[:, 1].view(self.state.batch_size, -1))
+        """The kept slots of each row (the model scatters features row by row); the rows of a ragged batch hold and
+        keep different numbers, the shorter ones padded with -1."""
+        rows = self._kept_slots.split(self.state.vision_counts.tolist())
+        return Selection(keep=pad_sequence([row.nonzero()[:, 0] for row in rows], batch_first=True, padding_value=-1))
 
     # ------------------------------------------------------------------ pre-LLM reduction, towers without CLS
     def _install_tower_reduction(self) -> None:
@@ -604,7 +607,7 @@ class PruningRuntime:
                 offset += end - start
             keep.append(torch.cat(kept))
         state.hidden_states = hidden
-        self._apply(Selection(keep=torch.stack(keep)))
+        self._apply(Selection(keep=pad_sequence(keep, batch_first=True, padding_value=-1)))  # ragged rows: -1
 
     def _reduce_image(self, tokens: torch.Tensor, probe: VisionProbe | None,
                       question: list[str] | None) -> torch.Tensor | None:

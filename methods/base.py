@@ -280,10 +280,19 @@ class ScorerPruner(TokenPruner):
         return torch.cat(keep, dim=-1).sort(dim=-1).values
 
 
+def has_pre_llm_hook(method: type[TokenPruner]) -> bool:
+    """Whether a method reduces the vision features before the language model (`reduce_image_features` or
+    `reduce_image_embeddings`)."""
+    return any(getattr(method, hook) is not getattr(TokenPruner, hook)
+               for hook in ("reduce_image_features", "reduce_image_embeddings"))
+
+
 def handles_ragged_batches(method: type[TokenPruner]) -> bool:
-    """Whether a method runs on a padded batch whose rows hold different numbers of vision tokens: it says so, or it
-    is the dense baseline (which prunes nothing)."""
-    return method.supports_ragged_batches or method is TokenPruner
+    """Whether a method runs on a padded batch whose rows hold different numbers of vision tokens: it says so, it is
+    the dense baseline (which prunes nothing), or it prunes only before the language model, where the runtime reduces
+    each image on its own."""
+    pre_llm_only = has_pre_llm_hook(method) and method.select is TokenPruner.select
+    return method.supports_ragged_batches or method is TokenPruner or pre_llm_only
 
 
 def scale_layers(layers: list[int], num_layers: int, reference_layers: int = 32) -> list[int]:

@@ -114,7 +114,8 @@ def test_every_supported_class_has_one_adapter_and_others_are_refused(tiny):
     (["method=dart", "budget=16", "batch_size=2"], "Qwen2.5-VL gives images of different sizes different numbers "
                                                    "of vision tokens, and method dart needs the same number in every "
                                                    "row of a batch: set batch_size=1 (methods that take such batches: "
-                                                   "none, random, fastv)"),
+                                                   "none, random, fastv, visionzip, divprune, vispruner, holov, "
+                                                   "cdpruner)"),
     (["method=fastv", "budget=65"], "budget must be in 1..64"),
     (["method=fastv", "budget=16", "batch_size=2", "flops=counted"], "flops=counted counts a batch as a whole, whose "
                                                                      "rows may hold images of different sizes on "

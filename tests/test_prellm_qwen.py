@@ -17,6 +17,7 @@ from harness.runtime import chunk_attention, prune, received_attention
 from methods.base import TokenPruner
 from tests.conftest import tiny_of
 from tests.test_cli import harness
+from tests.test_runtime_qwen import FEW
 
 QWEN = ["tiny_qwen2vl", "tiny_qwen25vl", "tiny_qwen3vl"]
 
@@ -174,6 +175,30 @@ def test_a_padded_batch_of_pre_llm_reductions_equals_each_sample_alone(qwen, pic
         kept = batch_kept[row][batch_kept[row] >= padding] - padding
         assert torch.equal(kept, runtime.layers[0].orig_index[0])
         assert (batch_logits[row] - logits).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_a_batch_of_images_of_different_sizes_reduced_before_the_llm_equals_each_alone(qwen, pictures):
+    """A 12-token (Qwen3-VL: 9) and a 64-token image in one padded batch, VisionZip at retain=0.25: each image keeps
+    a quarter of its own tokens (the shorter row the difference as masked padding), and each row's logits at every
+    generated step and its tokens are those it gets alone."""
+    questions = ["Which picture is brighter?", "Describe the colours and the shapes you can see in this picture."]
+    pruner = validate(compose([f"model={qwen.name}", "method=visionzip", "retain=0.25", "batch_size=2"]))
+    inputs = qwen.inputs(pictures, questions)
+    with prune(qwen.model, pruner, sample_ids=["a", "b"]) as runtime:
+        out = qwen.model.generate(**inputs, max_new_tokens=FEW, min_new_tokens=FEW, do_sample=False,
+                                  return_dict_in_generate=True, output_logits=True)
+    counts = [(end - start) for [(start, end)] in qwen.adapter.image_spans(qwen.model, inputs["input_ids"])]
+    assert runtime.vision_tokens_per_layer()[:, 0].tolist() == [round(count / 4) for count in counts]
+    width = inputs["input_ids"].shape[1]
+    for row in range(2):
+        alone = qwen.inputs(pictures[row: row + 1], questions[row: row + 1])
+        with prune(qwen.model, pruner, sample_ids=[["a", "b"][row]]):
+            reference = qwen.model.generate(**alone, max_new_tokens=FEW, min_new_tokens=FEW, do_sample=False,
+                                            return_dict_in_generate=True, output_logits=True)
+        assert torch.equal(out.sequences[row, width:], reference.sequences[0, alone["input_ids"].shape[1]:])
+        for step, logits in enumerate(out.logits):
+            assert (logits[row] - reference.logits[step][0]).abs().max() <= 1e-4, step
 
 
 def test_a_pre_llm_method_on_a_tiny_qwen_goes_end_to_end(tmp_path):

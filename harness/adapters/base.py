@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from methods.base import ConfigError, TokenPruner, handles_ragged_batches
+from methods.base import ConfigError, TokenPruner, handles_ragged_batches, has_pre_llm_hook
 
 Images = list[list[Image.Image]] | None  # the images of each prompt, in order (None: a text-only batch)
 
@@ -84,7 +84,8 @@ class ModelAdapter:
         if batch_size > 1 and not self.fixed_vision_tokens and not handles_ragged_batches(type(pruner)):
             from methods import METHODS
 
-            able = ", ".join(name for name, cls in METHODS.items() if handles_ragged_batches(cls))
+            able = ", ".join(name for name, cls in METHODS.items()
+                             if handles_ragged_batches(cls) and cls.supports_batching)
             raise ConfigError(f"{self.title} gives images of different sizes different numbers of vision tokens, and "
                               f"method {pruner.name} needs the same number in every row of a batch: set batch_size=1 "
                               f"(methods that take such batches: {able})")
@@ -240,8 +241,7 @@ def seeded_model(model_class, config, spec: DictConfig, pad_token_id: int, eos_t
 
 def reduces_before_llm(pruner: TokenPruner) -> bool:
     """Whether the method reduces the vision features before the language model (around LLaVA-1.5's projector)."""
-    hooks = ("reduce_image_features", "reduce_image_embeddings")
-    return pruner.needs_vision_probe or any(getattr(type(pruner), h) is not getattr(TokenPruner, h) for h in hooks)
+    return pruner.needs_vision_probe or has_pre_llm_hook(type(pruner))
 
 
 def byte_vocab(specials: list[str]) -> dict[str, int]:
