@@ -4,6 +4,8 @@ token counts of models.md §6."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -12,7 +14,7 @@ from harness.cost import ForwardTimer
 from harness.flops import AnyResArchitecture, FlopCounter, executed_schedule, model_architecture, parse_args, project
 from harness.flops import report as flops_report
 from harness.runtime import prune
-from methods import Budget, RandomPruner
+from methods import METHODS, Budget, RandomPruner
 from tests.conftest import tiny_of
 from tests.test_flops import NEW_TOKENS, assert_equal_flops
 
@@ -46,6 +48,24 @@ def test_counter_equals_projection_on_a_tiny_model(family):
             assert_equal_flops(phase_counted, phase_projected)
     views = 5 + 5 if family.name == "tiny_next" else 1 + 1
     assert layout.views == views
+
+
+@torch.no_grad()
+def test_counter_equals_projection_under_a_pre_llm_reduction(family):
+    """VisionZip at retain=0.25 on a 336 px image: every view through the tower and projector, then a quarter of the
+    packed image's vision tokens (and its newline slots) in every decoder layer; the method's own work (the probe's
+    attention rows, the packing of its signal, the merge) is counted on a line of its own, left out of projections."""
+    inputs = family.inputs([[picture(336, 336)]], ["What is in the image?"])
+    pruner = METHODS["visionzip"](budget=Budget(retain=0.25))
+    with prune(family.model, pruner, sample_ids=["s"]) as runtime, ForwardTimer(family.model) as timer, \
+            FlopCounter(family.model, runtime) as counter:
+        family.model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    arch = model_architecture(family.model.config, layout=family.adapter.prompt_layout(family.model, inputs))
+    schedule = executed_schedule(runtime, timer.decode_steps)
+    assert schedule.vision == [round(arch.image_features / 4)] * 4
+    for counted, projected in zip((counter.prefill, counter.decode), project(arch, schedule), strict=True):
+        assert_equal_flops(counted, dataclasses.replace(projected, method=counted.method))
+    assert counter.prefill.method > 0
 
 
 @pytest.mark.parametrize(("model", "image", "expected"), [
