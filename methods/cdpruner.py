@@ -201,8 +201,9 @@ class CDPruner(TokenPruner):
 
     def reduce_image_embeddings(self, embeddings: torch.Tensor, vision: VisionProbe | None,
                                 questions: list[str] | None) -> torch.Tensor:
-        clip = self.relevance_model(vision.hidden.shape[-1])
-        image_embeds = clip.image_embeds(vision.hidden)
+        hidden = vision.hidden if vision.tower_hidden is None else vision.tower_hidden  # packed (NeXT): laid out
+        clip = self.relevance_model(hidden.shape[-1])
+        image_embeds = clip.image_embeds(hidden)
         sign = -1.0 if self.variant == "code" else 1.0
         keep = torch.stack([
             conditional_dpp(image, image_clip, clip.text_embeds(question_text(question), embeddings.device),

@@ -100,8 +100,6 @@ def test_an_absent_checkpoint_is_refused_with_what_to_download(conf):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["method=cdpruner", "budget=16"], "method cdpruner scores each patch's CLIP image embedding, which the runtime "
-                                       "does not lay out on LLaVA-NeXT's packed images"),
     (["method=fastv", "budget=16", "batch_size=2"], "LLaVA-NeXT gives images of different sizes different numbers of "
                                                     "vision tokens"),
     (["method=fastv", "budget=81"], "budget must be in 1..80"),

@@ -15,9 +15,7 @@ from harness.runtime import prune
 from methods import METHODS, ConfigError
 from tests.conftest import tiny_of
 
-# CDPruner scores the feature layer's CLIP image embeddings: not laid out on NeXT's packed images; OV has no CLIP
-REFUSED = {"tiny_next": {"cdpruner": "not lay out on LLaVA-NeXT's packed images"},
-           "tiny_ov": {"cdpruner": "whose vision tower is no CLIP"}}
+REFUSED = {"tiny_next": {}, "tiny_ov": {"cdpruner": "whose vision tower is no CLIP"}}  # CDPruner's text tower
 VISION = {"tiny_next": 80, "tiny_ov": 90}  # prunable vision tokens of a 336 px image
 # PDrop's average budget must lie within its stages' reach: T̄_in from 20 to 80 tokens on tiny NeXT
 BUDGET = {"sparsevlm": 64, "visionzip": 64, "pdrop": 40}  # SparseVLM and VisionZip have settings for 64/128/192

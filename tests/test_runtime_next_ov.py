@@ -279,3 +279,41 @@ def test_a_budget_per_view_reduces_each_crop_with_its_own_cls_row(pictures, pict
     assert runtime.vision_tokens_per_layer().tolist() == [[kept] * 4]
     unchanged = [i for i in range(len(vision)) if (captured["hidden"][0] == vision[i]).all(-1).any()]
     assert unchanged == sorted(expected)
+
+
+@torch.no_grad()
+def test_cdpruner_on_next_scores_the_feature_layers_states_laid_out_like_the_tokens(pictures):
+    """CDPruner's CLIP image embeddings come from the vision tower's feature-layer states: on a packed NeXT image the
+    runtime lays them out like the tokens (the tower's own `hidden_states`, each patch's at its token), CLS first."""
+    family = tiny_of("tiny_next")
+    inputs = family.inputs(pictures[2:], [QUESTION])
+    model, config = family.model.model, family.model.config
+    views = int(family.adapter.views(config, inputs["image_sizes"], [True])[0])
+    states = model.vision_tower(inputs["pixel_values"][0, :views], output_hidden_states=True).hidden_states[
+        config.vision_feature_layer]
+    expected = torch.stack([packed_view_values(family, states[:, 1:, i], inputs) for i in range(states.shape[-1])], -1)
+    seen = []
+
+    class Spy(METHODS["cdpruner"]):
+        def reduce_image_embeddings(self, embeddings, vision, questions):
+            seen.append(vision)
+            return super().reduce_image_embeddings(embeddings, vision, questions)
+
+    with prune(family.model, Spy(budget=Budget(8), text_tower="tiny"), sample_ids=["s"], questions=[QUESTION]) \
+            as runtime:
+        family.model(**inputs)
+    assert runtime.vision_tokens_per_layer().tolist() == [[8] * 4]
+    [vision] = seen
+    assert torch.allclose(vision.tower_hidden[0, 1:], expected, atol=1e-6)
+    assert torch.allclose(vision.tower_hidden[0, 0], states[:, 0].mean(0), atol=1e-6)
+
+    seen.clear()  # per view: each view's tokens, its own CLS state first
+    with prune(family.model, Spy(budget=Budget(4, per="view"), text_tower="tiny"), sample_ids=["s"],
+               questions=[QUESTION]):
+        family.model(**inputs)
+    view_of = packed_view_values(family, torch.arange(views, dtype=torch.float32)[:, None].expand(
+        -1, states.shape[1] - 1), inputs)
+    assert len(seen) == views
+    for view, vision in enumerate(seen):
+        assert torch.equal(vision.tower_hidden[0, 0], states[view, 0])
+        assert torch.allclose(vision.tower_hidden[0, 1:], expected[view_of == view], atol=1e-6)

@@ -25,7 +25,6 @@ from omegaconf import DictConfig
 
 from harness.adapters.base import Images, ModelAdapter, seeded_model
 from harness.adapters.llava import byte_tokenizer
-from methods.base import ConfigError, TokenPruner
 
 IMAGE_TOKEN = "<image>"
 # lmms-eval `llava_hf.VICUNA_CHAT_TEMPLATE`, used when the checkpoint's tokenizer has no chat template.
@@ -81,15 +80,6 @@ class LlavaNextAdapter(ModelAdapter):
         from transformers import LlavaNextModel
 
         return LlavaNextModel
-
-    def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
-        super().check_method(pruner, batch_size)
-        if pruner.needs_clip_tower:
-            # Pre-LLM methods act on the packed (projected) features, where the runtime lays out each view's CLS
-            # attention and keys as well; the CLIP features of the feature layer are not laid out.
-            raise ConfigError(f"method {pruner.name} scores each patch's CLIP image embedding, which the runtime does "
-                              f"not lay out on {self.title}'s packed images (crops, unpadding, newline slots): use "
-                              f"divprune or vispruner (pre-LLM, on the packed features) or an in-LLM method")
 
     # ------------------------------------------------------------------ loading
     def from_pretrained(self, path: Path, spec: DictConfig, dtype: torch.dtype, device: torch.device):
