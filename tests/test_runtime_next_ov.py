@@ -188,13 +188,53 @@ def test_pre_llm_reduction_equals_a_shorter_input_of_the_kept_packed_features(fa
 
 
 def packed_view_values(loaded, values: torch.Tensor, inputs) -> torch.Tensor:
-    """(views, patches) per-view values of one image -> (vision tokens,) laid out by the model's own packing."""
+    """(views, patches[, C]) per-view values of one image -> (vision tokens[, C]), laid out by the model's packing."""
     model = loaded.model.model
     options = {"vision_feature_select_strategy": loaded.model.config.vision_feature_select_strategy} \
         if loaded.name == "tiny_next" else {"vision_aspect_ratio": loaded.model.config.vision_aspect_ratio}
-    [packed], _ = type(model).pack_image_features(model, [values[..., None]], inputs["image_sizes"],
-                                                  image_newline=None, **options)
-    return packed[:, 0]
+    channels = values.dim() == 3
+    [packed], _ = type(model).pack_image_features(model, [values if channels else values[..., None]],
+                                                  inputs["image_sizes"], image_newline=None, **options)
+    return packed if channels else packed[:, 0]
+
+
+def feature_layer(loaded, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision tower's own (eager) attention probabilities (views, heads, n, n) and output states (views, n, d) at
+    the feature layer, for every view of the prompt's one image; `view_of` below lays out which token is whose."""
+    model, config = loaded.model.model, loaded.model.config
+    views = int(loaded.adapter.views(config, inputs["image_sizes"], [True])[0])
+    model.vision_tower.config._attn_implementation = "eager"
+    try:
+        out = model.vision_tower(inputs["pixel_values"][0, :views], output_attentions=True, output_hidden_states=True)
+    finally:
+        model.vision_tower.config._attn_implementation = "sdpa"
+    return out.attentions[config.vision_feature_layer], out.hidden_states[config.vision_feature_layer]
+
+
+def view_of(loaded, inputs, states: torch.Tensor) -> torch.Tensor:
+    """(vision tokens,) the view of the image each packed vision token comes from."""
+    views, patches = states.shape[0], states.shape[1] - loaded.adapter.cls_token
+    return packed_view_values(loaded, torch.arange(views, dtype=torch.float32)[:, None].expand(-1, patches), inputs)
+
+
+def reduce_and_find_kept_features(loaded, inputs, pruner) -> tuple[list[int], list[list[int]]]:
+    """Run `pruner` on the prompt: which packed vision tokens enter layer 0 as the packed features themselves (kept as
+    they are, not merged), and the vision tokens entering each layer."""
+    model = loaded.model.model
+    [packed] = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    vision = packed[(packed != model.image_newline).any(-1)]
+    captured = {}
+    handle = model.language_model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(hidden=args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True)
+    try:
+        with prune(loaded.model, pruner, sample_ids=["s"], questions=[QUESTION]) as runtime:
+            loaded.model(**inputs)
+    finally:
+        handle.remove()
+    entering = captured["hidden"][0]
+    unchanged = [i for i in range(len(vision)) if (entering == vision[i]).all(-1).any()]
+    return unchanged, runtime.vision_tokens_per_layer().tolist()
 
 
 @torch.no_grad()
@@ -205,38 +245,14 @@ def test_pre_llm_methods_rank_each_packed_token_by_its_own_patchs_signal(family,
     within its view (mean over heads and queries; the 336 px grid is shrunk, so blended). They enter layer 0 as the
     packed features themselves, at their own slots; the one contextual token merges the rest."""
     inputs = family.inputs(pictures[:1], [QUESTION])
-    model, config = family.model.model, family.model.config
-    tower = model.vision_tower
-    views = int(family.adapter.views(config, inputs["image_sizes"], [True])[0])
-    tower.config._attn_implementation = "eager"
-    try:
-        attention = tower(inputs["pixel_values"][0, :views], output_attentions=True).attentions[
-            config.vision_feature_layer]
-    finally:
-        tower.config._attn_implementation = "sdpa"
+    attention, _ = feature_layer(family, inputs)
     if family.adapter.cls_token:  # the CLS row over the patches, summed over heads
         signal = attention[:, :, 0, 1:].sum(1)
     else:  # the attention each patch receives
         signal = attention.mean(dim=(1, 2))
-    dominant = 12
-    expected = packed_view_values(family, signal, inputs).topk(dominant).indices.sort().values
-
-    [packed] = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-    vision = packed[(packed != model.image_newline).any(-1)]
-    captured = {}
-    layer0 = family.model.model.language_model.layers[0]
-    handle = layer0.register_forward_pre_hook(lambda m, a, k: captured.update(hidden=a[0] if a else
-                                                                              k["hidden_states"]), with_kwargs=True)
-    pruner = METHODS["visionzip"](budget=Budget(64), dominant=dominant, contextual=1)
-    try:
-        with prune(family.model, pruner, sample_ids=["s"]) as runtime:
-            family.model(**inputs)
-    finally:
-        handle.remove()
-    assert runtime.vision_tokens_per_layer().tolist() == [[dominant + 1] * 4]
-    entering = captured["hidden"][0]
-    unchanged = [i for i in range(len(vision)) if (entering == vision[i]).all(-1).any()]
-    assert unchanged == expected.tolist()
+    expected = packed_view_values(family, signal, inputs).topk(12).indices.sort().values
+    pruner = METHODS["visionzip"](budget=Budget(64), dominant=12, contextual=1)
+    assert reduce_and_find_kept_features(family, inputs, pruner) == (expected.tolist(), [[13] * 4])
 
 
 @torch.no_grad()
@@ -248,50 +264,27 @@ def test_a_budget_per_view_reduces_each_crop_with_its_own_cls_row(pictures, pict
     100x60 picture's, 8 of 16) is kept whole."""
     family = tiny_of("tiny_next")
     inputs = family.inputs(pictures[picture:picture + 1], [QUESTION])
-    model, config = family.model.model, family.model.config
-    views = int(family.adapter.views(config, inputs["image_sizes"], [True])[0])
-    model.vision_tower.config._attn_implementation = "eager"
-    try:
-        attention = model.vision_tower(inputs["pixel_values"][0, :views], output_attentions=True).attentions[
-            config.vision_feature_layer]
-    finally:
-        model.vision_tower.config._attn_implementation = "sdpa"
+    attention, states = feature_layer(family, inputs)
     signal = packed_view_values(family, attention[:, :, 0, 1:].sum(1), inputs)
-    patches = attention.shape[-1] - 1
-    view_of = packed_view_values(family, torch.arange(views, dtype=torch.float32)[:, None].expand(-1, patches), inputs)
+    views = view_of(family, inputs, states)
     expected, kept = [], 0
-    for view in range(views):
-        tokens = (view_of == view).nonzero()[:, 0]
+    for view in range(len(states)):
+        tokens = (views == view).nonzero()[:, 0]
         expected += tokens[signal[tokens].topk(7).indices].tolist() if len(tokens) > 8 else tokens.tolist()
         kept += min(len(tokens), 8)
-
-    [packed] = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-    vision = packed[(packed != model.image_newline).any(-1)]
-    captured = {}
-    handle = model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, a, k: captured.update(hidden=a[0] if a else k["hidden_states"]), with_kwargs=True)
     pruner = METHODS["visionzip"](budget=Budget(8, per="view"), dominant=7, contextual=1)
-    try:
-        with prune(family.model, pruner, sample_ids=["s"]) as runtime:
-            family.model(**inputs)
-    finally:
-        handle.remove()
-    assert runtime.vision_tokens_per_layer().tolist() == [[kept] * 4]
-    unchanged = [i for i in range(len(vision)) if (captured["hidden"][0] == vision[i]).all(-1).any()]
-    assert unchanged == sorted(expected)
+    assert reduce_and_find_kept_features(family, inputs, pruner) == (sorted(expected), [[kept] * 4])
 
 
 @torch.no_grad()
 def test_cdpruner_on_next_scores_the_feature_layers_states_laid_out_like_the_tokens(pictures):
     """CDPruner's CLIP image embeddings come from the vision tower's feature-layer states: on a packed NeXT image the
-    runtime lays them out like the tokens (the tower's own `hidden_states`, each patch's at its token), CLS first."""
+    runtime lays them out like the tokens (the tower's own `hidden_states`, each patch's at its token), CLS first: the
+    views' mean, or per view (`budget_per=view`) the view's own."""
     family = tiny_of("tiny_next")
     inputs = family.inputs(pictures[2:], [QUESTION])
-    model, config = family.model.model, family.model.config
-    views = int(family.adapter.views(config, inputs["image_sizes"], [True])[0])
-    states = model.vision_tower(inputs["pixel_values"][0, :views], output_hidden_states=True).hidden_states[
-        config.vision_feature_layer]
-    expected = torch.stack([packed_view_values(family, states[:, 1:, i], inputs) for i in range(states.shape[-1])], -1)
+    _, states = feature_layer(family, inputs)
+    expected = packed_view_values(family, states[:, 1:], inputs)
     seen = []
 
     class Spy(METHODS["cdpruner"]):
@@ -299,21 +292,16 @@ def test_cdpruner_on_next_scores_the_feature_layers_states_laid_out_like_the_tok
             seen.append(vision)
             return super().reduce_image_embeddings(embeddings, vision, questions)
 
-    with prune(family.model, Spy(budget=Budget(8), text_tower="tiny"), sample_ids=["s"], questions=[QUESTION]) \
-            as runtime:
-        family.model(**inputs)
-    assert runtime.vision_tokens_per_layer().tolist() == [[8] * 4]
+    _, per_layer = reduce_and_find_kept_features(family, inputs, Spy(budget=Budget(8), text_tower="tiny"))
     [vision] = seen
+    assert per_layer == [[8] * 4]
     assert torch.allclose(vision.tower_hidden[0, 1:], expected, atol=1e-6)
     assert torch.allclose(vision.tower_hidden[0, 0], states[:, 0].mean(0), atol=1e-6)
 
-    seen.clear()  # per view: each view's tokens, its own CLS state first
-    with prune(family.model, Spy(budget=Budget(4, per="view"), text_tower="tiny"), sample_ids=["s"],
-               questions=[QUESTION]):
-        family.model(**inputs)
-    view_of = packed_view_values(family, torch.arange(views, dtype=torch.float32)[:, None].expand(
-        -1, states.shape[1] - 1), inputs)
-    assert len(seen) == views
+    seen.clear()
+    reduce_and_find_kept_features(family, inputs, Spy(budget=Budget(4, per="view"), text_tower="tiny"))
+    views = view_of(family, inputs, states)
+    assert len(seen) == len(states)
     for view, vision in enumerate(seen):
-        assert torch.equal(vision.tower_hidden[0, 0], states[view, 0])
-        assert torch.allclose(vision.tower_hidden[0, 1:], expected[view_of == view], atol=1e-6)
+        assert torch.allclose(vision.tower_hidden[0, 0], states[view, 0], atol=1e-6)
+        assert torch.allclose(vision.tower_hidden[0, 1:], expected[views == view], atol=1e-6)
