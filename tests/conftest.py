@@ -28,6 +28,13 @@ def tiny() -> LoadedModel:
     return tiny_model()
 
 
+def noise_images(sizes: list[tuple[int, int]], seed: int) -> list[Image.Image]:
+    """Random-pixel images of (width, height) `sizes`, drawn one after another from one generator seeded `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
+            for w, h in sizes]
+
+
 @pytest.fixture(scope="session")
 def images() -> list[Image.Image]:
     generator = torch.Generator().manual_seed(0)

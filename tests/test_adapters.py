@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,22 +71,30 @@ def test_a_batch_is_left_padded_with_one_span_per_image(qwen):
                                                                        [64]]
 
 
-@torch.no_grad()
-def test_a_checkpoint_directory_loads_with_the_conf_pixel_bounds(tmp_path):
-    """`source: hf` reads weights, tokenizer, image processor and chat template from a local directory (what
-    `huggingface-cli download` leaves), with the conf's min/max pixels over the checkpoint's own."""
-    tiny = tiny_of("tiny_qwen25vl")
-    tiny.model.save_pretrained(tmp_path)
-    tiny.processor.tokenizer.save_pretrained(tmp_path)
-    tiny.processor.image_processor.save_pretrained(tmp_path)
-    (tmp_path / "chat_template.jinja").write_text(tiny.processor.chat_template)
-    spec = OmegaConf.merge(OmegaConf.load("conf/model/tiny_qwen25vl.yaml"),
-                           {"source": "hf", "path": str(tmp_path), "dtype": "float32"})
+def load_from_checkpoint_directory(tiny, directory: Path, **overrides) -> tuple:
+    """(loaded, spec): the tiny model saved as what `hf download` leaves (weights, tokenizer, image processor, the
+    processor's chat template where it has one), then loaded from that directory with `source: hf`; the same
+    prompt and image give the same ids and logits as the tiny model itself."""
+    tiny.model.save_pretrained(directory)
+    tiny.processor.tokenizer.save_pretrained(directory)
+    tiny.processor.image_processor.save_pretrained(directory)
+    if getattr(tiny.processor, "chat_template", None):
+        (directory / "chat_template.jinja").write_text(tiny.processor.chat_template)
+    spec = OmegaConf.merge(OmegaConf.load(f"conf/model/{tiny.name}.yaml"),
+                           {"source": "hf", "path": str(directory), "dtype": "float32", **overrides})
     loaded = load(spec, "cpu")
     image = [solid(100, 90)]
     expected, got = tiny.inputs(image, ["What?"]), loaded.inputs(image, ["What?"])
     assert torch.equal(expected["input_ids"], got["input_ids"])
     assert torch.equal(loaded.model(**got).logits, tiny.model(**expected).logits)
+    return loaded, spec
+
+
+@torch.no_grad()
+def test_a_checkpoint_directory_loads_with_the_conf_pixel_bounds(tmp_path):
+    """`source: hf` reads weights, tokenizer, image processor and chat template from a local directory (what
+    `huggingface-cli download` leaves), with the conf's min/max pixels over the checkpoint's own."""
+    _, spec = load_from_checkpoint_directory(tiny_of("tiny_qwen25vl"), tmp_path)
     fewer = load(OmegaConf.merge(spec, {"max_pixels": 28 * 28 * 16}), "cpu")
     assert fewer.adapter.image_spans(fewer.model, fewer.inputs([solid(336, 336)], ["What?"])["input_ids"]) == \
         [[(45, 61)]]  # 16 tokens after the system turn, "<|im_start|>user\n<|vision_start|>": 45 tokens (bytes)

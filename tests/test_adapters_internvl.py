@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from lmms_eval.protocol import ChatMessages
-from omegaconf import OmegaConf
 
 from harness.config import check_overrides
-from harness.models import ModelNotAvailable, load
+from harness.models import ModelNotAvailable
 from tests.conftest import tiny_of
-from tests.test_adapters import solid
+from tests.test_adapters import load_from_checkpoint_directory, solid
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +65,7 @@ def test_two_images_are_two_spans_and_a_batch_is_left_padded(internvl):
 def test_a_checkpoint_directory_loads(internvl, tmp_path):
     """`source: hf` reads weights, tokenizer (with its image tokens), image processor and chat template from a
     local directory (what `hf download` leaves)."""
-    internvl.model.save_pretrained(tmp_path)
-    internvl.processor.tokenizer.save_pretrained(tmp_path)
-    internvl.processor.image_processor.save_pretrained(tmp_path)
-    (tmp_path / "chat_template.jinja").write_text(internvl.processor.chat_template)
-    spec = OmegaConf.merge(OmegaConf.load("conf/model/tiny_internvl.yaml"),
-                           {"source": "hf", "path": str(tmp_path), "dtype": "float32"})
-    loaded = load(spec, "cpu")
-    image = [solid(128, 64)]
-    expected, got = internvl.inputs(image, ["What?"]), loaded.inputs(image, ["What?"])
-    assert torch.equal(expected["input_ids"], got["input_ids"])
-    assert torch.equal(loaded.model(**got).logits, internvl.model(**expected).logits)
+    load_from_checkpoint_directory(internvl, tmp_path)
 
 
 @pytest.mark.parametrize(("model", "repo"), [("internvl3_8b", "OpenGVLab/InternVL3-8B-hf"),

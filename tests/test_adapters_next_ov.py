@@ -13,7 +13,7 @@ from harness.config import check_overrides
 from harness.models import ModelNotAvailable, load
 from methods import ConfigError
 from tests.conftest import tiny_of
-from tests.test_adapters import solid
+from tests.test_adapters import load_from_checkpoint_directory, solid
 from tests.test_cli import harness
 
 CONTEXT = "What color is the circle?\nAnswer the question using a single word or phrase."
@@ -79,17 +79,7 @@ def test_each_image_is_one_span_with_its_newline_slots(next_model, ov_model):
 @pytest.mark.parametrize("conf", ["tiny_next", "tiny_ov"])
 def test_a_checkpoint_directory_loads(conf, tmp_path):
     """`source: hf` reads weights, tokenizer and image processor from a local directory (what `hf download` leaves)."""
-    tiny = tiny_of(conf)
-    tiny.model.save_pretrained(tmp_path)
-    tiny.processor.tokenizer.save_pretrained(tmp_path)
-    tiny.processor.image_processor.save_pretrained(tmp_path)
-    spec = OmegaConf.merge(OmegaConf.load(f"conf/model/{conf}.yaml"),
-                           {"source": "hf", "path": str(tmp_path), "dtype": "float32"})
-    loaded = load(spec, "cpu")
-    image = [solid(100, 90)]
-    expected, got = tiny.inputs(image, ["What?"]), loaded.inputs(image, ["What?"])
-    assert torch.equal(expected["input_ids"], got["input_ids"])
-    assert torch.equal(loaded.model(**got).logits, tiny.model(**expected).logits)
+    load_from_checkpoint_directory(tiny_of(conf), tmp_path)
 
 
 @pytest.mark.parametrize("conf", ["llava_next7b", "llava_next_mistral7b", "llava_ov7b"])

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from harness import analyze
 from harness.analyze import Request
 from harness.tasks import synthetic_samples
 from methods import Budget, FastV
-from tests.conftest import tiny_model, tiny_of
+from tests.conftest import noise_images, tiny_model, tiny_of
 
 QUESTION = "What color is the square?"
 LAYERS = [1, 3]
@@ -221,9 +220,7 @@ def test_qwen_attention_maps_lie_on_each_images_own_grid(tmp_path):
     """tiny_qwen25vl, images of two sizes: the attention maps and the pruning record lie on the image's merged token
     grid (rows x columns, 28 px each; 336x224 px is scaled down within max_pixels to 6x9), drawn over the image as
     the processor resized it (no crop)."""
-    generator = torch.Generator().manual_seed(0)
-    small, large = (Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
-                    for w, h in ((100, 90), (336, 224)))
+    small, large = noise_images([(100, 90), (336, 224)], seed=0)
     small.save(tmp_path / "small.png")
     out = analyze.run(["model=tiny_qwen25vl", f"image={tmp_path / 'small.png'}", "question=What is this?",
                        "method=fastv", "retain=0.25", "layers=0", "topk=2", f"output_dir={tmp_path}"])

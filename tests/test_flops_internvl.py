@@ -8,7 +8,6 @@ import dataclasses
 
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoConfig, InternVLConfig, InternVLForConditionalGeneration
 
 from harness.cost import ForwardTimer
@@ -25,7 +24,7 @@ from harness.flops import (
 from harness.models import MODEL_CONFIGS
 from harness.runtime import prune
 from methods import Budget, DivPrune, RandomPruner, TokenPruner
-from tests.conftest import tiny_of
+from tests.conftest import noise_images, tiny_of
 from tests.test_flops import NEW_TOKENS, assert_equal_flops
 
 
@@ -41,9 +40,7 @@ def test_counter_equals_projection_on_the_tiny_internvl(internvl, pruner):
     """Two images (1 and 3 tiles: 64 vision tokens): every tile through the ViT, the projector on all 64 tokens
     (DivPrune reduces its output before layer 0), each decoder layer's projections, MLP, attention and its
     vision-related part, lm_head, in prefill and in the decode steps."""
-    generator = torch.Generator().manual_seed(0)
-    images = [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
-              for w, h in ((64, 64), (128, 64))]
+    images = noise_images([(64, 64), (128, 64)], seed=0)
     inputs = internvl.inputs([images], ["Which picture is brighter?"])
     model = internvl.model
     with prune(model, pruner, sample_ids=[0], questions=["Which picture is brighter?"]) as runtime, \

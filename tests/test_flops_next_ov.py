@@ -15,7 +15,7 @@ from harness.flops import AnyResArchitecture, FlopCounter, executed_schedule, mo
 from harness.flops import report as flops_report
 from harness.runtime import prune
 from methods import METHODS, Budget, RandomPruner
-from tests.conftest import tiny_of
+from tests.conftest import noise_images, tiny_of
 from tests.test_flops import NEW_TOKENS, assert_equal_flops
 
 
@@ -25,8 +25,7 @@ def family(request):
 
 
 def picture(width: int, height: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(2)
-    return Image.fromarray((torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy())
+    return noise_images([(width, height)], seed=2)[0]
 
 
 def test_counter_equals_projection_on_a_tiny_model(family):

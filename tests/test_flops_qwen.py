@@ -39,7 +39,7 @@ from harness.flops import (
 from harness.models import MODEL_CONFIGS
 from harness.runtime import prune
 from methods import Budget, ConfigError, FastV
-from tests.conftest import tiny_of
+from tests.conftest import noise_images, tiny_of
 from tests.test_flops import assert_equal_flops
 from tests.test_runtime import QUESTION
 
@@ -230,8 +230,7 @@ def executed(loaded, pruner, images: list[list[Image.Image]], questions: list[st
 
 
 def noise(width: int, height: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(width)
-    return Image.fromarray((torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy())
+    return noise_images([(width, height)], seed=width)[0]
 
 
 @pytest.mark.parametrize("conf", ["tiny_qwen2vl", "tiny_qwen25vl", "tiny_qwen3vl"])

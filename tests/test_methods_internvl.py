@@ -14,7 +14,7 @@ from harness.adapters.internvl import pool_patches
 from harness.config import compose, validate
 from harness.runtime import VisionProbe, prune
 from methods import METHODS, Budget, ConfigError, DivPrune, VisionZip
-from tests.conftest import tiny_of
+from tests.conftest import noise_images, tiny_of
 from tests.test_cli import harness
 
 REFUSED = {"cdpruner": "InternViT has no text tower", "prumerge": "pixel shuffle concatenates 2x2 patches"}
@@ -28,8 +28,7 @@ def internvl():
 
 
 def noise(width: int, height: int, seed: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy())
+    return noise_images([(width, height)], seed)[0]
 
 
 @torch.no_grad()

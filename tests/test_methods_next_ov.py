@@ -13,7 +13,7 @@ from PIL import Image
 from harness.config import compose, validate
 from harness.runtime import prune
 from methods import METHODS, ConfigError
-from tests.conftest import tiny_of
+from tests.conftest import noise_images, tiny_of
 
 REFUSED = {"tiny_next": {}, "tiny_ov": {"cdpruner": "whose vision tower is no CLIP"}}  # CDPruner's text tower
 VISION = {"tiny_next": 80, "tiny_ov": 90}  # prunable vision tokens of a 336 px image
@@ -28,8 +28,7 @@ def family(request):
 
 @pytest.fixture(scope="module")
 def picture() -> Image.Image:
-    generator = torch.Generator().manual_seed(1)
-    return Image.fromarray((torch.rand(336, 336, 3, generator=generator) * 255).to(torch.uint8).numpy())
+    return noise_images([(336, 336)], seed=1)[0]
 
 
 @torch.no_grad()

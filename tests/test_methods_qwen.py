@@ -12,7 +12,7 @@ from PIL import Image
 from harness.config import compose, validate
 from harness.runtime import prune
 from methods import METHODS, ConfigError
-from tests.conftest import tiny_of
+from tests.conftest import noise_images, tiny_of
 
 # What runs on Qwen where the LLaVA default does not: original positions (M-RoPE has no compact renumbering).
 QWEN_OPTIONS = {"pdrop": ["method.positions=original"], "sparsevlm": ["method.version='2.0'"]}
@@ -28,8 +28,7 @@ def qwen(request):
 
 @pytest.fixture(scope="module")
 def picture() -> Image.Image:
-    generator = torch.Generator().manual_seed(1)
-    return Image.fromarray((torch.rand(336, 336, 3, generator=generator) * 255).to(torch.uint8).numpy())
+    return noise_images([(336, 336)], seed=1)[0]
 
 
 @torch.no_grad()

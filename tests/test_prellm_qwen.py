@@ -15,7 +15,7 @@ from harness.adapters.base import VisionAttentionCall
 from harness.config import compose, validate
 from harness.runtime import chunk_attention, prune, received_attention
 from methods.base import TokenPruner
-from tests.conftest import tiny_of
+from tests.conftest import noise_images, tiny_of
 from tests.test_cli import harness
 from tests.test_runtime_qwen import FEW
 
@@ -29,10 +29,7 @@ def qwen(request):
 
 @pytest.fixture(scope="module")
 def pictures() -> list[Image.Image]:
-    generator = torch.Generator().manual_seed(3)
-    sizes = [(100, 90), (336, 336)]  # 12 (Qwen3-VL: 9) and 64 vision tokens
-    return [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
-            for w, h in sizes]
+    return noise_images([(100, 90), (336, 336)], seed=3)  # 12 (Qwen3-VL: 9) and 64 vision tokens
 
 
 def test_the_received_attention_maps_qwen25_window_order_back_to_raster_tokens():

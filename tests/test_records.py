@@ -16,7 +16,7 @@ from harness.lmms import Prunebench
 from harness.runtime import prune
 from methods import Budget, ConfigError, FastV, RandomPruner, SparseVLM, VisionZip, VisiPruner
 from methods.random import sample_seed
-from tests.conftest import tiny_model
+from tests.conftest import noise_images, tiny_model
 
 QUESTION = "What is in the image?"
 V = 576
@@ -276,10 +276,7 @@ def test_the_options_are_checked_before_loading_and_keep_earlier_config_keys(tmp
 
 
 def noise(width: int, height: int):
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(width)
-    return Image.fromarray((torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy())
+    return noise_images([(width, height)], seed=width)[0]
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from PIL import Image
 from harness.config import check_overrides
 from harness.runtime import prune
 from methods import Budget, ConfigError, RandomPruner
-from tests.conftest import tiny_of
+from tests.conftest import noise_images, tiny_of
 from tests.test_runtime import QUESTION, KeepAll, generate, hide_keys_from
 from tests.test_runtime_qwen import generate_few
 
@@ -22,10 +22,7 @@ def internvl():
 
 @pytest.fixture(scope="module")
 def pictures() -> list[Image.Image]:
-    generator = torch.Generator().manual_seed(0)
-    sizes = [(128, 64), (96, 48), (64, 64)]  # 3 tiles (2x1 + thumbnail), 3 tiles, 1 tile
-    return [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
-            for w, h in sizes]
+    return noise_images([(128, 64), (96, 48), (64, 64)], seed=0)  # 3 tiles (2x1 + thumbnail), 3 tiles, 1 tile
 
 
 @torch.no_grad()

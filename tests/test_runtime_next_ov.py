@@ -10,7 +10,7 @@ from PIL import Image
 from harness.runtime import prune
 from methods import METHODS, Budget, DivPrune, RandomPruner
 from methods.divprune import max_min_diverse
-from tests.conftest import tiny_of
+from tests.conftest import noise_images, tiny_of
 from tests.test_runtime import QUESTION, KeepAll, generate, hide_keys_from
 from tests.test_runtime_qwen import FEW, generate_few
 
@@ -27,10 +27,7 @@ def family(request):
 
 @pytest.fixture(scope="module")
 def pictures() -> list[Image.Image]:
-    generator = torch.Generator().manual_seed(0)
-    sizes = [(336, 336), (336, 336), (100, 60)]
-    return [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
-            for w, h in sizes]
+    return noise_images([(336, 336), (336, 336), (100, 60)], seed=0)
 
 
 def newline_slots(loaded, inputs) -> torch.Tensor:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from harness.runtime import prune
 from methods import Budget, ConfigError, FastV, PDrop, Probe, RandomPruner, Selection, TokenPruner
-from tests.conftest import tiny_of
+from tests.conftest import noise_images, tiny_of
 from tests.test_runtime import QUESTION, KeepAll, generate, hide_keys_from
 
 FEW = 5  # new tokens where 20 would only repeat what the keep-all test shows
@@ -28,10 +28,7 @@ def qwen(request):
 
 @pytest.fixture(scope="module")
 def pictures() -> list[Image.Image]:
-    generator = torch.Generator().manual_seed(0)
-    sizes = [(336, 336), (336, 336), (100, 90)]  # 64, 64 and 12 (Qwen3-VL: 9) vision tokens
-    return [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
-            for w, h in sizes]
+    return noise_images([(336, 336), (336, 336), (100, 90)], seed=0)  # 64, 64 and 12 (Qwen3-VL: 9) vision tokens
 
 
 @torch.no_grad()

@@ -6,13 +6,12 @@ import dataclasses
 
 import pytest
 import torch
-from PIL import Image
 
 from harness.cost import returned_cache
 from harness.runtime import ProbeResult, PruneState, prune
 from methods import ConfigError, VisiPruner
 from methods.visipruner import FAMILY_RULES
-from tests.conftest import tiny_model, tiny_of
+from tests.conftest import noise_images, tiny_model, tiny_of
 from tests.test_runtime import hide_keys_from
 
 # ---------------------------------------------------------------------- hand-built tensors
@@ -268,9 +267,7 @@ def test_the_qwen_rule_is_what_runs_on_tiny_qwen2vl():
     onto its own sink, and shallow layers leave the vision_start/end markers and the other image's vision rows
     alone."""
     qwen = tiny_of("tiny_qwen2vl", num_layers=8)
-    generator = torch.Generator().manual_seed(0)
-    pictures = [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
-                for w, h in ((100, 90), (168, 112))]  # 12 and 24 vision tokens
+    pictures = noise_images([(100, 90), (168, 112)], seed=0)  # 12 and 24 vision tokens
     inputs = qwen.inputs([pictures], ["Which picture is brighter?"])
     pruner = VisiPruner()
     with prune(qwen.model, pruner, sample_ids=["s"]) as runtime:
