@@ -99,11 +99,8 @@ class SelectionRecorder:
         for row, count in enumerate(is_vision.sum(1).tolist()):
             entries, patches, number = [], 0, 0
             while patches < count and (image := next(images, None)) is not None:
-                for view in image:
-                    tile = {"tile": view.tile} if view.tile is not None else {}
-                    entries.append({"image": number, "view": view.view, "grid": [view.rows, view.columns],
-                                    "first": patches, **tile})
-                    patches += view.rows * view.columns
+                entries += view_entries(image, number, patches)
+                patches += sum(view.rows * view.columns for view in image)
                 number += 1
             if patches != count:
                 raise ValueError(f"the image views {entries} do not hold row {row}'s {count} vision tokens")
@@ -169,6 +166,26 @@ def snapshot(layer: int, tokens: list[Token], **flags) -> dict:
     if unsourced:
         entry["unsourced"] = unsourced
     return entry
+
+
+def view_entries(views: list[TokenView], image: int = 0, first: int = 0) -> list[dict]:
+    """One image's grids as a record lists them: the image's number in its row, each grid and its first patch."""
+    entries = []
+    for view in views:
+        tile = {"tile": view.tile} if view.tile is not None else {}
+        entries.append({"image": image, "view": view.view, "grid": [view.rows, view.columns], "first": first, **tile})
+        first += view.rows * view.columns
+    return entries
+
+
+def views_of(selections: dict) -> list[dict]:
+    """Every grid of a record as its views: a record of one grid per image (`grid`, `grids`) as views "image"."""
+    if "views" in selections:
+        return selections["views"]
+    grids = selections.get("grids") or [selections["grid"]]
+    firsts = [sum(h * w for h, w in grids[:image]) for image in range(len(grids))]
+    return [{"image": image, "view": "image", "grid": list(grid), "first": first}
+            for image, (grid, first) in enumerate(zip(grids, firsts, strict=True))]
 
 
 def first_pruning(selections: dict) -> dict | None:
