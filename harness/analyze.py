@@ -104,7 +104,7 @@ class Insight:
     views: list[dict] | None = None  # instead of `grid`, where the image has several grids (`harness.records`' views)
     vision_tokens: list[int] | None = None  # with a method: vision tokens entering each layer
     selections: dict | None = None  # with a method whose selections are recorded: its record (`harness.records`)
-    newline_tokens: list[int] | None = None  # with a method, on LLaVA-NeXT/OneVision: newline slots entering each layer
+    newline_slots: int = 0  # LLaVA-NeXT/OneVision's image-newline slots: no vision tokens, kept like text
 
     @property
     def grids(self) -> list[dict]:
@@ -185,17 +185,14 @@ def cosine_drops(probes: dict[int, ProbeResult], vision: torch.Tensor) -> tuple[
 
 
 def method_pass(loaded: LoadedModel, inputs: dict, pruner: TokenPruner, sample_id: str,
-                question: str) -> tuple[list[int], dict | None, list[int] | None]:
-    """The method's prefill: vision tokens entering each layer, its selection record (pre-LLM reductions and merges
-    included; None where the family does not record the method, `ModelAdapter.records`) and the newline slots
-    entering each layer (None where the image has none)."""
+                question: str) -> tuple[list[int], dict | None]:
+    """The method's prefill: vision tokens entering each layer, and its selection record (pre-LLM reductions and
+    merges included; None where the family does not record the method, `ModelAdapter.records`)."""
     record = loaded.adapter.records(pruner)
     with prune(loaded.model, pruner, sample_ids=[sample_id], record=record,
                questions=[question]) as runtime:
         loaded.model(**inputs)
-    newlines = loaded.adapter.newline_mask(loaded.model, inputs["input_ids"], inputs)
-    return (runtime.vision_tokens_per_layer()[0].tolist(), runtime.recorder.record(0) if record else None,
-            runtime.tokens_per_layer(newlines)[0].tolist() if newlines.any() else None)
+    return runtime.vision_tokens_per_layer()[0].tolist(), runtime.recorder.record(0) if record else None
 
 
 @torch.no_grad()
@@ -218,10 +215,11 @@ def analyze(loaded: LoadedModel, request: Request, pruner: TokenPruner | None) -
         vision_attention=attention, value_norms=norms, sinks=find_sinks(attention, norms),
         cosine_drop=drop.float().cpu(), drop_token=drop_token.cpu(), grid=grid,
         views=view_entries(views[0]) if views else None,
+        newline_slots=int(loaded.adapter.newline_mask(loaded.model, inputs["input_ids"], inputs)[0].sum()),
     )
     if pruner is not None:
-        insight.vision_tokens, insight.selections, insight.newline_tokens = method_pass(
-            loaded, inputs, pruner, request.source, request.question)
+        insight.vision_tokens, insight.selections = method_pass(loaded, inputs, pruner, request.source,
+                                                                  request.question)
     return insight
 
 
@@ -245,7 +243,8 @@ def report(insight: Insight, loaded: LoadedModel, request: Request, method: dict
                   "last_token": token_text(tokenizer, int(insight.input_ids[-1])),
                   "tokens": len(insight.input_ids), "vision_start": insight.vision_start,
                   "vision_tokens": insight.vision_attention.shape[1],
-                  **({"views": insight.views} if insight.views else {"grid": list(insight.grid)})},
+                  **({"views": insight.views} if insight.views else {"grid": list(insight.grid)}),
+                  **({"newline_slots": insight.newline_slots} if insight.newline_slots else {})},
         "method": method,
         "logit_lens": [{"layer": layer, "top": top_tokens(tokenizer, p, i)} for layer, (p, i) in enumerate(lens)],
         "value_output": [{"layer": layer, "heads": [top_tokens(tokenizer, p, i) for p, i in zip(probs, ids,
@@ -260,8 +259,6 @@ def report(insight: Insight, loaded: LoadedModel, request: Request, method: dict
     }
     if method is not None:
         result["pruning"] = {"vision_tokens_per_layer": insight.vision_tokens}
-        if insight.newline_tokens is not None:
-            result["pruning"]["newline_tokens_per_layer"] = insight.newline_tokens
         if insight.selections is not None:
             result["pruning"].update(kept_patches=insight.kept_patches, selections=insight.selections)
     return result
@@ -353,10 +350,11 @@ def _view_panels(rows: int, views: list[dict], width: float):
     return _panel_grid(rows * len(views), width=width, cols=len(views) if len(views) > 1 else None)
 
 
-def plot_attention(insight: Insight, images: list[Image.Image], path: Path) -> Path:
-    """Per layer, the attention map on each of the image's grids (`images`: what each grid sees), coloured from the
-    layer's min to max over all its vision tokens."""
+def plot_attention(insight: Insight, image: Image.Image, path: Path) -> Path:
+    """Per layer, the attention map on each of the image's grids, coloured from the layer's min to max over all its
+    vision tokens; `image`: as `processed_image` gives it."""
     views = insight.grids
+    images = view_images(image, views)
     fig, axes = _view_panels(len(insight.vision_attention), views, width=1.6)
     axes = iter(axes)
     for layer, row in enumerate(insight.vision_attention.numpy()):
@@ -444,10 +442,11 @@ def pruning_panels(selections: dict) -> list[PruningPanel]:
     return panels
 
 
-def plot_pruning(selections: dict, images: list[Image.Image], title: str, path: Path) -> Path:
-    """Per snapshot, each of the record's grids (`images`: what each grid sees) with its patches kept, merged and
-    dropped."""
+def plot_pruning(selections: dict, image: Image.Image, title: str, path: Path) -> Path:
+    """Per snapshot, each of the record's grids with its patches kept, merged and dropped; `image`: as
+    `processed_image` gives it (a record of views: the image itself)."""
     views, panels = views_of(selections), pruning_panels(selections)
+    images = view_images(image, views)
     fig, axes = _view_panels(len(panels), views, width=2.6)
     axes = iter(axes)
     for panel in panels:
@@ -469,7 +468,9 @@ def plot_pruning(selections: dict, images: list[Image.Image], title: str, path: 
 def view_images(image: Image.Image, views: list[dict]) -> list[Image.Image]:
     """What each grid of an image sees, at the grid's aspect ratio: a base view, the crop grid (unpadded to the
     image) and a thumbnail span the whole image; an InternVL tile its cell of the canvas the processor cut the image
-    into (`tile_canvas`)."""
+    into (`tile_canvas`). An image of one grid (views "image") is drawn as given."""
+    if [view["view"] for view in views] == ["image"]:
+        return [image]
     tiles = sum(view["view"] in ("tile", "thumbnail") for view in views)
     columns, rows = tile_canvas(image.size, tiles) if tiles else (1, 1)
     parts = []
@@ -611,12 +612,10 @@ def run_from_record(own: dict[str, str], overrides: list[str]) -> Path:
     if views[-1]["image"] > 0:
         raise ConfigError(f"{sample_id} holds {views[-1]['image'] + 1} images; from_run= draws one-image records")
     out.mkdir(parents=True, exist_ok=True)
-    if "views" in selections:
-        images = view_images(image, views)
-    else:
+    if "views" not in selections:  # LLaVA-1.5's centre crop, Qwen's whole image: the grid's aspect ratio
         rows, cols = selections["grid"]
-        images = [ImageOps.fit(image, (cols * RECORD_PATCH_PIXELS, rows * RECORD_PATCH_PIXELS))]
-    print(f"wrote {plot_pruning(selections, images, f'{label} on {sample_id}, as recorded', out / 'pruning.png')}")
+        image = ImageOps.fit(image, (cols * RECORD_PATCH_PIXELS, rows * RECORD_PATCH_PIXELS))
+    print(f"wrote {plot_pruning(selections, image, f'{label} on {sample_id}, as recorded', out / 'pruning.png')}")
     return out
 
 
@@ -635,17 +634,18 @@ def run(argv: list[str]) -> Path:
     insight = analyze(loaded, request, pruner if method is not None else None)
     result = report(insight, loaded, request, method)
     out.mkdir(parents=True, exist_ok=True)
-    images = view_images(request.image, insight.views) if insight.views else [processed_image(loaded, request.image)]
+    # an image of several grids is drawn whole: `view_images` cuts each grid's part
+    image = request.image if insight.views else processed_image(loaded, request.image)
     figures = [plot_logit_lens(result, out / "logit_lens.png"),
                plot_value_output(result, out / "value_output.png"),
-               plot_attention(insight, images, out / "attention_to_image.png"),
+               plot_attention(insight, image, out / "attention_to_image.png"),
                plot_sinks(insight, out / "sinks.png"),
                plot_stages(insight, method, out / "stages.png")]
     if method is not None and insight.selections is None:
         title = loaded.adapter.title
         result["pruning"]["note"] = f"{method['name']}'s pre-LLM reduction is not recorded on {title} yet"
     elif method is not None and insight.selections["layers"]:
-        figures.append(plot_pruning(insight.selections, images, method["name"], out / "pruning.png"))
+        figures.append(plot_pruning(insight.selections, image, method["name"], out / "pruning.png"))
     elif method is not None:
         result["pruning"]["note"] = "the method kept every vision token"
     result["figures"] = [p.name for p in figures]
