@@ -24,7 +24,7 @@ for the last prompt token (the query every importance decision reads), without t
 Where an image's vision tokens form several grids (LLaVA-NeXT/OneVision: the base view and the unpadded crop grid;
 InternVL: each tile and the thumbnail; `harness.records`' views), the attention and pruning maps draw one panel per
 grid, over the part of the image it sees; image-newline slots are no vision tokens and are not drawn (the report
-counts those entering each layer under a method).
+gives their number). Pre-LLM methods are not recorded on these families yet: their pruning map is left out, noted.
 
 Attention rows and values come from the pruning runtime's probes: the model keeps its sdpa backend. Everything is
 written to `<output_dir>/analysis/<model>/<name>/` (PNGs and analysis.json).

@@ -18,7 +18,7 @@ from harness.config import CONF_DIR, validate
 from harness.lmms import Prunebench
 from harness.records import views_of
 from harness.runtime import prune
-from methods import Budget, FastV, RandomPruner
+from methods import Budget, DivPrune, FastV, RandomPruner
 from tests.conftest import tiny_of
 from tests.test_runtime_next_ov import embeddings_entering_the_language_model
 
@@ -148,6 +148,17 @@ def test_two_images_in_a_prompt_and_two_prompts_in_a_batch(family):
     for row in range(2):
         record = assert_record_places_the_runtimes_tokens(family, batch, runtime, row)
         assert {v["image"] for v in record["views"]} == {0}
+
+
+@torch.no_grad()
+def test_pre_llm_methods_are_not_recorded_yet(family):
+    """The packed (NeXT/OneVision) and in-sequence (InternVL) pre-LLM reductions: analyze counts their tokens and
+    records no selection."""
+    inputs = family.inputs([picture(100, 60)], [QUESTION])
+    assert not family.adapter.records(DivPrune(budget=Budget(8)))
+    assert family.adapter.records(FastV(k=2, budget=Budget(8)))
+    counts, selections = analyze.method_pass(family, inputs, DivPrune(budget=Budget(8)), "a", QUESTION)
+    assert counts == [8] * 4 and selections is None
 
 
 def test_tile_canvas_is_the_processors_for_its_number_of_tiles():
