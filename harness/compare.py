@@ -33,7 +33,8 @@ def kept_at_first_pruning(record: dict) -> tuple[set[int], int | None]:
     selections = record["selections"]
     entry = first_pruning(selections)
     if entry is None:
-        return set(range(sum(rows * cols for rows, cols in (v["grid"] for v in views_of(selections))))), None
+        patches = sum(rows * cols for rows, cols in (view["grid"] for view in views_of(selections)))
+        return set(range(patches)), None
     return set(entry["kept"]), entry["layer"]
 
 

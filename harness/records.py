@@ -55,7 +55,8 @@ class SelectionRecorder:
     @classmethod
     def for_model(cls, config) -> SelectionRecorder:
         """A fixed grid from the vision config (LLaVA); a vision config without one square `image_size` (dynamic
-        resolution, InternVL's tiles) takes each prefill's image grids or views."""
+        resolution, InternVL's tiles) takes each prefill's image grids. Each prefill's views (`begin`) replace
+        either."""
         vision = config.vision_config
         if not isinstance(getattr(vision, "image_size", None), int):
             return cls(grid=None, slots=0)

@@ -233,3 +233,16 @@ def test_runs_record_views_and_analyze_draws_them_from_the_run(tmp_path, monkeyp
     (record,) = model._generate([(0, "t/0", QUESTION, {"max_new_tokens": 2}, [picture(336, 336)], {})])
     assert record["vision_tokens_per_layer"] == [8] * 4 and "selections" not in record
     assert record["selections_note"] == "pre-LLM reductions (divprune) are not recorded on LLaVA-NeXT yet"
+
+
+def test_compare_counts_every_views_patches_where_a_record_shows_no_change(tmp_path):
+    from harness import compare
+
+    views = [{"image": 0, "view": "base", "grid": [2, 2], "first": 0},
+             {"image": 0, "view": "crops", "grid": [2, 3], "first": 4}]
+    runs = []
+    for name, layers in (("a", [{"layer": 1, "kept": [0, 5, 9], "merged": []}]), ("b", [])):
+        runs.append(tmp_path / f"{name}.jsonl")
+        runs[-1].write_text(json.dumps({"id": "t/0", "selections": {"views": views, "layers": layers}}) + "\n")
+    (overlap,) = compare.compare(*(compare.recorded(run) for run in runs))
+    assert (overlap.jaccard, overlap.kept, overlap.layers) == (3 / 10, (3, 10), (1, None))
