@@ -246,3 +246,21 @@ def test_compare_counts_every_views_patches_where_a_record_shows_no_change(tmp_p
         runs[-1].write_text(json.dumps({"id": "t/0", "selections": {"views": views, "layers": layers}}) + "\n")
     (overlap,) = compare.compare(*(compare.recorded(run) for run in runs))
     assert (overlap.jaccard, overlap.kept, overlap.layers) == (3 / 10, (3, 10), (1, None))
+
+
+@pytest.mark.parametrize("name", ["tiny_ov", "tiny_internvl"])
+def test_generation_records_the_views_of_each_image_of_a_prompt(name, tmp_path):
+    """Under `generate()` (images encoded before the model call) a two-image prompt's record lists each image's views:
+    OneVision's base views alone, InternVL's tiles and thumbnails (100x60: 3x2 tiles, 336 px: 3x3)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"output_dir={tmp_path}", f"model={name}", "method=fastv", "budget=8"])
+    model = Prunebench.for_run(cfg, validate(cfg), {}, None)
+    model.loaded = tiny_of(name)
+    (record,) = model._generate([(0, "t/0", QUESTION, {"max_new_tokens": 2}, [picture(100, 60), picture(336, 336)],
+                                  {})])
+    views = [(v["image"], v["view"]) for v in record["selections"]["views"]]
+    if name == "tiny_ov":
+        assert views == [(0, "base"), (1, "base")] and record["newline_tokens_per_layer"] == [2] * 4
+    else:
+        assert views == [(0, "tile")] * 6 + [(0, "thumbnail")] + [(1, "tile")] * 9 + [(1, "thumbnail")]
+    assert [(e["layer"], len(e["kept"])) for e in record["selections"]["layers"]] == [(2, 16)]  # 8 per image
