@@ -21,6 +21,11 @@ for the last prompt token (the query every importance decision reads), without t
 
 `from_run=RUN sample_id=ID` draws a finished run's recorded selections of one sample the same way, without a model.
 
+Where an image's vision tokens form several grids (LLaVA-NeXT/OneVision: the base view and the unpadded crop grid;
+InternVL: each tile and the thumbnail; `harness.records`' views), the attention and pruning maps draw one panel per
+grid, over the part of the image it sees; image-newline slots are no vision tokens and are not drawn (the report
+gives their number). Pre-LLM methods are not recorded on these families yet: their pruning map is left out, noted.
+
 Attention rows and values come from the pruning runtime's probes: the model keeps its sdpa backend. Everything is
 written to `<output_dir>/analysis/<model>/<name>/` (PNGs and analysis.json).
 """
@@ -39,10 +44,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageOps
 
+from harness.adapters.internvl import tile_canvas
 from harness.config import CONF_DIR, check_overrides, compose, validate
 from harness.evaluate import ROOT
 from harness.models import LoadedModel, load
-from harness.records import recorded, samples_path
+from harness.records import recorded, samples_path, view_entries, views_of
 from harness.results import STARTED
 from harness.runtime import ProbeResult, prune
 from methods import ConfigError, Probe, TokenPruner, VisiPruner
@@ -56,6 +62,7 @@ method.*, device, output_dir). With from_run= the recorded selections of one sam
 loading a model; the image is read from the run's local task unless image= gives it."""
 ANALYSIS_KEYS = ("image", "question", "sample", "layers", "topk", "name", "from_run", "sample_id")
 RECORD_PATCH_PIXELS = 14  # a recorded grid is drawn at LLaVA-1.5's crop size (24 patches of 14 pixels: 336)
+VIEW_PIXELS = 336  # the longer side of each view's part of the image, as drawn
 SINK_ATTENTION_QUANTILE = 0.99  # a sink receives more attention than 99% of the layer's vision tokens ...
 SINK_NORM_QUANTILE = 0.5  # ... while its value L1 norm is below the layer's median
 SINK_RULE = "attention above the layer's 99th percentile of vision attention and value L1 norm below its median"
@@ -93,9 +100,16 @@ class Insight:
     sinks: list[torch.Tensor]  # per layer, the vision tokens (0..V-1) that are sinks
     cosine_drop: torch.Tensor  # (L,) 1 - min_j cos(O - c_j, O) over vision tokens j
     drop_token: torch.Tensor  # (L,) the vision token j of that minimum
-    grid: tuple[int, int]  # the image's vision-token grid (rows, columns): V = rows * columns, row-major
+    grid: tuple[int, int] | None  # the image's vision-token grid (rows, columns): V = rows * columns, row-major
+    views: list[dict] | None = None  # instead of `grid`, where the image has several grids (`harness.records`' views)
     vision_tokens: list[int] | None = None  # with a method: vision tokens entering each layer
-    selections: dict | None = None  # with a method: its selection record (`harness.records`)
+    selections: dict | None = None  # with a method whose selections are recorded: its record (`harness.records`)
+    newline_slots: int = 0  # LLaVA-NeXT/OneVision's image-newline slots: no vision tokens, kept like text
+
+    @property
+    def grids(self) -> list[dict]:
+        """The image's grids as `harness.records` lists views: the one grid, or each view."""
+        return self.views or views_of({"grid": list(self.grid)})
 
     @property
     def kept_patches(self) -> dict[int, list[int]]:
@@ -171,19 +185,20 @@ def cosine_drops(probes: dict[int, ProbeResult], vision: torch.Tensor) -> tuple[
 
 
 def method_pass(loaded: LoadedModel, inputs: dict, pruner: TokenPruner, sample_id: str,
-                question: str) -> tuple[list[int], dict]:
+                question: str) -> tuple[list[int], dict | None]:
     """The method's prefill: vision tokens entering each layer, and its selection record (pre-LLM reductions and
-    merges included)."""
-    with prune(loaded.model, pruner, sample_ids=[sample_id], record=True,
+    merges included; None where the family does not record the method, `ModelAdapter.records`)."""
+    record = loaded.adapter.records(pruner)
+    with prune(loaded.model, pruner, sample_ids=[sample_id], record=record,
                questions=[question]) as runtime:
         loaded.model(**inputs)
-    return runtime.vision_tokens_per_layer()[0].tolist(), runtime.recorder.record(0)
+    return runtime.vision_tokens_per_layer()[0].tolist(), runtime.recorder.record(0) if record else None
 
 
 @torch.no_grad()
 def analyze(loaded: LoadedModel, request: Request, pruner: TokenPruner | None) -> Insight:
     inputs = loaded.inputs([request.image], [request.question])
-    vision = (inputs["input_ids"][0] == loaded.model.config.image_token_id).nonzero()[:, 0]
+    vision = loaded.adapter.vision_mask(loaded.model, inputs["input_ids"], inputs)[0].nonzero()[:, 0]
     hidden_states, probes = dense_pass(loaded, inputs)
     text_config = loaded.model.config.text_config
     lens = logit_lens(loaded.model, hidden_states, request.topk)
@@ -191,13 +206,16 @@ def analyze(loaded: LoadedModel, request: Request, pruner: TokenPruner | None) -
     attention = vision_attention(probes, vision).cpu()
     norms = value_norms(probes, vision, text_config.num_attention_heads // text_config.num_key_value_heads).cpu()
     drop, drop_token = cosine_drops(probes, vision)
+    views = loaded.adapter.token_views(loaded.model, inputs)
     side = math.isqrt(len(vision))  # a fixed-resolution model's square grid, else the image's own (Qwen)
-    grid = (loaded.adapter.token_grids(loaded.model, inputs) or [(side, side)])[0]
+    grid = None if views else (loaded.adapter.token_grids(loaded.model, inputs) or [(side, side)])[0]
     insight = Insight(
         input_ids=inputs["input_ids"][0].cpu(), vision_start=int(vision[0]), lens_probs=lens.values.cpu(),
         lens_ids=lens.indices.cpu(), value_probs=value_probs.cpu(), value_ids=value_ids.cpu(),
         vision_attention=attention, value_norms=norms, sinks=find_sinks(attention, norms),
         cosine_drop=drop.float().cpu(), drop_token=drop_token.cpu(), grid=grid,
+        views=view_entries(views[0]) if views else None,
+        newline_slots=int(loaded.adapter.newline_mask(loaded.model, inputs["input_ids"], inputs)[0].sum()),
     )
     if pruner is not None:
         insight.vision_tokens, insight.selections = method_pass(loaded, inputs, pruner, request.source,
@@ -224,7 +242,9 @@ def report(insight: Insight, loaded: LoadedModel, request: Request, method: dict
         "input": {"source": request.source, "question": request.question,
                   "last_token": token_text(tokenizer, int(insight.input_ids[-1])),
                   "tokens": len(insight.input_ids), "vision_start": insight.vision_start,
-                  "vision_tokens": insight.vision_attention.shape[1], "grid": list(insight.grid)},
+                  "vision_tokens": insight.vision_attention.shape[1],
+                  **({"views": insight.views} if insight.views else {"grid": list(insight.grid)}),
+                  **({"newline_slots": insight.newline_slots} if insight.newline_slots else {})},
         "method": method,
         "logit_lens": [{"layer": layer, "top": top_tokens(tokenizer, p, i)} for layer, (p, i) in enumerate(lens)],
         "value_output": [{"layer": layer, "heads": [top_tokens(tokenizer, p, i) for p, i in zip(probs, ids,
@@ -238,8 +258,9 @@ def report(insight: Insight, loaded: LoadedModel, request: Request, method: dict
                         "visipruner_layer_threshold": VisiPruner.layer_threshold},
     }
     if method is not None:
-        result["pruning"] = {"vision_tokens_per_layer": insight.vision_tokens, "kept_patches": insight.kept_patches,
-                             "selections": insight.selections}
+        result["pruning"] = {"vision_tokens_per_layer": insight.vision_tokens}
+        if insight.selections is not None:
+            result["pruning"].update(kept_patches=insight.kept_patches, selections=insight.selections)
     return result
 
 
@@ -318,13 +339,35 @@ def _overlay(ax, image: Image.Image, grid: torch.Tensor, **imshow) -> None:
     ax.set_yticks([])
 
 
+def view_label(view: dict, views: list[dict]) -> str:
+    """`base view`, `crops`, `tile 3`, `thumbnail`; with the image's number where a record holds several."""
+    label = {"base": "base view", "tile": f"tile {view.get('tile')}"}.get(view["view"], view["view"])
+    return label if views[-1]["image"] == 0 else f"image {view['image']} {label}"
+
+
+def _view_panels(rows: int, views: list[dict], width: float):
+    """`rows` x one panel per view (the `_panel_grid` of `rows` panels where there is one view), row by row."""
+    return _panel_grid(rows * len(views), width=width, cols=len(views) if len(views) > 1 else None)
+
+
 def plot_attention(insight: Insight, image: Image.Image, path: Path) -> Path:
-    fig, axes = _panel_grid(len(insight.vision_attention), width=1.6)
-    for layer, (ax, row) in enumerate(zip(axes, insight.vision_attention.numpy(), strict=False)):
-        _overlay(ax, image, row.reshape(insight.grid), cmap="jet", alpha=0.55, vmin=row.min(), vmax=row.max())
-        ax.set_title(f"layer {layer}: {row.sum():.2f}", fontsize=8)
-    fig.suptitle("Last token's attention on the image, mean over heads\n(colour: each layer's min to max; "
-                 "title: total mass on the image)", fontsize=9)
+    """Per layer, the attention map on each of the image's grids, coloured from the layer's min to max over all its
+    vision tokens; `image`: as `processed_image` gives it."""
+    views = insight.grids
+    images = view_images(image, views)
+    fig, axes = _view_panels(len(insight.vision_attention), views, width=1.6)
+    axes = iter(axes)
+    for layer, row in enumerate(insight.vision_attention.numpy()):
+        for view, image in zip(views, images, strict=True):
+            (rows, columns), first = view["grid"], view["first"]
+            cells = row[first:first + rows * columns]
+            ax = next(axes)
+            _overlay(ax, image, cells.reshape(rows, columns), cmap="jet", alpha=0.55, vmin=row.min(), vmax=row.max())
+            where = f"layer {layer}" if len(views) == 1 else f"layer {layer}, {view_label(view, views)}"
+            ax.set_title(f"{where}: {cells.sum():.2f}", fontsize=8)
+    mass = "total mass on the image" if len(views) == 1 else "mass on that grid"
+    fig.suptitle(f"Last token's attention on the image, mean over heads\n(colour: each layer's min to max; "
+                 f"title: {mass})", fontsize=9)
     return _save(fig, path)
 
 
@@ -375,9 +418,14 @@ def plot_stages(insight: Insight, method: dict | None, path: Path) -> Path:
 
 @dataclass
 class PruningPanel:
-    title: str
+    where: str  # the layer, or before the LLM
+    counts: str
     kept: list[int]  # patches kept as themselves: clear
     merged: list[int]  # patches that live on only inside merged tokens: half dark
+
+    @property
+    def title(self) -> str:
+        return f"{self.where}: {self.counts}"
 
 
 def pruning_panels(selections: dict) -> list[PruningPanel]:
@@ -389,24 +437,52 @@ def pruning_panels(selections: dict) -> list[PruningPanel]:
         counts = f"{len(entry['kept'])} kept" + (f", {len(entry['merged'])} merged" if entry["merged"] else "")
         if entry.get("unsourced"):
             counts += f", {entry['unsourced']} no patch"
-        panels.append(PruningPanel(f"{where}{' (KV cache)' if entry.get('cache') else ''}: {counts}",
-                                   entry["kept"], merged))
+        panels.append(PruningPanel(f"{where}{' (KV cache)' if entry.get('cache') else ''}", counts, entry["kept"],
+                                   merged))
     return panels
 
 
 def plot_pruning(selections: dict, image: Image.Image, title: str, path: Path) -> Path:
-    grid = tuple(selections["grid"])
-    panels = pruning_panels(selections)
-    fig, axes = _panel_grid(len(panels), width=2.6)
-    for ax, panel in zip(axes, panels, strict=False):
-        dropped = np.ones(grid[0] * grid[1])
-        dropped[panel.merged] = 0.5
-        dropped[panel.kept] = 0
-        dropped = dropped.reshape(grid)
-        _overlay(ax, image, dropped, cmap="gray_r", alpha=0.75 * dropped, vmin=0, vmax=1)
-        ax.set_title(panel.title, fontsize=8)
+    """Per snapshot, each of the record's grids with its patches kept, merged and dropped; `image`: as
+    `processed_image` gives it (a record of views: the image itself)."""
+    views, panels = views_of(selections), pruning_panels(selections)
+    images = view_images(image, views)
+    fig, axes = _view_panels(len(panels), views, width=2.6)
+    axes = iter(axes)
+    for panel in panels:
+        for view, image in zip(views, images, strict=True):
+            (rows, columns), first = view["grid"], view["first"]
+            dropped = np.ones(rows * columns)
+            dropped[[p - first for p in panel.merged if first <= p < first + rows * columns]] = 0.5
+            kept = [p - first for p in panel.kept if first <= p < first + rows * columns]
+            dropped[kept] = 0
+            dropped = dropped.reshape(rows, columns)
+            ax = next(axes)
+            _overlay(ax, image, dropped, cmap="gray_r", alpha=0.75 * dropped, vmin=0, vmax=1)
+            ax.set_title(panel.title if len(views) == 1 else
+                         f"{panel.where}, {view_label(view, views)}: {len(kept)}/{rows * columns} kept", fontsize=8)
     fig.suptitle(f"{title}: patches kept (clear), merged (half dark), dropped (dark)", fontsize=9)
     return _save(fig, path)
+
+
+def view_images(image: Image.Image, views: list[dict]) -> list[Image.Image]:
+    """What each grid of an image sees, at the grid's aspect ratio: a base view, the crop grid (unpadded to the
+    image) and a thumbnail span the whole image; an InternVL tile its cell of the canvas the processor cut the image
+    into (`tile_canvas`). An image of one grid (views "image") is drawn as given."""
+    if [view["view"] for view in views] == ["image"]:
+        return [image]
+    tiles = sum(view["view"] in ("tile", "thumbnail") for view in views)
+    columns, rows = tile_canvas(image.size, tiles) if tiles else (1, 1)
+    parts = []
+    for view in views:
+        part = image
+        if view["view"] == "tile":
+            column, row = view["tile"] % columns, view["tile"] // columns
+            part = image.crop((round(column * image.width / columns), round(row * image.height / rows),
+                               round((column + 1) * image.width / columns), round((row + 1) * image.height / rows)))
+        scale = VIEW_PIXELS / max(view["grid"])
+        parts.append(part.resize((round(view["grid"][1] * scale), round(view["grid"][0] * scale))))
+    return parts
 
 
 def processed_image(loaded: LoadedModel, image: Image.Image) -> Image.Image:
@@ -532,11 +608,13 @@ def run_from_record(own: dict[str, str], overrides: list[str]) -> Path:
     if not panels:
         print(f"the record of {sample_id} shows no change: every patch entered every layer; nothing drawn")
         return out
-    if "grid" not in selections:
-        raise ConfigError(f"{sample_id} holds {len(selections['grids'])} images; from_run= draws one-image records")
+    views = views_of(selections)
+    if views[-1]["image"] > 0:
+        raise ConfigError(f"{sample_id} holds {views[-1]['image'] + 1} images; from_run= draws one-image records")
     out.mkdir(parents=True, exist_ok=True)
-    rows, cols = selections["grid"]
-    image = ImageOps.fit(image, (cols * RECORD_PATCH_PIXELS, rows * RECORD_PATCH_PIXELS))
+    if "views" not in selections:  # LLaVA-1.5's centre crop, Qwen's whole image: the grid's aspect ratio
+        rows, cols = selections["grid"]
+        image = ImageOps.fit(image, (cols * RECORD_PATCH_PIXELS, rows * RECORD_PATCH_PIXELS))
     print(f"wrote {plot_pruning(selections, image, f'{label} on {sample_id}, as recorded', out / 'pruning.png')}")
     return out
 
@@ -556,13 +634,17 @@ def run(argv: list[str]) -> Path:
     insight = analyze(loaded, request, pruner if method is not None else None)
     result = report(insight, loaded, request, method)
     out.mkdir(parents=True, exist_ok=True)
-    image = processed_image(loaded, request.image)
+    # an image of several grids is drawn whole: `view_images` cuts each grid's part
+    image = request.image if insight.views else processed_image(loaded, request.image)
     figures = [plot_logit_lens(result, out / "logit_lens.png"),
                plot_value_output(result, out / "value_output.png"),
                plot_attention(insight, image, out / "attention_to_image.png"),
                plot_sinks(insight, out / "sinks.png"),
                plot_stages(insight, method, out / "stages.png")]
-    if method is not None and insight.selections["layers"]:
+    if method is not None and insight.selections is None:
+        title = loaded.adapter.title
+        result["pruning"]["note"] = f"{method['name']}'s pre-LLM reduction is not recorded on {title} yet"
+    elif method is not None and insight.selections["layers"]:
         figures.append(plot_pruning(insight.selections, image, method["name"], out / "pruning.png"))
     elif method is not None:
         result["pruning"]["note"] = "the method kept every vision token"

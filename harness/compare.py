@@ -16,7 +16,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 
-from harness.records import first_pruning, recorded, samples_path
+from harness.records import first_pruning, recorded, samples_path, views_of
 from methods.base import ConfigError
 
 
@@ -33,8 +33,8 @@ def kept_at_first_pruning(record: dict) -> tuple[set[int], int | None]:
     selections = record["selections"]
     entry = first_pruning(selections)
     if entry is None:
-        rows, cols = selections["grid"]
-        return set(range(rows * cols)), None
+        patches = sum(rows * cols for rows, cols in (view["grid"] for view in views_of(selections)))
+        return set(range(patches)), None
     return set(entry["kept"]), entry["layer"]
 
 

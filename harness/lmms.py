@@ -178,8 +178,9 @@ class Prunebench(lmms):
             record.update(method_fields[row])
             if runtime.active and runtime.recorder is not None:
                 record["selections"] = runtime.recorder.record(row)
-            elif runtime.active and self.cfg.record_selections:  # the recorder knows LLaVA's and Qwen's grids
-                record["selections_note"] = f"selections are not recorded on {loaded.adapter.title} yet"
+            elif runtime.active and self.cfg.record_selections:  # `ModelAdapter.records`: some pre-LLM reductions
+                record["selections_note"] = (f"pre-LLM reductions ({pruner.name}) are not recorded on "
+                                             f"{loaded.adapter.title} yet")
             records.append(record)
         return records
 

@@ -16,6 +16,12 @@ layer's cache; the layer itself saw them all). A sample's record is `{"grid": [h
 On dynamic-resolution models (Qwen) a patch is one vision token, a 2x2 group of ViT patches, on the image's own
 merged grid (the processor's `image_grid_thw` rows and columns halved). A prompt with several images is recorded as
 `{"grids": [[h, w], ...], "layers": [...]}`: the patches of image i are numbered after those of the images before it.
+
+On families whose images hold several grids (LLaVA-NeXT/OneVision: a base view and the crops as one unpadded grid;
+InternVL: tiles and a thumbnail; `ModelAdapter.token_views`) a patch is one vision token of one grid, and a record is
+`{"views": [{"image": 0, "view": "base", "grid": [h, w], "first": 0}, ...], "layers": [...]}`: grid after grid in
+sequence order, each numbering its cells row-major from `first` (an InternVL tile adds its place, `"tile": k`).
+Image-newline slots are no vision tokens and have no number.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from harness.adapters.base import TokenView
 from harness.results import SAMPLES, read_samples
 from methods.base import ConfigError, Selection
 
@@ -43,13 +50,15 @@ class SelectionRecorder:
     layers: list[list[dict]] = field(default_factory=list)  # per row, the snapshots of this prefill
     reduction: list[list[Token]] | None = None  # per image, a pre-LLM reduction's sources, until layer 0 applies it
     grids: list[list[tuple[int, int]]] = field(default_factory=list)  # per row, its images' grids (dynamic only)
+    views: list[list[dict]] | None = None  # per row, its images' grids as recorded (families with `token_views`)
 
     @classmethod
     def for_model(cls, config) -> SelectionRecorder:
-        """A fixed grid from the vision config (LLaVA); a vision config without `image_size` (dynamic resolution)
-        takes each prefill's image grids."""
+        """A fixed grid from the vision config (LLaVA); a vision config without one square `image_size` (dynamic
+        resolution, InternVL's tiles) takes each prefill's image grids. Each prefill's views (`begin`) replace
+        either."""
         vision = config.vision_config
-        if getattr(vision, "image_size", None) is None:
+        if not isinstance(getattr(vision, "image_size", None), int):
             return cls(grid=None, slots=0)
         side = vision.image_size // vision.patch_size
         return cls(grid=(side, side), slots=side * side + (config.vision_feature_select_strategy == "full"))
@@ -59,10 +68,14 @@ class SelectionRecorder:
         cls_slots = self.slots - self.grid[0] * self.grid[1]
         return (slot - cls_slots,) if slot >= cls_slots else ()
 
-    def begin(self, is_vision: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> None:
-        """A new prefill; on a fixed grid every row holds one image (LLaVA-1.5's single-image prompts), else `grids`
-        gives each image's vision-token grid, the batch's images in order (each row's run of vision tokens per
-        image)."""
+    def begin(self, is_vision: torch.Tensor, grids: list[tuple[int, int]] | None = None,
+              views: list[list[TokenView]] | None = None) -> None:
+        """A new prefill; `views` gives each image's grids where it has several, else on a fixed grid every row holds
+        one image (LLaVA-1.5's single-image prompts), else `grids` gives each image's vision-token grid, the batch's
+        images in order (each row's run of vision tokens per image)."""
+        if views is not None:
+            self._begin_views(is_vision, views)
+            return
         if self.grid is None:
             images = (is_vision & ~torch.nn.functional.pad(is_vision, (1, 0))[:, :-1]).sum(1).tolist()
             self.grids = [grids[sum(images[:row]):sum(images[:row + 1])] for row in range(len(images))]
@@ -78,6 +91,23 @@ class SelectionRecorder:
                              f"{int(is_vision[0].sum())}; set record_selections=false")
         self.tokens = [[Token(self._patches(slot)) for slot in range(self.slots)] for _ in range(is_vision.shape[0])]
         self.layers = [[] for _ in range(is_vision.shape[0])]
+
+    def _begin_views(self, is_vision: torch.Tensor, views: list[list[TokenView]]) -> None:
+        """Each row takes the next images until they hold its vision tokens (an image's need not be one run: newline
+        slots split them)."""
+        images = iter(views)
+        self.views = []
+        for row, count in enumerate(is_vision.sum(1).tolist()):
+            entries, patches, number = [], 0, 0
+            while patches < count and (image := next(images, None)) is not None:
+                entries += view_entries(image, number, patches)
+                patches += sum(view.rows * view.columns for view in image)
+                number += 1
+            if patches != count:
+                raise ValueError(f"the image views {entries} do not hold row {row}'s {count} vision tokens")
+            self.views.append(entries)
+        self.tokens = [[Token((patch,)) for patch in range(count)] for count in is_vision.sum(1).tolist()]
+        self.layers = [[] for _ in self.views]
 
     def reduce(self, sources: list[list[list[int]]] | None, reduced_slots: int, images: int) -> None:
         """A pre-LLM method's `sources` (per image, per output token, indices into its features' token axis);
@@ -121,6 +151,8 @@ class SelectionRecorder:
             self.tokens[row] = tokens
 
     def record(self, row: int) -> dict:
+        if self.views is not None:
+            return {"views": self.views[row], "layers": self.layers[row]}
         if self.grid is not None:
             return {"grid": list(self.grid), "layers": self.layers[row]}
         grids = [list(grid) for grid in self.grids[row]]
@@ -135,6 +167,26 @@ def snapshot(layer: int, tokens: list[Token], **flags) -> dict:
     if unsourced:
         entry["unsourced"] = unsourced
     return entry
+
+
+def view_entries(views: list[TokenView], image: int = 0, first: int = 0) -> list[dict]:
+    """One image's grids as a record lists them: the image's number in its row, each grid and its first patch."""
+    entries = []
+    for view in views:
+        tile = {"tile": view.tile} if view.tile is not None else {}
+        entries.append({"image": image, "view": view.view, "grid": [view.rows, view.columns], "first": first, **tile})
+        first += view.rows * view.columns
+    return entries
+
+
+def views_of(selections: dict) -> list[dict]:
+    """Every grid of a record as its views: a record of one grid per image (`grid`, `grids`) as views "image"."""
+    if "views" in selections:
+        return selections["views"]
+    grids = selections.get("grids") or [selections["grid"]]
+    firsts = [sum(h * w for h, w in grids[:image]) for image in range(len(grids))]
+    return [{"image": image, "view": "image", "grid": list(grid), "first": first}
+            for image, (grid, first) in enumerate(zip(grids, firsts, strict=True))]
 
 
 def first_pruning(selections: dict) -> dict | None:

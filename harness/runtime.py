@@ -325,7 +325,9 @@ class PruningRuntime:
         )
         self._pos_emb = None
         if self.active and self.recorder is not None:
-            self.recorder.begin(is_vision, self.adapter.token_grids(self.model, {**kwargs, "input_ids": input_ids}))
+            model_inputs = {**kwargs, "input_ids": input_ids}  # images with several grids: `token_views`
+            self.recorder.begin(is_vision, self.adapter.token_grids(self.model, model_inputs),
+                                self.adapter.token_views(self.model, model_inputs))
         if self.active:
             self._timed(self.pruner.begin, self.state)
         return None

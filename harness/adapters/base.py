@@ -33,6 +33,18 @@ class VisionAttentionCall:
     scaling: float
 
 
+@dataclass(frozen=True)
+class TokenView:
+    """One grid of an image's vision tokens, on families whose images hold several (LLaVA-NeXT/OneVision's base view
+    and crop grid, InternVL's tiles): `rows` x `columns` tokens, row-major, consecutive among the image's vision
+    tokens (newline slots skipped)."""
+
+    view: str  # "base", "crops" (the crops as one unpadded grid), "tile" or "thumbnail"
+    rows: int
+    columns: int
+    tile: int | None = None  # a tile's place in the processor's order (row-major over its canvas of tiles)
+
+
 class ModelAdapter:
     """One model family. Subclasses set the class variables and implement the loading and prompt methods."""
 
@@ -48,7 +60,8 @@ class ModelAdapter:
     #: only methods that handle such batches may share one)
     fixed_vision_tokens: ClassVar[bool] = True
     #: whether batches whose rows hold different numbers of vision tokens are defined here (for the methods that handle
-    #: them, `handles_ragged_batches`), and whether selections are recorded (`harness.records` knows the family's grids)
+    #: them, `handles_ragged_batches`), and whether selections are recorded (`harness.records` knows the family's grids:
+    #: `token_grids` or `token_views`)
     ragged_batches: ClassVar[bool] = False
     records_selections: ClassVar[bool] = False
     #: whether pre-LLM methods reduce each image's projected tokens in the sequence before decoder layer 0 (and with a
@@ -66,8 +79,10 @@ class ModelAdapter:
 
     def records(self, pruner: TokenPruner) -> bool:
         """Whether `harness.records` follows this method's selections on this family: not yet on the families without
-        `records_selections`, nor through the tower-output reduction of towers without CLS."""
-        return self.records_selections and (self.cls_token or not reduces_before_llm(pruner))
+        `records_selections`; of pre-LLM reductions only those at a CLIP tower's projector (LLaVA-1.5's), not yet
+        those at a CLS-less tower's output, on packed images or in the sequence before layer 0."""
+        at_projector = self.cls_token and not self.packs_features and not self.reduces_in_sequence
+        return self.records_selections and (at_projector or not reduces_before_llm(pruner))
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         """Refuse, before anything loads, what the runtime does not define on this family; the message names why and
@@ -212,6 +227,11 @@ class ModelAdapter:
     def token_grids(self, model, model_inputs: dict) -> list[tuple[int, int]] | None:
         """Each image's vision-token grid (rows, columns), the batch's images in order, from the model call's inputs;
         None where every image has the model's one fixed grid."""
+        return None
+
+    def token_views(self, model, model_inputs: dict) -> list[list[TokenView]] | None:
+        """Per image (the batch's images in order), its vision-token grids in sequence order, from the model call's
+        inputs; None on families where each image is one grid (`token_grids`)."""
         return None
 
     def image_spans(self, model, input_ids: torch.Tensor, inputs: dict | None = None) -> list[list[tuple[int, int]]]:

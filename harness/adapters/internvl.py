@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from harness.adapters.base import Images, ModelAdapter, byte_vocab, reduces_before_llm, seeded_model
+from harness.adapters.base import Images, ModelAdapter, TokenView, byte_vocab, reduces_before_llm, seeded_model
 from harness.adapters.qwen2_vl import _chat_template, images_only
 from methods.base import ConfigError, TokenPruner
 
@@ -81,6 +81,7 @@ class InternVLAdapter(ModelAdapter):
     # generate() runs the tower and the projector on the tiles of every image before the prompt is seen, so the
     # tiles cannot be grouped into images there: pre-LLM methods reduce each image's projected tokens before layer 0.
     reduces_in_sequence = True
+    records_selections = True  # in-LLM methods (`records`): each tile's grid (`token_views`)
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         super().check_method(pruner, batch_size)
@@ -206,6 +207,16 @@ class InternVLAdapter(ModelAdapter):
         return [[ImageTiles(start, (end - start) // per_tile, per_tile) for start, end in row]
                 for row in self.image_spans(model, input_ids)]
 
+    def token_views(self, model, model_inputs: dict) -> list[list[TokenView]] | None:
+        """Per image, each tile's (side x side) grid of pixel-shuffled tokens, the thumbnail last."""
+        side = math.isqrt(model.config.image_seq_length)
+        views = []
+        for row in self.image_tiles(model, model_inputs["input_ids"]):
+            for image in row:
+                tiles = [TokenView("tile", side, side, tile) for tile in range(image.tiles - image.has_thumbnail)]
+                views.append(tiles + [TokenView("thumbnail", side, side)] * image.has_thumbnail)
+        return views
+
     def tile_index(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, N) the tile of its image each vision token comes from (0, 1, ...; the thumbnail is the image's last
         tile when it has several); -1 for text."""
@@ -214,6 +225,16 @@ class InternVLAdapter(ModelAdapter):
             for image in images:
                 index[row, image.start:image.end] = torch.arange(image.tiles).repeat_interleave(image.tokens_per_tile)
         return index
+
+
+def tile_canvas(image_size: tuple[int, int], tiles: int) -> tuple[int, int]:
+    """(columns, rows) of the canvas the processor cut an image of `image_size` (width, height) into `tiles` tiles
+    (thumbnail included): of the arrangements with that many tiles, the one whose aspect ratio is closest to the
+    image's, as `get_optimal_tiled_canvas` picks among all of them."""
+    blocks = tiles - 1 if tiles > 1 else 1
+    width, height = image_size
+    return min(((columns, blocks // columns) for columns in range(1, blocks + 1) if blocks % columns == 0),
+               key=lambda canvas: abs(width / height - canvas[0] / canvas[1]))
 
 
 def pool_patches(patches: torch.Tensor, pool) -> torch.Tensor:

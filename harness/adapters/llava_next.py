@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from omegaconf import DictConfig
 
-from harness.adapters.base import Images, ModelAdapter, seeded_model
+from harness.adapters.base import Images, ModelAdapter, TokenView, seeded_model
 from harness.adapters.llava import byte_tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -61,6 +61,7 @@ class LlavaNextAdapter(ModelAdapter):
     fixed_vision_tokens = False
     packs_features = True
     views_budget = True
+    records_selections = True  # in-LLM methods (`records`): each image's base view and crop grid (`token_views`)
     #: the keyword `pack_image_features` takes besides the features, sizes and newline (NeXT: the CLS strategy)
     pack_options: ClassVar[tuple[str, ...]] = ("vision_feature_select_strategy",)
 
@@ -172,6 +173,29 @@ class LlavaNextAdapter(ModelAdapter):
         if inputs.get("image_sizes") is None:
             return None
         return self.newline_slots(model.config, inputs["image_sizes"], self.alone(inputs))
+
+    def token_views(self, model, model_inputs: dict) -> list[list[TokenView]] | None:
+        """Per image, the base view (side x side tokens), then, where it has crops, their unpadded (and on OneVision
+        possibly shrunk) grid: h' rows of w' tokens, each row followed by its newline slot. An image without crops
+        (OneVision's several per prompt) is its base view and one newline."""
+        slots = self.image_slots(model, model_inputs)
+        if slots is None:
+            return None
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        views = []
+        for newlines in slots:
+            rows = int(newlines.sum())
+            columns = (len(newlines) - side * side - rows) // rows
+            # the layout `pack_image_features` gives: a newline after the base view or after every grid row
+            ends = [side * side + (row + 1) * (columns + 1) - 1 for row in range(rows)]
+            if newlines.nonzero()[:, 0].tolist() != ends:
+                raise ValueError(f"{self.title}: an image of {len(newlines)} slots has its newlines at "
+                                 f"{newlines.nonzero()[:, 0].tolist()}, not after a {side}x{side} base view and a "
+                                 f"grid's rows")
+            base = TokenView("base", side, side)
+            views.append([base] if columns == 0 else [base, TokenView("crops", rows, columns)])
+        return views
 
     def packed_newlines(self, model, packed: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per packed image ((N_i, d) features): True at its newline rows, which hold `image_newline` itself."""
