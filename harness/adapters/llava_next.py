@@ -60,6 +60,7 @@ class LlavaNextAdapter(ModelAdapter):
     title = "LLaVA-NeXT"
     architectures = ("LlavaNextForConditionalGeneration",)
     fixed_vision_tokens = False
+    ragged_batches = True  # in-LLM methods only: pre-LLM ones do not handle them (`handles_ragged_batches`)
     packs_features = True
     #: what the refusal of tower-attention methods adds about the tower
     tower_note: ClassVar[str] = ""

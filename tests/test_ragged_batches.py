@@ -1,0 +1,119 @@
+"""Padded batches whose rows hold different numbers of vision tokens ("ragged"), beyond the Qwen family's tests in
+tests/test_runtime_qwen.py: LLaVA-NeXT, LLaVA-OneVision and InternVL3 under the in-LLM methods, and PDrop and DART on
+every family that has such batches. Each row of a ragged batch must give the logits and tokens it gives alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from harness.runtime import prune
+from methods import Budget, ConfigError, FastV, RandomPruner
+from tests.conftest import tiny_of
+from tests.test_runtime import QUESTION
+from tests.test_runtime_qwen import FEW, KeepEveryRow
+
+QUESTIONS = [QUESTION, "Describe the colours and the shapes you can see in this picture, please."]
+# Per family: the two pictures' sizes, and per picture (prunable vision tokens, newline slots). NeXT: 336 px -> 16 base
+# + 8x8 crops, 8 newlines; 100x60 -> 16 base + 2x1 crops unpadded to 4x8, 4 newlines. OneVision: 9 base + 9x9, 9
+# newlines; 6x9, 6 newlines. InternVL: 128x64 -> 2x1 tiles + a thumbnail; 64x64 -> one tile (16 tokens a tile).
+FAMILIES = {
+    "tiny_next": ([(336, 336), (100, 60)], [(80, 8), (48, 4)]),
+    "tiny_ov": ([(336, 336), (100, 60)], [(90, 9), (63, 6)]),
+    "tiny_internvl": ([(128, 64), (64, 64)], [(48, 0), (16, 0)]),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    return tiny_of(request.param)
+
+
+def noise(width: int, height: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(width * height)
+    return Image.fromarray((torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy())
+
+
+def generate(loaded, inputs):
+    return loaded.model.generate(**inputs, max_new_tokens=FEW, min_new_tokens=FEW, do_sample=False,
+                                 return_dict_in_generate=True, output_logits=True)
+
+
+def assert_rows_equal_each_alone(loaded, pruner, pictures, batch_output, width):
+    """Each row's new tokens and its logits at every step are those its prompt gets alone (tolerance as on Qwen)."""
+    for row in range(2):
+        alone = loaded.inputs([pictures[row]], QUESTIONS[row: row + 1])
+        with prune(loaded.model, pruner, sample_ids=[["a", "b"][row]]):
+            reference = generate(loaded, alone)
+        assert torch.equal(batch_output.sequences[row, width:], reference.sequences[0, alone["input_ids"].shape[1]:])
+        for step, logits in enumerate(batch_output.logits):
+            assert (logits[row] - reference.logits[step][0]).abs().max() <= 1e-5, step
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("pruner", "vision"), [
+    (KeepEveryRow(), lambda v: [[v[0]] * 4, [v[1]] * 4]),
+    (RandomPruner(k=1, budget=Budget(8)), lambda v: [[v[0]] + [8] * 3, [v[1]] + [8] * 3]),
+    (FastV(k=2, budget=Budget(retain=0.25)), lambda v: [[v[0]] * 2 + [round(v[0] / 4)] * 2,
+                                                        [v[1]] * 2 + [round(v[1] / 4)] * 2]),
+], ids=["keep-all", "random-8", "fastv-retain0.25"])
+def test_a_padded_batch_of_images_of_different_sizes_equals_each_alone(family, pruner, vision):
+    """Two prompts whose images differ in size (NeXT/OneVision: crops and newline slots; InternVL: tiles) in one
+    left-padded batch: the row that drops more keeps the difference as masked padding slots, every newline slot is
+    kept in every layer, and each row gives what it gives alone."""
+    sizes, layout = FAMILIES[family.name]
+    pictures = [noise(*size) for size in sizes]
+    batch = family.inputs([[picture] for picture in pictures], QUESTIONS)
+    assert (batch["attention_mask"] == 0).any(), "the batch must be padded"
+    newlines = family.adapter.newline_mask(family.model, batch["input_ids"], batch)
+    with prune(family.model, pruner, sample_ids=["a", "b"]) as runtime:
+        out = generate(family, batch)
+    assert runtime.vision_tokens_per_layer().tolist() == vision([count for count, _ in layout])
+    assert runtime.tokens_per_layer(newlines).tolist() == [[count] * 4 for _, count in layout]
+    assert_rows_equal_each_alone(family, pruner, pictures, out, batch["input_ids"].shape[1])
+
+
+@torch.no_grad()
+def test_a_ragged_batch_gives_each_sample_its_own_record(tmp_path):
+    """`batch_size=2` through the lmms-eval model on tiny LLaVA-NeXT and InternVL3 with images of different sizes:
+    each sample's output, vision and newline tokens per layer and vision-tower FLOPs (its own crops or tiles) are those
+    it gets alone; both rows ran the same tokens per layer (the first keeps padding slots)."""
+    from harness.config import compose, validate
+    from harness.lmms import Prunebench
+
+    for name in ("tiny_next", "tiny_internvl"):
+        cfg = compose([f"model={name}", "method=fastv", "retain=0.25", "batch_size=2", f"output_dir={tmp_path}"])
+        model = Prunebench.for_run(cfg, validate(cfg), {}, None)
+        model.loaded = tiny_of(name)
+        sizes, layout = FAMILIES[name]
+        requests = [(row, f"t/{row}", QUESTIONS[row], {"max_new_tokens": 3}, [noise(*size)], {})
+                    for row, size in enumerate(sizes)]
+        batch = model._generate(requests)
+        alone = [model._generate([request])[0] for request in requests]
+        assert [r["vision_tokens_unpruned"] for r in batch] == [vision for vision, _ in layout]
+        assert batch[0]["tokens_per_layer"] == batch[1]["tokens_per_layer"]
+        for together, single in zip(batch, alone, strict=True):
+            for key in ("output", "vision_tokens_per_layer", "vision_tokens_unpruned", "newline_tokens_per_layer"):
+                assert together.get(key) == single.get(key), (name, key)
+            assert together["first_token_top"]["ids"] == single["first_token_top"]["ids"]
+            for part in ("vision", "projector"):
+                assert together["flops"]["prefill"][part] == single["flops"]["prefill"][part] > 0, (name, part)
+    # InternVL's rows encode 3 and 1 tiles (NeXT's both 5 views: a base view and 4 crops, the smaller image unpadded)
+    assert batch[0]["flops"]["prefill"]["vision"] == 3 * batch[1]["flops"]["prefill"]["vision"]
+
+
+def test_methods_that_need_one_count_per_batch_are_refused_before_loading():
+    """Pre-LLM reductions of the packed images (and every method without `supports_ragged_batches`) keep batch_size=1
+    on the families whose images differ in tokens; the message names the methods that take such batches."""
+    from harness.config import check_overrides
+    from methods import METHODS
+    from methods.base import handles_ragged_batches
+
+    able = ", ".join(name for name, method in METHODS.items() if handles_ragged_batches(method))
+    with pytest.raises(ConfigError, match=rf"^LLaVA-NeXT gives images of different sizes different numbers of vision "
+                                          rf"tokens, and method divprune needs the same number in every row of a "
+                                          rf"batch: set batch_size=1 \(methods that take such batches: {able}\)$"):
+        check_overrides(["model=tiny_next", "method=divprune", "budget=16", "batch_size=2"])
+    for name in ("tiny_next", "tiny_ov", "tiny_internvl"):
+        check_overrides([f"model={name}", "method=fastv", "retain=0.25", "batch_size=2"])
