@@ -103,8 +103,8 @@ def test_an_absent_checkpoint_is_refused_with_what_to_download(conf):
     (["method=visionzip", "budget=64"], "method visionzip reduces the vision features before the projector or ranks "
                                         "them by the vision tower's attention, which the runtime supports on LLaVA-1.5 "
                                         "only; on LLaVA-NeXT a reduction must act on the packed features"),
-    (["method=fastv", "budget=16", "batch_size=2"], "LLaVA-NeXT gives images of different sizes different numbers of "
-                                                    "vision tokens"),
+    (["method=divprune", "budget=16", "batch_size=2"], "LLaVA-NeXT gives images of different sizes different numbers "
+                                                       "of vision tokens, and method divprune needs the same number"),
     (["method=fastv", "budget=81"], "budget must be in 1..80"),
 ])
 def test_what_the_runtime_does_not_define_on_next_is_refused_before_loading(overrides, message):

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from harness.runtime import prune
-from methods import Budget, ConfigError, FastV, RandomPruner
+from methods import DART, Budget, ConfigError, FastV, PDrop, RandomPruner
 from tests.conftest import tiny_of
 from tests.test_runtime import QUESTION
-from tests.test_runtime_qwen import FEW, KeepEveryRow
+from tests.test_runtime_qwen import FEW, KeepEveryRow, small
 
 QUESTIONS = [QUESTION, "Describe the colours and the shapes you can see in this picture, please."]
 # Per family: the two pictures' sizes, and per picture (prunable vision tokens, newline slots). NeXT: 336 px -> 16 base
@@ -57,7 +57,9 @@ def assert_rows_equal_each_alone(loaded, pruner, pictures, batch_output, width):
     (RandomPruner(k=1, budget=Budget(8)), lambda v: [[v[0]] + [8] * 3, [v[1]] + [8] * 3]),
     (FastV(k=2, budget=Budget(retain=0.25)), lambda v: [[v[0]] * 2 + [round(v[0] / 4)] * 2,
                                                         [v[1]] * 2 + [round(v[1] / 4)] * 2]),
-], ids=["keep-all", "random-8", "fastv-retain0.25"])
+    (PDrop(ratio=0.5), lambda v: [[count // 2**stage for stage in range(4)] for count in v]),  # compact positions
+    (DART(budget=Budget(16)), lambda v: [[count] * 2 + [min(count, 20)] * 2 for count in v]),  # 4 + 8·2 or all
+], ids=["keep-all", "random-8", "fastv-retain0.25", "pdrop-ratio0.5", "dart-16"])
 def test_a_padded_batch_of_images_of_different_sizes_equals_each_alone(family, pruner, vision):
     """Two prompts whose images differ in size (NeXT/OneVision: crops and newline slots; InternVL: tiles) in one
     left-padded batch: the row that drops more keeps the difference as masked padding slots, every newline slot is
@@ -72,6 +74,27 @@ def test_a_padded_batch_of_images_of_different_sizes_equals_each_alone(family, p
     assert runtime.vision_tokens_per_layer().tolist() == vision([count for count, _ in layout])
     assert runtime.tokens_per_layer(newlines).tolist() == [[count] * 4 for _, count in layout]
     assert_rows_equal_each_alone(family, pruner, pictures, out, batch["input_ids"].shape[1])
+
+
+@pytest.fixture(scope="module", params=["tiny_qwen2vl", "tiny_qwen25vl", "tiny_qwen3vl"])
+def qwen(request):
+    return tiny_of(request.param)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("pruner", "vision"), [
+    (PDrop(ratio=0.5, positions="original"), lambda v: [[count // 2**stage for stage in range(4)] for count in v]),
+    (DART(budget=Budget(16)), lambda v: [[count] * 2 + [min(count, 20)] * 2 for count in v]),
+], ids=["pdrop-ratio0.5", "dart-16"])
+def test_pdrop_and_dart_on_a_ragged_qwen_batch_equal_each_row_alone(qwen, pruner, vision):
+    """A 336 px and a 100x90 px image (64 and 12 vision tokens; Qwen3-VL: 9), M-RoPE positions kept original: each
+    row runs its own PDrop pyramid and its own DART pivots, as it does alone."""
+    pictures = [noise(336, 336), noise(100, 90)]
+    batch = qwen.inputs([[picture] for picture in pictures], QUESTIONS)
+    with prune(qwen.model, pruner, sample_ids=["a", "b"]) as runtime:
+        out = generate(qwen, batch)
+    assert runtime.vision_tokens_per_layer().tolist() == vision([64, small(qwen)])
+    assert_rows_equal_each_alone(qwen, pruner, pictures, out, batch["input_ids"].shape[1])
 
 
 @torch.no_grad()
