@@ -52,7 +52,7 @@ class PDrop(TokenPruner):
 
     def schedule(self, num_vision: int, num_layers: int) -> tuple[list[int], list[int]]:
         """(stage layers, vision tokens kept from each of them)."""
-        budgeted = self.ratio is None and self.budget.tokens is not None
+        budgeted = self.ratio is None and self.budget.given
         layers = scale_layers(list(self.layers or (BUDGET_LAYERS if budgeted else DEFAULT_LAYERS)), num_layers)
         if layers != sorted(set(layers)) or layers[0] < 1:
             raise ConfigError(f"layers must be increasing and >= 1, got {layers}")
@@ -68,13 +68,16 @@ class PDrop(TokenPruner):
         def mean_tokens(ratio: float) -> float:
             return sum(n * span for n, span in zip([num_vision, *counts(ratio)], spans, strict=True)) / num_layers
 
+        # `retain=F`: a fraction of these vision tokens; `budget=N` at most all of them (a smaller image keeps them all)
+        target = self.budget.target(num_vision)
         low, high = 0.0, 1.0
-        if not mean_tokens(low) <= self.budget.tokens <= mean_tokens(high):
-            raise ConfigError(f"budget {self.budget.tokens} is out of reach of PDrop stages {layers} "
+        if not mean_tokens(low) <= target <= mean_tokens(high):
+            given = f" (retain={self.budget.retain:g} of {num_vision})" if self.budget.retain is not None else ""
+            raise ConfigError(f"budget {target}{given} is out of reach of PDrop stages {layers} "
                               f"(T̄_in from {mean_tokens(low):.1f} to {mean_tokens(high):.1f})")
         for _ in range(60):  # T̄_in grows with the ratio: bisect for the largest ratio within the budget
             middle = (low + high) / 2
-            low, high = (middle, high) if mean_tokens(middle) <= self.budget.tokens else (low, middle)
+            low, high = (middle, high) if mean_tokens(middle) <= target else (low, middle)
         return layers, counts(low)
 
     def vision_schedule(self, num_vision: int, num_layers: int) -> list[int]:

@@ -84,11 +84,14 @@ def qwen(request):
 @torch.no_grad()
 @pytest.mark.parametrize(("pruner", "vision"), [
     (PDrop(ratio=0.5, positions="original"), lambda v: [[count // 2**stage for stage in range(4)] for count in v]),
+    # T̄_in = half of each row's own tokens: 32 (Qwen3-VL's 9 tokens: round(4.5) = 4)
+    (PDrop(budget=Budget(retain=0.5), positions="original"),
+     lambda v: [[64, 35, 19, 10], {12: [12, 6, 4, 2], 9: [9, 4, 2, 1]}[v[1]]]),
     (DART(budget=Budget(16)), lambda v: [[count] * 2 + [min(count, 20)] * 2 for count in v]),
-], ids=["pdrop-ratio0.5", "dart-16"])
+], ids=["pdrop-ratio0.5", "pdrop-retain0.5", "dart-16"])
 def test_pdrop_and_dart_on_a_ragged_qwen_batch_equal_each_row_alone(qwen, pruner, vision):
     """A 336 px and a 100x90 px image (64 and 12 vision tokens; Qwen3-VL: 9), M-RoPE positions kept original: each
-    row runs its own PDrop pyramid and its own DART pivots, as it does alone."""
+    row runs its own PDrop pyramid (its own T̄_in under `retain`) and its own DART pivots, as it does alone."""
     pictures = [noise(336, 336), noise(100, 90)]
     batch = qwen.inputs([[picture] for picture in pictures], QUESTIONS)
     with prune(qwen.model, pruner, sample_ids=["a", "b"]) as runtime:
@@ -142,3 +145,16 @@ def test_methods_that_need_one_count_per_batch_are_refused_before_loading():
         for method in ("sparsevlm", "visipruner"):  # they decide per sample, as their reference code: batch 1 only
             with pytest.raises(ConfigError, match=rf"^method {method} supports batch size 1 only"):
                 check_overrides([f"model={name}", f"method={method}", "budget=64", "batch_size=2"])
+
+
+def test_pdrop_reads_retain_as_a_fraction_of_each_images_tokens():
+    """T̄_in = F·V over a 4-layer model with stages at layers 1, 2, 3 (V in layer 0): 48 -> (48 + 26 + 14 + 8) / 4 = 24;
+    on LLaVA-1.5, retain=0.25 is budget 144 (round(576 / 4)), the same schedule; a budget above an image's tokens
+    keeps them all (an image smaller than the budget, as every budgeted method)."""
+    assert PDrop(budget=Budget(retain=0.5)).vision_schedule(48, 4) == [48, 26, 14, 8]
+    assert PDrop(budget=Budget(retain=0.5)).vision_schedule(80, 4) == [80, 43, 24, 13]
+    assert PDrop(budget=Budget(144, retain=0.25)).schedule(576, 32) == PDrop(budget=Budget(144)).schedule(576, 32)
+    assert PDrop(budget=Budget(40)).vision_schedule(30, 4) == [30] * 4
+    with pytest.raises(ConfigError, match=r"^budget 6 \(retain=0.125 of 48\) is out of reach of PDrop stages "
+                                          r"\[1, 2, 3\] \(T̄_in from 12.0 to 48.0\)$"):
+        PDrop(budget=Budget(retain=0.125)).schedule(48, 4)
