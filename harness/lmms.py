@@ -120,11 +120,13 @@ class Prunebench(lmms):
         # Dynamic-resolution models: the image sizes the processor chose, each row's images in turn.
         grids = [tuple(grid) for grid in inputs["image_grid_thw"][:, 1:].tolist()] if "image_grid_thw" in inputs else []
         counts = [len(visual) for visual in images] if images is not None else [0] * len(batch)
-        # InternVL: a batch's rows hold the same number of tiles (`ModelAdapter.check_method`)
-        tiles = len(inputs["pixel_values"]) // len(batch) if "pixel_values" in inputs else 0
-        layout = loaded.adapter.prompt_layout(loaded.model, inputs)  # LLaVA-NeXT/OneVision
-        architectures = [flops.model_architecture(loaded.model.config, grids[sum(counts[:row]):sum(counts[:row + 1])],
-                                                  tiles, layout) for row in rows]
+        # InternVL: each row's own tiles (a batch's images may differ in size)
+        tiles = ([sum(image.tiles for image in row) for row in loaded.adapter.image_tiles(loaded.model,
+                                                                                          inputs["input_ids"])]
+                 if loaded.model.config.model_type == "internvl" else [0] * len(batch))
+        architectures = [flops.model_architecture(
+            loaded.model.config, grids[sum(counts[:row]):sum(counts[:row + 1])], tiles[row],
+            loaded.adapter.prompt_layout(loaded.model, row_images(inputs, counts, row))) for row in rows]
         if self.cfg.flops == "counted":  # an untimed replay, after the timed run (whose method state is read above)
             costs = [flops.count_generation(loaded.model, pruner, inputs, [item[1] for item in batch], questions,
                                             **options)] * len(batch)
@@ -205,6 +207,14 @@ def _batches(items: Iterator[tuple], size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
+
+
+def row_images(inputs: dict, counts: list[int], row: int) -> dict:
+    """The image inputs of batch row `row` alone (the processor stacks every row's images in order, `counts` per
+    row), for the layout of its own images (LLaVA-NeXT/OneVision: `ModelAdapter.prompt_layout`)."""
+    first = sum(counts[:row])
+    own = {"image_sizes": slice(first, first + counts[row]), "batch_num_images": slice(row, row + 1)}
+    return {key: inputs[key][part] for key, part in own.items() if key in inputs}
 
 
 def _cut(text: str, until) -> str:

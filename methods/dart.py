@@ -13,8 +13,9 @@ Inside the language model, once at prefill, at the input of decoder layer K (def
    `max_num_trunction // 8`): 196 / 132 / 68 for B = 192 / 128 / 64, four more than B. Kept tokens keep their
    original RoPE positions and order; layers >= K (and their KV caches) see only them.
 
-The reference runs batch 1; here each row is selected alone, with the pivots' set order taken from indices into the
-row without its left padding (the reference's unpadded indices).
+The reference runs batch 1; here each row is selected alone, on its own vision tokens (rows whose images differ in
+size keep different numbers: `supports_ragged_batches`), with the pivots' set order taken from indices into the row
+without its left padding (the reference's unpadded indices). An image too small for T tokens per pivot keeps all.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ class DART(ScorerPruner):
     0..K-1 see every token)."""
 
     name: ClassVar[str] = "dart"
-    supports_ragged_batches: ClassVar[bool] = False  # its pivots pool one run of image tokens per row
     k: int = 2
 
     def validate(self, num_vision: int, num_layers: int) -> None:
@@ -66,11 +66,11 @@ class DART(ScorerPruner):
         keys = state.probes[self.k - 1].keys  # (B, kv_heads, n, head_dim)
         key_norms = keys.transpose(1, 2).flatten(2).abs().sum(dim=-1)  # L1 over heads x head_dim
         states = state.final_norm(state.hidden_states)
-        per_pivot = self.per_pivot(state.num_vision, state.num_layers)
-        vision = state.vision_index
-        keep = [self.retained(key_norms[row], states[row], vision[row], state.valid[row], per_pivot)
-                for row in range(state.batch_size)]
-        return Selection(keep=torch.stack(keep))
+        vision = state.vision_index  # a ragged batch's shorter rows end in padding entries: each row reads its own
+        keep = [self.retained(key_norms[row], states[row], vision[row, :count], state.valid[row],
+                              self.per_pivot(count, state.num_layers))
+                for row, count in enumerate(state.vision_counts.tolist())]
+        return Selection(keep=torch.nn.utils.rnn.pad_sequence(keep, batch_first=True, padding_value=-1))
 
     def retained(self, key_norms: torch.Tensor, states: torch.Tensor, vision: torch.Tensor, valid: torch.Tensor,
                  per_pivot: int) -> torch.Tensor:
@@ -91,6 +91,6 @@ class DART(ScorerPruner):
         for pivot in pivots:
             candidates = pool.nonzero()[:, 0]  # ascending, as the reference's set of indices iterates
             similarity = F.cosine_similarity(states[pivot + offset][None], states[vision[candidates]], dim=-1)
-            picked = candidates[(-similarity).topk(per_pivot).indices]
+            picked = candidates[(-similarity).topk(min(per_pivot, len(candidates))).indices]
             kept[picked], pool[picked] = True, False
         return kept.nonzero()[:, 0]

@@ -120,11 +120,6 @@ def test_every_supported_class_has_one_adapter_and_others_are_refused(tiny):
     (["method=pdrop", "budget=16"], "method pdrop with positions=compact is not defined on Qwen2.5-VL's M-RoPE (3-row "
                                     "image-grid positions): use method.positions=original"),
     (["method=cdpruner", "budget=16"], "method cdpruner does not run on Qwen2.5-VL, whose vision tower is no CLIP"),
-    (["method=dart", "budget=16", "batch_size=2"], "Qwen2.5-VL gives images of different sizes different numbers "
-                                                   "of vision tokens, and method dart needs the same number in every "
-                                                   "row of a batch: set batch_size=1 (methods that take such batches: "
-                                                   "none, random, fastv, visionzip, divprune, vispruner, holov, "
-                                                   "cdpruner)"),
     (["method=fastv", "budget=65"], "budget must be in 1..64"),
     (["method=fastv", "budget=16", "batch_size=2", "flops=counted"], "flops=counted counts a batch as a whole, whose "
                                                                      "rows may hold images of different sizes on "

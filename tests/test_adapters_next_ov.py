@@ -90,8 +90,6 @@ def test_an_absent_checkpoint_is_refused_with_what_to_download(conf):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["method=fastv", "budget=16", "batch_size=2"], "LLaVA-NeXT gives images of different sizes different numbers of "
-                                                    "vision tokens"),
     (["method=fastv", "budget=81"], "budget must be in 1..80"),
     (["method=fastv", "budget=4", "budget_per=view"], "budget_per=view (a budget per crop) is defined for pre-LLM "
                                                       "methods on LLaVA-NeXT, not for method fastv"),

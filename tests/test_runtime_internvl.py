@@ -7,12 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.config import check_overrides
 from harness.runtime import prune
-from methods import Budget, ConfigError, RandomPruner
+from methods import Budget, RandomPruner
 from tests.conftest import noise_images, tiny_of
 from tests.test_runtime import QUESTION, KeepAll, generate, hide_keys_from
-from tests.test_runtime_qwen import generate_few
+from tests.test_runtime_qwen import NeedsOneCount, generate_few
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +78,13 @@ def test_padded_batch_of_images_with_as_many_tiles_equals_each_alone(internvl, p
 
 @torch.no_grad()
 def test_a_batch_whose_images_differ_in_tiles_is_refused(internvl, pictures):
-    """Before loading: the harness refuses batch_size > 1 on InternVL (the tile count follows each image's shape);
-    inside the runtime, a batch with different vision-token counts per row is refused on its first forward."""
-    with pytest.raises(ConfigError, match=r"InternVL3 gives images of different sizes different numbers of vision "
-                                          r"tokens.*set batch_size=1"):
-        check_overrides(["model=tiny_internvl", "method=fastv", "budget=16", "batch_size=2"])
+    """The tile count follows each image's shape: a method that needs one vision count per batch refuses a batch with
+    different counts per row on its first forward (the harness refuses it at batch_size > 1 before loading; every
+    registered method that batches takes such batches, tests/test_ragged_batches.py)."""
     inputs = internvl.inputs([pictures[0], pictures[2]], [QUESTION, QUESTION])
-    with prune(internvl.model, RandomPruner(k=1, budget=Budget(8))), \
-            pytest.raises(ValueError, match=r"the same number of vision tokens, got \[48, 16\]"):
+    with prune(internvl.model, NeedsOneCount(budget=Budget(8))), \
+            pytest.raises(ValueError, match=r"the same number of vision tokens in every sample of a batch, got "
+                                            r"\[48, 16\]"):
         internvl.model(**inputs)
 
 

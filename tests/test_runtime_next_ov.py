@@ -12,7 +12,7 @@ from methods import METHODS, Budget, DivPrune, RandomPruner
 from methods.divprune import max_min_diverse
 from tests.conftest import noise_images, tiny_of
 from tests.test_runtime import QUESTION, KeepAll, generate, hide_keys_from
-from tests.test_runtime_qwen import FEW, generate_few
+from tests.test_runtime_qwen import FEW, NeedsOneCount, generate_few
 
 # Per family, for the 336 px and 100x60 pictures: (prunable vision tokens, newline slots). NeXT: 16 base + an 8x8 grid
 # of 2x2 crops + 8 newlines; 100x60: a 2x1 grid of crops unpadded to 6x8. OneVision: 9 base + 6x6 crops shrunk to 9x9
@@ -115,12 +115,14 @@ def test_padded_batch_equals_each_sample_alone(family, pictures):
 
 @torch.no_grad()
 def test_a_batch_whose_images_differ_in_size_is_refused(family, pictures):
-    """Images of different sizes give rows different numbers of vision tokens, and a `Selection` keeps the same
-    number in every row: the runtime refuses (the harness refuses batch_size > 1 on this family before loading)."""
+    """Images of different sizes give rows different numbers of vision tokens: a method that needs one count per batch
+    is refused by the runtime (the harness refuses it at batch_size > 1 before loading; every registered method that
+    batches takes such batches, tests/test_ragged_batches.py)."""
     inputs = family.inputs([pictures[0], pictures[2]], [QUESTION, QUESTION])
     expected = [LAYOUT[family.name][0][0], LAYOUT[family.name][1][0]]
-    with prune(family.model, RandomPruner(k=1, budget=Budget(8))), \
-            pytest.raises(ValueError, match=rf"the same number of vision tokens, got \[{expected[0]}, {expected[1]}\]"):
+    with prune(family.model, NeedsOneCount(budget=Budget(8))), \
+            pytest.raises(ValueError, match=rf"the same number of vision tokens in every sample of a batch, got "
+                                            rf"\[{expected[0]}, {expected[1]}\]"):
         family.model(**inputs)
 
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from harness.runtime import prune
-from methods import Budget, ConfigError, FastV, PDrop, Probe, RandomPruner, Selection, TokenPruner
+from methods import Budget, ConfigError, FastV, Probe, RandomPruner, Selection, TokenPruner
 from tests.conftest import noise_images, tiny_of
 from tests.test_runtime import QUESTION, KeepAll, generate, hide_keys_from
 
@@ -103,6 +103,13 @@ class KeepEveryRow(TokenPruner):
         return Selection(keep=entries.masked_fill(~state.vision_valid, -1))
 
 
+class NeedsOneCount(RandomPruner):
+    """An in-LLM method that does not handle rows of different vision counts (none of the registered ones does not)."""
+
+    name = "needs_one_count"
+    supports_ragged_batches = False
+
+
 @torch.no_grad()
 @pytest.mark.parametrize(("pruner", "vision"), [
     (KeepEveryRow(), lambda small: [[64] * 4, [small] * 4]),
@@ -132,11 +139,11 @@ def test_a_padded_batch_of_images_of_different_sizes_equals_each_alone(qwen, pic
 @torch.no_grad()
 def test_a_method_that_needs_one_count_per_batch_refuses_images_of_different_sizes(qwen, pictures):
     inputs = qwen.inputs([pictures[0], pictures[2]], [QUESTION, QUESTION])
-    with prune(qwen.model, PDrop(budget=Budget(32), positions="original")), \
-            pytest.raises(ValueError, match=rf"^method pdrop needs the same number of vision tokens in every sample of "
-                                            rf"a batch, got \[64, {small(qwen)}\]; set batch_size=1$"):
+    with prune(qwen.model, NeedsOneCount(budget=Budget(8))), \
+            pytest.raises(ValueError, match=rf"^method needs_one_count needs the same number of vision tokens in every "
+                                            rf"sample of a batch, got \[64, {small(qwen)}\]; set batch_size=1$"):
         qwen.model(**inputs)
-    with prune(qwen.model, PDrop(budget=Budget(32), positions="original")):  # images of one size: no refusal
+    with prune(qwen.model, NeedsOneCount(budget=Budget(8))):  # images of one size: no refusal
         qwen.model(**qwen.inputs([pictures[0], pictures[1]], [QUESTION, QUESTION]))
 
 

@@ -94,8 +94,11 @@ class ModelAdapter:
             raise ConfigError(f"method {pruner.name} does not run on {self.title}, whose vision tower is no CLIP: "
                               f"{pruner.needs_clip_tower}")
         if batch_size > 1 and not self.fixed_vision_tokens and not self.ragged_batches:
+            from harness.adapters import ADAPTERS
+
+            able = ", ".join(adapter.title for adapter in ADAPTERS.values() if adapter.ragged_batches)
             raise ConfigError(f"{self.title} gives images of different sizes different numbers of vision tokens, and "
-                              "the pruning runtime takes such batches on the Qwen family only: set batch_size=1")
+                              f"the pruning runtime takes such batches on {able} only: set batch_size=1")
         if batch_size > 1 and not self.fixed_vision_tokens and not handles_ragged_batches(type(pruner)):
             from methods import METHODS
 

@@ -59,6 +59,7 @@ class LlavaNextAdapter(ModelAdapter):
     title = "LLaVA-NeXT"
     architectures = ("LlavaNextForConditionalGeneration",)
     fixed_vision_tokens = False
+    ragged_batches = True  # in-LLM methods only: pre-LLM ones do not handle them (`handles_ragged_batches`)
     packs_features = True
     views_budget = True
     records_selections = True  # in-LLM methods (`records`): each image's base view and crop grid (`token_views`)
