@@ -24,7 +24,7 @@ for the last prompt token (the query every importance decision reads), without t
 Where an image's vision tokens form several grids (LLaVA-NeXT/OneVision: the base view and the unpadded crop grid;
 InternVL: each tile and the thumbnail; `harness.records`' views), the attention and pruning maps draw one panel per
 grid, over the part of the image it sees; image-newline slots are no vision tokens and are not drawn (the report
-gives their number). Pre-LLM methods are not recorded on these families yet: their pruning map is left out, noted.
+gives their number).
 
 Attention rows and values come from the pruning runtime's probes: the model keeps its sdpa backend. Everything is
 written to `<output_dir>/analysis/<model>/<name>/` (PNGs and analysis.json).
@@ -103,7 +103,7 @@ class Insight:
     grid: tuple[int, int] | None  # the image's vision-token grid (rows, columns): V = rows * columns, row-major
     views: list[dict] | None = None  # instead of `grid`, where the image has several grids (`harness.records`' views)
     vision_tokens: list[int] | None = None  # with a method: vision tokens entering each layer
-    selections: dict | None = None  # with a method whose selections are recorded: its record (`harness.records`)
+    selections: dict | None = None  # with a method: its selection record (`harness.records`)
     newline_slots: int = 0  # LLaVA-NeXT/OneVision's image-newline slots: no vision tokens, kept like text
 
     @property
@@ -185,14 +185,12 @@ def cosine_drops(probes: dict[int, ProbeResult], vision: torch.Tensor) -> tuple[
 
 
 def method_pass(loaded: LoadedModel, inputs: dict, pruner: TokenPruner, sample_id: str,
-                question: str) -> tuple[list[int], dict | None]:
+                question: str) -> tuple[list[int], dict]:
     """The method's prefill: vision tokens entering each layer, and its selection record (pre-LLM reductions and
-    merges included; None where the family does not record the method, `ModelAdapter.records`)."""
-    record = loaded.adapter.records(pruner)
-    with prune(loaded.model, pruner, sample_ids=[sample_id], record=record,
-               questions=[question]) as runtime:
+    merges included)."""
+    with prune(loaded.model, pruner, sample_ids=[sample_id], record=True, questions=[question]) as runtime:
         loaded.model(**inputs)
-    return runtime.vision_tokens_per_layer()[0].tolist(), runtime.recorder.record(0) if record else None
+    return runtime.vision_tokens_per_layer()[0].tolist(), runtime.recorder.record(0)
 
 
 @torch.no_grad()
@@ -258,9 +256,8 @@ def report(insight: Insight, loaded: LoadedModel, request: Request, method: dict
                         "visipruner_layer_threshold": VisiPruner.layer_threshold},
     }
     if method is not None:
-        result["pruning"] = {"vision_tokens_per_layer": insight.vision_tokens}
-        if insight.selections is not None:
-            result["pruning"].update(kept_patches=insight.kept_patches, selections=insight.selections)
+        result["pruning"] = {"vision_tokens_per_layer": insight.vision_tokens, "kept_patches": insight.kept_patches,
+                             "selections": insight.selections}
     return result
 
 
@@ -641,10 +638,7 @@ def run(argv: list[str]) -> Path:
                plot_attention(insight, image, out / "attention_to_image.png"),
                plot_sinks(insight, out / "sinks.png"),
                plot_stages(insight, method, out / "stages.png")]
-    if method is not None and insight.selections is None:
-        title = loaded.adapter.title
-        result["pruning"]["note"] = f"{method['name']}'s pre-LLM reduction is not recorded on {title} yet"
-    elif method is not None and insight.selections["layers"]:
+    if method is not None and insight.selections["layers"]:
         figures.append(plot_pruning(insight.selections, image, method["name"], out / "pruning.png"))
     elif method is not None:
         result["pruning"]["note"] = "the method kept every vision token"

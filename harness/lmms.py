@@ -110,7 +110,7 @@ class Prunebench(lmms):
         if sampling:
             options.update(temperature=gen_kwargs["temperature"], top_p=gen_kwargs.get("top_p") or 1.0)
         with prune(loaded.model, pruner, sample_ids=[sample_id for _, sample_id, *_ in batch],
-                   record=self.cfg.record_selections and loaded.adapter.records(pruner),
+                   record=self.cfg.record_selections,
                    questions=questions) as runtime, \
                 ForwardTimer(loaded.model) as timer:
             out = loaded.model.generate(**inputs, **options, return_dict_in_generate=True, output_logits=True)
@@ -180,9 +180,6 @@ class Prunebench(lmms):
             record.update(method_fields[row])
             if runtime.active and runtime.recorder is not None:
                 record["selections"] = runtime.recorder.record(row)
-            elif runtime.active and self.cfg.record_selections:  # `ModelAdapter.records`: some pre-LLM reductions
-                record["selections_note"] = (f"pre-LLM reductions ({pruner.name}) are not recorded on "
-                                             f"{loaded.adapter.title} yet")
             records.append(record)
         return records
 

@@ -49,6 +49,9 @@ class SelectionRecorder:
     tokens: list[list[Token]] = field(default_factory=list)  # per row, the current vision tokens' sources
     layers: list[list[dict]] = field(default_factory=list)  # per row, the snapshots of this prefill
     reduction: list[list[Token]] | None = None  # per image, a pre-LLM reduction's sources, until layer 0 applies it
+    #: per image (the batch's, in order), a pre-LLM reduction that keeps each output token at a slot of its image
+    #: (`reduce_images`), until layer 0 applies it
+    image_reduction: list[tuple[int, list[tuple[int, list[int]]]]] | None = None
     grids: list[list[tuple[int, int]]] = field(default_factory=list)  # per row, its images' grids (dynamic only)
     views: list[list[dict]] | None = None  # per row, its images' grids as recorded (families with `token_views`)
 
@@ -119,11 +122,30 @@ class SelectionRecorder:
                            (tuple(sorted({p for slot in token for p in self._patches(slot)})) for token in image)]
                           for image in sources]
 
+    def reduce_images(self, images: list[tuple[int, list[tuple[int, list[int]]]]]) -> None:
+        """A pre-LLM reduction that leaves each output token at a slot of its image (Qwen, LLaVA-NeXT/OneVision,
+        InternVL): per image, the batch's in order, its vision tokens and, for each output token, (its slot, its
+        sources), indices into the image's vision tokens in sequence order."""
+        self.image_reduction = images
+
     def reduced(self) -> None:
-        """The reduction reaches decoder layer 0 (one image per row: image i is row i)."""
-        for row, image in enumerate(self.reduction):
-            self._enter(row, 0, list(image), pre_llm=True)
-        self.reduction = None
+        """The reduction reaches decoder layer 0: LLaVA-1.5's (one image per row: image i is row i), or per row its
+        images' (`reduce_images`), their output tokens in slot order, as the sequence holds them."""
+        if self.image_reduction is None:
+            for row, image in enumerate(self.reduction):
+                self._enter(row, 0, list(image), pre_llm=True)
+            self.reduction = None
+            return
+        images = iter(self.image_reduction)
+        for row, current in enumerate(self.tokens):
+            tokens, offset = [], 0
+            while offset < len(current):
+                count, outputs = next(images)
+                tokens += [Token(tuple(sorted(p for source in sources for p in current[offset + source].sources)),
+                                 merged=len(sources) > 1) for _, sources in sorted(outputs)]
+                offset += count
+            self._enter(row, 0, tokens, pre_llm=True)
+        self.image_reduction = None
 
     def select(self, layer: int, selection: Selection) -> None:
         """A `Selection` applied to the input of `layer`: merged tokens join in sequence order after the kept ones

@@ -250,13 +250,9 @@ class PruningRuntime:
             if self.pruner.needs_vision_probe:
                 self._install_vision_probe(output=self.adapter.cls_token)  # per view; packed like the features
         elif (reduces_features or self._reduces_embeddings) and not self.adapter.cls_token:
-            if self.recorder is not None:
-                raise ValueError(f"pre-LLM reductions on {self.adapter.title} are not recorded: use record=False")
             self._install_tower_reduction()
         elif reduces_features or self._reduces_embeddings:
             if self.adapter.reduces_in_sequence:  # the projector's output cannot be split into images here
-                if self.recorder is not None:
-                    raise ValueError(f"pre-LLM reductions on {self.adapter.title} are not recorded: use record=False")
                 self._reduces_in_sequence = True
             else:
                 projector = self.adapter.projector(self.model)
@@ -443,7 +439,7 @@ class PruningRuntime:
         packed, lengths = pack(**call)
         first_view = [0, *itertools.accumulate(len(views) for views in features)]
         questions = self._image_questions(len(packed))
-        reduced_images, kept_slots = [], []
+        reduced_images, kept_slots, recorded = [], [], []
         for index, (image, newlines) in enumerate(zip(packed, self.adapter.packed_newlines(self.model, packed),
                                                       strict=True)):
             slots = (~newlines).nonzero()[:, 0]  # the vision tokens
@@ -466,13 +462,17 @@ class PruningRuntime:
                     part_sources = self.pruner.sources[0]
                 outputs.append(reduced)
                 sources += [part[source].tolist() for source in part_sources]
-            placed = slots[torch.tensor(token_slots(sources, len(slots))[0], dtype=torch.long, device=image.device)]
+            local = token_slots(sources, len(slots))[0]
+            recorded.append((len(slots), list(zip(local, sources, strict=True))))
+            placed = slots[torch.tensor(local, dtype=torch.long, device=image.device)]
             image = image.clone()
             image[slots] = 0  # freed slots: dropped before layer 0, never seen
             image[placed] = torch.cat(outputs, dim=1)[0].to(image.dtype)
             reduced_images.append(image)
             kept_slots.append(torch.zeros_like(newlines).index_fill_(0, placed, True)[slots])
         self._kept_slots = torch.cat(kept_slots)
+        if self.recorder is not None:
+            self.recorder.reduce_images(recorded)
         return reduced_images, lengths
 
     def _budget_parts(self, lay_out, views: slice, patches: int, probe: VisionProbe | None,
@@ -558,7 +558,7 @@ class PruningRuntime:
         placed = torch.zeros_like(embeddings)
         kept = torch.zeros(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
         own_slot = torch.zeros_like(kept)
-        questions, sources = self._image_questions(len(counts)), []
+        questions, sources, recorded = self._image_questions(len(counts)), [], []
         for image, (start, end) in enumerate(itertools.pairwise([0, *itertools.accumulate(counts)])):
             vision = None
             if self._received is not None:
@@ -573,12 +573,15 @@ class PruningRuntime:
                 image_sources = self.pruner.sources[0]
             sources.append(image_sources)
             slots, own = token_slots(image_sources, end - start)
+            recorded.append((end - start, list(zip(slots, image_sources, strict=True))))
             slots = start + torch.tensor(slots, dtype=torch.long, device=kept.device)
             placed[slots] = reduced[0].to(placed.dtype)
             kept[slots] = True
             own_slot[slots] = torch.tensor(own, device=kept.device)
         self.adapter.set_image_embeddings(output, placed, own_slot)
         self.pruner.sources = sources  # every image's, as a method sets them for a batch of images
+        if self.recorder is not None:
+            self.recorder.reduce_images(recorded)
         self._kept_slots, self._received = kept, None
         return output
 
@@ -595,13 +598,13 @@ class PruningRuntime:
     def _reduce_in_sequence(self) -> None:
         """Pre-LLM reduction where the projector's output mixes the tiles of every image (InternVL, whose tower
         generate() runs before the prompt, so before the images are known): each image's projected tokens, as layer 0
-        receives them, are reduced on their own with the image's own budget, and the reduced tokens take the image's
-        first slots; the other slots are dropped, so layer 0 sees exactly the shorter input."""
+        receives them, are reduced on their own with the image's own budget, and each output token takes its first
+        source's slot (`token_slots`); the other slots are dropped, so layer 0 sees exactly the shorter input."""
         state = self.state
         hidden = state.hidden_states.clone()
         probes = (self.adapter.image_probes(self.model, self._vision_probe, state.input_ids, hidden)
                   if self.pruner.needs_vision_probe else None)
-        keep = []
+        keep, recorded = [], []
         for row, spans in enumerate(self.adapter.image_spans(self.model, state.input_ids)):
             kept, offset = [], 0
             for image, (start, end) in enumerate(spans):
@@ -609,13 +612,21 @@ class PruningRuntime:
                 question = None if self.questions is None else [self.questions[row]]
                 reduced = self._timed(self._reduce_image, hidden[row:row + 1, start:end], probe, question)
                 if reduced is None:  # left alone
-                    reduced = hidden[row:row + 1, start:end]
-                hidden[row, start:start + reduced.shape[1]] = reduced[0]
-                kept.append(offset + torch.arange(reduced.shape[1], device=hidden.device))
+                    reduced, sources = hidden[row:row + 1, start:end], [[i] for i in range(end - start)]
+                else:
+                    sources = self.pruner.sources[0]
+                slots = token_slots(sources, end - start)[0]
+                recorded.append((end - start, list(zip(slots, sources, strict=True))))
+                slots = torch.tensor(slots, dtype=torch.long, device=hidden.device)
+                hidden[row, start + slots] = reduced[0].to(hidden.dtype)
+                kept.append(offset + slots.sort().values)
                 offset += end - start
             keep.append(torch.cat(kept))
         state.hidden_states = hidden
         self._apply(Selection(keep=pad_sequence(keep, batch_first=True, padding_value=-1)))  # ragged rows: -1
+        if self.recorder is not None:
+            self.recorder.reduce_images(recorded)
+            self.recorder.reduced()
 
     def _reduce_image(self, tokens: torch.Tensor, probe: VisionProbe | None,
                       question: list[str] | None) -> torch.Tensor | None:

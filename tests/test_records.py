@@ -336,3 +336,43 @@ def test_a_ragged_qwen_batch_gives_each_sample_its_own_record(tmp_path):
         assert together["first_token_top"]["ids"] == single["first_token_top"]["ids"]
         assert together["flops"]["prefill"]["vision"] == single["flops"]["prefill"]["vision"] > 0
     assert batch[0]["flops"]["prefill"]["vision"] > batch[1]["flops"]["prefill"]["vision"]
+
+
+def assert_pre_llm_record(entry: dict, kept_patches: list[int], patches: int) -> None:
+    """A pre-LLM snapshot of a reduction that keeps or merges each patch (VisionZip): its kept patches and, of each
+    merged token, the one patch whose slot it takes are the tokens layer 0 runs (`kept_patches`), and together they
+    stand for every one of the row's `patches`."""
+    assert entry["layer"] == 0 and entry["pre_llm"] and entry["merged"]
+    anchors = [set(merged) & set(kept_patches) for merged in entry["merged"]]
+    assert all(len(anchor) == 1 for anchor in anchors)
+    assert sorted(entry["kept"] + [anchor.pop() for anchor in anchors]) == kept_patches
+    assert set(entry["kept"]).union(*map(set, entry["merged"])) == set(range(patches))
+
+
+def layer0_patches(runtime, is_vision: torch.Tensor, row: int) -> list[int]:
+    """The vision tokens layer 0 runs in `row`, as patch numbers (their order among the row's vision slots)."""
+    ordinal = is_vision[row].long().cumsum(0) - 1
+    ran = runtime.layers[0]
+    return sorted(int(ordinal[i]) for i, real in zip(ran.orig_index[row], ran.valid[row], strict=True)
+                  if real and is_vision[row, i])
+
+
+@torch.no_grad()
+def test_qwen_records_a_pre_llm_reduction_of_each_image_in_a_ragged_batch():
+    """VisionZip at retain=0.25 on tiny_qwen25vl (the merger's outputs, ranked by the attention received): a prompt
+    with a 3x4- and an 8x8-token image beside one with the small image only. Each row's record says, at layer 0, which
+    patches stay as they are and which merge into each contextual token, exactly the tokens layer 0 runs."""
+    from tests.conftest import tiny_of
+
+    qwen = tiny_of("tiny_qwen25vl")
+    small, big = noise(100, 90), noise(336, 336)
+    inputs = qwen.inputs([[small, big], [small]], [QUESTION, "Which one?"])
+    pruner = VisionZip(budget=Budget(retain=0.25))
+    with prune(qwen.model, pruner, sample_ids=["two", "one"], record=True) as runtime:
+        qwen.model(**inputs)
+    is_vision = inputs["input_ids"] == qwen.model.config.image_token_id
+    for row, patches in ((0, 12 + 64), (1, 12)):
+        (entry,) = runtime.recorder.record(row)["layers"]
+        kept = layer0_patches(runtime, is_vision, row)
+        assert len(kept) == (3 + 16 if row == 0 else 3)  # round(V / 4) of each image
+        assert_pre_llm_record(entry, kept, patches)

@@ -18,8 +18,9 @@ from harness.config import CONF_DIR, validate
 from harness.lmms import Prunebench
 from harness.records import views_of
 from harness.runtime import prune
-from methods import Budget, DivPrune, FastV, RandomPruner
+from methods import Budget, DivPrune, FastV, RandomPruner, VisionZip
 from tests.conftest import tiny_of
+from tests.test_records import assert_pre_llm_record, layer0_patches
 from tests.test_runtime_next_ov import embeddings_entering_the_language_model
 
 QUESTION = "What is in the image?"
@@ -151,14 +152,22 @@ def test_two_images_in_a_prompt_and_two_prompts_in_a_batch(family):
 
 
 @torch.no_grad()
-def test_pre_llm_methods_are_not_recorded_yet(family):
-    """The packed (NeXT/OneVision) and in-sequence (InternVL) pre-LLM reductions: analyze counts their tokens and
-    records no selection."""
+def test_pre_llm_reductions_are_recorded(family):
+    """The packed (NeXT/OneVision) and in-sequence (InternVL) pre-LLM reductions are recorded at layer 0: DivPrune's
+    kept tokens on their cells as their sequence positions give them; VisionZip's kept patches and contextual merges,
+    each merge standing at the slot of one of its patches, exactly the tokens layer 0 runs; analyze draws them."""
     inputs = family.inputs([picture(100, 60)], [QUESTION])
-    assert not family.adapter.records(DivPrune(budget=Budget(8)))
-    assert family.adapter.records(FastV(k=2, budget=Budget(8)))
+    with prune(family.model, DivPrune(budget=Budget(8)), sample_ids=["a"], record=True) as runtime:
+        family.model(**inputs)
+    record = assert_record_places_the_runtimes_tokens(family, inputs, runtime, 0)
+    assert [(e["layer"], e["pre_llm"], len(e["kept"])) for e in record["layers"]] == [(0, True, 8)]
+    with prune(family.model, VisionZip(budget=Budget(retain=0.25)), sample_ids=["a"], record=True) as runtime:
+        family.model(**inputs)
+    (entry,) = runtime.recorder.record(0)["layers"]
+    is_vision = runtime.prompt_vision
+    assert_pre_llm_record(entry, layer0_patches(runtime, is_vision, 0), int(is_vision[0].sum()))
     counts, selections = analyze.method_pass(family, inputs, DivPrune(budget=Budget(8)), "a", QUESTION)
-    assert counts == [8] * 4 and selections is None
+    assert counts == [8] * 4 and selections["layers"] == record["layers"]
 
 
 def test_tile_canvas_is_the_processors_for_its_number_of_tiles():
@@ -210,7 +219,7 @@ def test_analyze_draws_one_panel_per_grid(name, tmp_path, monkeypatch):
 
 def test_runs_record_views_and_analyze_draws_them_from_the_run(tmp_path, monkeypatch, capsys):
     """A tiny_next run keeps every sample's views and newline counts; `from_run=` draws them without a model; a
-    pre-LLM method is noted as not recorded."""
+    pre-LLM method's reduction is on record too."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"output_dir={tmp_path}", "model=tiny_next", "task.limit=1",
                                            "method=random", "budget=8", "method.k=1"])
@@ -231,8 +240,8 @@ def test_runs_record_views_and_analyze_draws_them_from_the_run(tmp_path, monkeyp
     model = Prunebench.for_run(cfg, validate(cfg), {}, None)
     model.loaded = tiny_of("tiny_next")
     (record,) = model._generate([(0, "t/0", QUESTION, {"max_new_tokens": 2}, [picture(336, 336)], {})])
-    assert record["vision_tokens_per_layer"] == [8] * 4 and "selections" not in record
-    assert record["selections_note"] == "pre-LLM reductions (divprune) are not recorded on LLaVA-NeXT yet"
+    assert record["vision_tokens_per_layer"] == [8] * 4
+    assert [(e["layer"], e["pre_llm"], len(e["kept"])) for e in record["selections"]["layers"]] == [(0, True, 8)]
 
 
 def test_compare_counts_every_views_patches_where_a_record_shows_no_change(tmp_path):

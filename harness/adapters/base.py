@@ -60,10 +60,8 @@ class ModelAdapter:
     #: only methods that handle such batches may share one)
     fixed_vision_tokens: ClassVar[bool] = True
     #: whether batches whose rows hold different numbers of vision tokens are defined here (for the methods that handle
-    #: them, `handles_ragged_batches`), and whether selections are recorded (`harness.records` knows the family's grids:
-    #: `token_grids` or `token_views`)
+    #: them, `handles_ragged_batches`)
     ragged_batches: ClassVar[bool] = False
-    records_selections: ClassVar[bool] = False
     #: whether pre-LLM methods reduce each image's projected tokens in the sequence before decoder layer 0 (and with a
     #: probe from `image_probes`), because the projector's output cannot be split into images where it runs
     reduces_in_sequence: ClassVar[bool] = False
@@ -76,13 +74,6 @@ class ModelAdapter:
     #: pre-LLM methods the attention each vision token's patches receive instead (models.md §8.2); the runtime
     #: then reduces each image's tokens at the tower's output, through the methods below marked "CLS-less"
     cls_token: ClassVar[bool] = True
-
-    def records(self, pruner: TokenPruner) -> bool:
-        """Whether `harness.records` follows this method's selections on this family: not yet on the families without
-        `records_selections`; of pre-LLM reductions only those at a CLIP tower's projector (LLaVA-1.5's), not yet
-        those at a CLS-less tower's output, on packed images or in the sequence before layer 0."""
-        at_projector = self.cls_token and not self.packs_features and not self.reduces_in_sequence
-        return self.records_selections and (at_projector or not reduces_before_llm(pruner))
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         """Refuse, before anything loads, what the runtime does not define on this family; the message names why and

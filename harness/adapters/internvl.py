@@ -82,7 +82,6 @@ class InternVLAdapter(ModelAdapter):
     # generate() runs the tower and the projector on the tiles of every image before the prompt is seen, so the
     # tiles cannot be grouped into images there: pre-LLM methods reduce each image's projected tokens before layer 0.
     reduces_in_sequence = True
-    records_selections = True  # in-LLM methods (`records`): each tile's grid (`token_views`)
 
     def check_method(self, pruner: TokenPruner, batch_size: int = 1) -> None:
         super().check_method(pruner, batch_size)

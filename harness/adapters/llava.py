@@ -50,7 +50,6 @@ def fast_tokenizer(backend):
 
 
 class LlavaAdapter(ModelAdapter):
-    records_selections = True
     family = "llava"
     title = "LLaVA-1.5"
     architectures = ("LlavaForConditionalGeneration",)

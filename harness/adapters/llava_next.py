@@ -62,7 +62,6 @@ class LlavaNextAdapter(ModelAdapter):
     ragged_batches = True  # in-LLM methods only: pre-LLM ones do not handle them (`handles_ragged_batches`)
     packs_features = True
     views_budget = True
-    records_selections = True  # in-LLM methods (`records`): each image's base view and crop grid (`token_views`)
     #: the keyword `pack_image_features` takes besides the features, sizes and newline (NeXT: the CLS strategy)
     pack_options: ClassVar[tuple[str, ...]] = ("vision_feature_select_strategy",)
 
