@@ -18,8 +18,9 @@ from tests.conftest import noise_images, tiny_of
 from tests.test_cli import harness
 
 REFUSED = {"cdpruner": "InternViT has no text tower", "prumerge": "pixel shuffle concatenates 2x2 patches"}
-# SparseVLM and VisionZip have reference schedules for fixed budgets only; PDrop cannot reach 16 of the conf's 208.
-BUDGET = {"sparsevlm": ["budget=64"], "visionzip": ["retain=0.25"], "pdrop": ["retain=0.25"]}
+# SparseVLM and VisionZip have reference schedules for fixed budgets only; PDrop cannot reach 16 of the conf's 208, and
+# on 4 layers reaches retain=0.25 only by dropping every vision token after layer 0: 0.5 keeps some.
+BUDGET = {"sparsevlm": ["budget=64"], "visionzip": ["retain=0.25"], "pdrop": ["retain=0.5"]}
 
 
 @pytest.fixture(scope="module")
