@@ -14,9 +14,13 @@ For every configuration (method × budget), in one process on one model and one 
 
 Models: `small` (the CPU default) is an 8-layer × 1024-wide LLaVA-1.5-geometry model (576 vision tokens, LLaMA-7B's MLP
 ratio, a 2-layer 64-wide vision tower so that the language model dominates), random weights; `llava7b`/`llava13b`
-(the GPU default: llava7b) are the shipped LLaVA-1.5 configs with random weights (fp16 on GPU). The prompt is built
-from ids: `--text-tokens` text tokens (35 of them before the image, like vicuna_v1's system prompt and "USER:") around
-the image's tokens, random pixels; the prefill is generate()'s (KV cache on, logits of the last position only).
+(the GPU default: llava7b) are the shipped LLaVA-1.5 configs with random weights (fp16 on GPU), and so are the Qwen
+confs (`qwen25vl7b`, `qwen2vl7b`, `qwen25vl3b`, `qwen3vl8b`; `tiny_*` confs build their tiny models). The prompt is
+built from ids (`ModelAdapter.random_prompt`): `--text-tokens` random text tokens (35 of them before the image, like
+vicuna_v1's system prompt and "USER:") around the image's tokens, random pixels (on Qwen an `--image-size`² image,
+448 px: 256 vision tokens on Qwen2/2.5-VL); the prefill is generate()'s (KV cache on, logits of the last position
+only). Configurations the family refuses (`ModelAdapter.check_method`: e.g. CDPruner on Qwen) are skipped with the
+reason.
 
 Methods: every one registered in `methods.METHODS`, as `conf/method/<name>.yaml` configures it, at each budget (exact
 convention; a method that ignores the budget once); random at k=2 (FastV's pruning point) and at k=0 (before the
@@ -26,7 +30,7 @@ layers) is listed as skipped, with the method's reason. Besides the ratios, each
 (`method ms`: its selection, scoring and probes, wall clock) and FLOPs. On random weights, data-dependent methods
 keep what random activations make them keep (VisiPruner may find no filtering layer and keep every token).
 
-    python -m harness.bench [--model small|llava7b|llava13b ...] [--budgets 192 128 64] [--repeats 7]
+    python -m harness.bench [--model small|llava7b|llava13b|qwen25vl7b|... ...] [--budgets 192 128 64] [--repeats 7]
         [--output PATH.json] [--threads N] [--clock wall|process]
     bash benchmarks/gpu.sh  # llava7b and llava13b, fp16, on one GPU: results/bench/gpu.{json,md}
 
@@ -50,6 +54,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from harness.adapters import adapter_for
 from harness.config import CONF_DIR, build_pruner
 from harness.cost import kv_cache_bytes, returned_cache
 from harness.flops import FlopCounter
@@ -67,6 +72,8 @@ VARIANTS: dict[str, tuple[dict, ...]] = {"random": ({"k": 2}, {"k": 0}),
 FORCES_EAGER = "forces eager attention"
 SUMMARY = "medians; realisation = (1 - time ratio) / (1 - FLOPs ratio), whole prefill"
 TEXT_BEFORE_IMAGE = 35  # vicuna_v1: the system prompt and "USER:" precede the image
+IMAGE_SIZE = 448  # pixels per side of the prompt's image where the resolution is dynamic (Qwen: 256 vision tokens)
+BENCH_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # whose adapters build `random_prompt`s
 SMALL = dict(name="small", source="tiny", num_layers=8, num_vision_tokens=576, image_size=336, patch_size=14,
              hidden_size=1024, intermediate_size=2752, num_heads=8, num_kv_heads=8, vision_hidden_size=64,
              vision_layers=2, seed=0, dtype="float32", attn_implementation="sdpa")
@@ -82,26 +89,29 @@ def random_model(config, device: torch.device, dtype: torch.dtype):
     return model.eval()
 
 
+def model_names() -> list[str]:
+    """`small`, and every conf/model entry of a family `harness.bench` builds prompts for (LLaVA-1.5, Qwen)."""
+    names = [path.stem for path in sorted((CONF_DIR / "model").glob("*.yaml"))
+             if OmegaConf.load(path).get("family", "llava") in BENCH_FAMILIES]
+    return ["small", *names]
+
+
 def build(name: str, device: torch.device, dtype: torch.dtype):
-    if name == "small":
-        model, _ = build_tiny(OmegaConf.create(SMALL))
+    """`small`, a tiny conf's own model, or a conf's shipped config with random weights."""
+    spec = OmegaConf.create(SMALL) if name == "small" else OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+    if spec.source == "tiny":
+        model, _ = build_tiny(spec)
         return model.to(device, dtype)
-    return random_model(model_config(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")), device, dtype)
+    return random_model(model_config(spec), device, dtype)
 
 
-def prompt_inputs(model, text_tokens: int) -> dict:
-    """One prompt: text ids (never the image id) around the image's placeholder tokens, and random pixels."""
-    config = model.config
-    vision = config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    generator = torch.Generator().manual_seed(0)
-    text = torch.randint(0, config.text_config.vocab_size - 1, (text_tokens,), generator=generator)
-    text[text >= config.image_token_id] += 1
-    before = min(TEXT_BEFORE_IMAGE, text_tokens)
-    ids = torch.cat([text[:before], torch.full((patches,), config.image_token_id), text[before:]])[None]
-    pixels = torch.randn(1, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
-    return {"input_ids": ids.to(model.device), "attention_mask": torch.ones_like(ids).to(model.device),
-            "pixel_values": pixels.to(model.device, model.dtype)}
+def prompt_inputs(model, text_tokens: int, image_size: int = IMAGE_SIZE) -> dict:
+    """One prompt (`ModelAdapter.random_prompt`): `text_tokens` random text ids around one image's placeholders,
+    35 of them before it, and random pixels (an `image_size`² image where the resolution is dynamic)."""
+    inputs = adapter_for(model).random_prompt(model, text_tokens, min(TEXT_BEFORE_IMAGE, text_tokens), image_size,
+                                              torch.Generator().manual_seed(0))
+    return {key: value.to(model.device, model.dtype if value.is_floating_point() else None)
+            for key, value in inputs.items()}
 
 
 def method_pruner(name: str, options: dict, budget: int | None) -> TokenPruner:
@@ -112,12 +122,12 @@ def method_pruner(name: str, options: dict, budget: int | None) -> TokenPruner:
     return build_pruner(OmegaConf.create({"method": method, "budget": budget, "budget_convention": "exact"}))
 
 
-def configurations(budgets: list[int], num_vision: int, num_layers: int,
-                   model_config=None) -> tuple[dict[str, TokenPruner], dict[str, str]]:
+def configurations(budgets: list[int], num_vision: int, num_layers: int, model_config=None,
+                   adapter=None) -> tuple[dict[str, TokenPruner], dict[str, str]]:
     """Every registered method (`methods.METHODS`) with each of its `VARIANTS`, at each budget (a method that
     ignores the budget once), and the configurations skipped with the reason: those the method refuses on this model
-    (e.g. a budget it has no reference schedule for), or, given the model's config, what it needs from the model
-    (`check_model`: CDPruner's text tower)."""
+    (e.g. a budget it has no reference schedule for), or, given the model's config and adapter, what it needs from
+    the model (`check_model`: CDPruner's text tower) and what the family does not define (`check_method`)."""
     pruners: dict[str, TokenPruner] = {"none": TokenPruner()}
     skipped: dict[str, str] = {}
     for name in sorted(set(METHODS) - {"none"}):
@@ -131,6 +141,8 @@ def configurations(budgets: list[int], num_vision: int, num_layers: int,
                         pruner = method_pruner(name, options, None)
                     row = f"{label} {budget}" if pruner.uses_budget else label
                     pruner.validate(num_vision, num_layers)
+                    if adapter is not None:  # first: what the family refuses (CDPruner's CLIP on Qwen)
+                        adapter.check_method(pruner)
                     if model_config is not None:
                         pruner.check_model(model_config)
                 except ConfigError as error:
@@ -174,7 +186,8 @@ def timed(model, inputs: dict, pruner: TokenPruner | None, clock: Callable[[], f
     """(seconds, seconds inside the method's code) of one prefill; None: the vision tower and projector alone."""
     if pruner is None:
         vision = model.model.get_image_features
-        return _timed(model.device, lambda: vision(pixel_values=inputs["pixel_values"]), clock), 0
+        images = {key: value for key, value in inputs.items() if key in ("pixel_values", "image_grid_thw")}
+        return _timed(model.device, lambda: vision(**images), clock), 0
     with prune(model, pruner, sample_ids=[0], questions=[QUESTION]) as runtime:
         seconds = _timed(model.device, lambda: _prefill(model, inputs), clock)
     return seconds, runtime.selection_seconds
@@ -261,11 +274,11 @@ def run(name: str, device: torch.device, args: argparse.Namespace) -> dict:
     """One model's setup, rows and skipped configurations."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = build(name, device, dtype)
-    inputs = prompt_inputs(model, args.text_tokens)
+    inputs = prompt_inputs(model, args.text_tokens, args.image_size)
     clock = time.process_time if args.clock == "process" else time.perf_counter
     text = model.config.text_config
     pruners, skipped = configurations(args.budgets, int((inputs["input_ids"] == model.config.image_token_id).sum()),
-                                      text.num_hidden_layers, model.config)
+                                      text.num_hidden_layers, model.config, adapter_for(model))
     rows = measure(model, inputs, pruners, args.repeats, clock)
     return {"model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": str(dtype).removeprefix("torch."), "attention": text._attn_implementation,
@@ -276,8 +289,11 @@ def run(name: str, device: torch.device, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["small", "llava7b", "llava13b"], nargs="+", default=None,
-                        help="one or more, run one after the other; default: llava7b on a GPU, small on CPU")
+    parser.add_argument("--model", choices=model_names(), nargs="+", default=None, metavar="MODEL",
+                        help="small, or a conf/model name of LLaVA-1.5 or Qwen (random weights), one or more, run one "
+                             "after the other; default: llava7b on a GPU, small on CPU")
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                        help="pixels per side of the image where the resolution is dynamic (Qwen)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64])
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds after the warm-up round")

@@ -66,3 +66,27 @@ def test_every_method_and_budget_has_a_row_or_a_reason(small):
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(lines) == 1 + len(rows) + len(skipped)  # the header, a row per configuration, a row per skipped one
     assert "| skipped: SparseVLM 1.5 has reference schedules" in table
+
+
+@torch.no_grad()
+def test_a_qwen_model_is_benchmarked_on_one_image_of_the_asked_size():
+    """`--model tiny_qwen25vl --image-size 112`: one 8x8-patch image (16 vision tokens between the vision markers, no
+    marker among the random text), the configurations Qwen refuses skipped with its reason, the others timed."""
+    from harness.adapters import adapter_for
+
+    assert {"small", "llava7b", "qwen25vl7b", "qwen3vl8b", "tiny_qwen2vl"} <= set(bench.model_names())
+    assert "tiny_next" not in bench.model_names()
+    model = bench.build("tiny_qwen25vl", torch.device("cpu"), torch.float32)
+    inputs = bench.prompt_inputs(model, text_tokens=45, image_size=112)
+    ids, config = inputs["input_ids"][0], model.config
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]] and inputs["pixel_values"].shape == (64, 1176)
+    assert [int((ids == token).sum()) for token in (config.image_token_id, config.vision_start_token_id,
+                                                    config.vision_end_token_id, config.video_token_id)] == [16, 1, 1, 0]
+    assert int(ids[35]) == config.vision_start_token_id and torch.equal(inputs["mm_token_type_ids"][0],
+                                                                       (ids == config.image_token_id).long())
+    pruners, skipped = bench.configurations([8], 16, 4, config, adapter_for(model))
+    assert "whose vision tower is no CLIP" in skipped["cdpruner 8"] and "M-RoPE" in skipped["pdrop 8"]
+    rows = bench.measure(model, inputs, {name: pruners[name] for name in ("none", "fastv 8", "random k=0 8")},
+                         repeats=1)
+    assert [rows[name]["mean_vision_tokens"] for name in ("none", "fastv 8", "random k=0 8")] == [16, 12, 8]
+    assert rows["random k=0 8"]["flops_ratio"] < rows["fastv 8"]["flops_ratio"] < 1

@@ -162,6 +162,13 @@ class ModelAdapter:
         """Families that pack features (`packs_features`): per packed image, True at its newline rows."""
         raise NotImplementedError
 
+    def random_prompt(self, model, text_tokens: int, before: int, image_size: int,
+                      generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """One prompt of random content as the model call takes it (`harness.bench`): `text_tokens` random text ids
+        (`random_text`), the first `before` of them before one image's placeholders, and random pixels for an image
+        of `image_size` pixels square where the family's resolution is dynamic."""
+        raise ConfigError(f"harness.bench builds no prompt for {self.title} yet: use a LLaVA-1.5 or Qwen model")
+
     def prompt_layout(self, model, inputs: dict):
         """How one prompt's images are laid out, where the FLOPs depend on more than the vision tokens (LLaVA-NeXT/
         OneVision: `AnyResLayout`); None elsewhere."""
@@ -251,6 +258,14 @@ def seeded_model(model_class, config, spec: DictConfig, pad_token_id: int, eos_t
     if eos_token_id is not None:
         model.generation_config.eos_token_id = eos_token_id
     return model.eval()
+
+
+def random_text(vocab_size: int, count: int, excluded: list[int], generator: torch.Generator) -> torch.Tensor:
+    """`count` random token ids below `vocab_size`, none of them `excluded` (the image's and the family's markers)."""
+    text = torch.randint(0, vocab_size - len(excluded), (count,), generator=generator)
+    for token in sorted(excluded):  # an id at or above an excluded one moves up past it
+        text[text >= token] += 1
+    return text
 
 
 def reduces_before_llm(pruner: TokenPruner) -> bool:

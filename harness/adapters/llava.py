@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from harness.adapters.base import Images, ModelAdapter, byte_vocab, seeded_model
+from harness.adapters.base import Images, ModelAdapter, byte_vocab, random_text, seeded_model
 
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -112,6 +112,17 @@ class LlavaAdapter(ModelAdapter):
         if images is not None and any(len(row) != 1 for row in images):
             raise NotImplementedError("LLaVA-1.5 takes exactly one image per prompt")
         return [vicuna_v1_prompt(q, with_image=images is not None) for q in questions]
+
+    def random_prompt(self, model, text_tokens: int, before: int, image_size: int,
+                      generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The tower's fixed image size (`image_size` does not apply): one placeholder per patch."""
+        config = model.config
+        vision = config.vision_config
+        text = random_text(config.text_config.vocab_size, text_tokens, [config.image_token_id], generator)
+        patches = (vision.image_size // vision.patch_size) ** 2
+        ids = torch.cat([text[:before], torch.full((patches,), config.image_token_id), text[before:]])[None]
+        pixels = torch.randn(1, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
     def vision_tower(self, model) -> torch.nn.Module:
         return model.model.vision_tower

@@ -28,6 +28,7 @@ from harness.adapters.base import (
     ModelAdapter,
     VisionAttentionCall,
     byte_vocab,
+    random_text,
     reduces_before_llm,
     seeded_model,
 )
@@ -177,6 +178,28 @@ class Qwen2VLAdapter(ModelAdapter):
             messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
             prompts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         return prompts
+
+    def random_prompt(self, model, text_tokens: int, before: int, image_size: int,
+                      generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """An `image_size`² image (a multiple of the patch size times the merge size): `<|vision_start|>`, one
+        placeholder per merged token, `<|vision_end|>`, and its flattened patches as the processor gives them."""
+        config = model.config
+        vision = config.vision_config
+        markers = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                   config.vision_end_token_id]
+        text = random_text(config.text_config.vocab_size, text_tokens, markers, generator)
+        side = image_size // vision.patch_size  # ViT patches per side
+        if image_size % (vision.patch_size * self.merge_size):
+            raise ConfigError(f"the image size must be a multiple of {vision.patch_size * self.merge_size} pixels on "
+                              f"{self.title}, got {image_size}")
+        placeholders = torch.full(((side // self.merge_size) ** 2,), config.image_token_id)
+        ids = torch.cat([text[:before], torch.tensor([config.vision_start_token_id]), placeholders,
+                         torch.tensor([config.vision_end_token_id]), text[before:]])[None]
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "mm_token_type_ids": (ids == config.image_token_id).long(),
+                "pixel_values": torch.randn(side * side, patch, generator=generator),
+                "image_grid_thw": torch.tensor([[1, side, side]])}
 
     # ------------------------------------------------------------------ where things are
     def token_grids(self, model, model_inputs: dict) -> list[tuple[int, int]] | None:
