@@ -455,11 +455,7 @@ class PruningRuntime:
             question = None if questions is None else questions[index:index + 1]
             outputs, sources = [], []
             for part, part_probe in self._budget_parts(lay_out, views, features[index].shape[1], probe, slots):
-                reduced = self._timed(self._reduce_image, tokens[:, part], part_probe, question)
-                if reduced is None:  # left alone
-                    reduced, part_sources = tokens[:, part], [[i] for i in range(len(part))]
-                else:
-                    part_sources = self.pruner.sources[0]
+                reduced, part_sources = self._reduce_with_sources(tokens[:, part], part_probe, question)
                 outputs.append(reduced)
                 sources += [part[source].tolist() for source in part_sources]
             local = token_slots(sources, len(slots))[0]
@@ -566,11 +562,7 @@ class PruningRuntime:
                 vision = VisionProbe(hidden=None, cls_attention=None, keys=keys[start:end].transpose(0, 1)[None],
                                      received=received[start:end][None])
             question = None if questions is None else questions[image:image + 1]
-            reduced = self._timed(self._reduce_image, embeddings[start:end][None], vision, question)
-            if reduced is None:  # left alone
-                reduced, image_sources = embeddings[start:end][None], [[i] for i in range(end - start)]
-            else:
-                image_sources = self.pruner.sources[0]
+            reduced, image_sources = self._reduce_with_sources(embeddings[start:end][None], vision, question)
             sources.append(image_sources)
             slots, own = token_slots(image_sources, end - start)
             recorded.append((end - start, list(zip(slots, image_sources, strict=True))))
@@ -610,11 +602,7 @@ class PruningRuntime:
             for image, (start, end) in enumerate(spans):
                 probe = VisionProbe(**probes[row][image]) if probes is not None else None
                 question = None if self.questions is None else [self.questions[row]]
-                reduced = self._timed(self._reduce_image, hidden[row:row + 1, start:end], probe, question)
-                if reduced is None:  # left alone
-                    reduced, sources = hidden[row:row + 1, start:end], [[i] for i in range(end - start)]
-                else:
-                    sources = self.pruner.sources[0]
+                reduced, sources = self._reduce_with_sources(hidden[row:row + 1, start:end], probe, question)
                 slots = token_slots(sources, end - start)[0]
                 recorded.append((end - start, list(zip(slots, sources, strict=True))))
                 slots = torch.tensor(slots, dtype=torch.long, device=hidden.device)
@@ -627,6 +615,15 @@ class PruningRuntime:
         if self.recorder is not None:
             self.recorder.reduce_images(recorded)
             self.recorder.reduced()
+
+    def _reduce_with_sources(self, tokens: torch.Tensor, probe: VisionProbe | None,
+                             question: list[str] | None) -> tuple[torch.Tensor, list[list[int]]]:
+        """One image's (or view's) (1, V, d) tokens through `_reduce_image`: the output tokens and each one's sources
+        (indices into the V tokens); an image left alone gives its tokens, each its own source."""
+        reduced = self._timed(self._reduce_image, tokens, probe, question)
+        if reduced is None:
+            return tokens, [[i] for i in range(tokens.shape[1])]
+        return reduced, self.pruner.sources[0]
 
     def _reduce_image(self, tokens: torch.Tensor, probe: VisionProbe | None,
                       question: list[str] | None) -> torch.Tensor | None:
