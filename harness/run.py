@@ -191,7 +191,9 @@ def summary_table(result: dict, out: Path) -> str:
     primary = result["primary_metric"]
     columns = {primary: metrics[primary], **metrics["by_category"]}
     widths = [max(len(name), 6) for name in columns]
-    budget = result["budget"]["tokens"] if result["budget"]["used"] else "none"
+    budget, retain = result["budget"], result["config"].get("retain")
+    budget = ("none" if not budget["used"] else (f"retain {retain:g}" if retain is not None else str(budget["tokens"]))
+              + (" per view" if budget.get("per") == "view" else ""))
     return "\n".join([
         f"{result['method']} on {result['model']} / {result['task']} (budget {budget}), {result['n_samples']} samples",
         "  " + "  ".join(name.rjust(w) for name, w in zip(columns, widths, strict=True)),

@@ -131,3 +131,17 @@ def test_a_sweep_of_every_baseline_and_budget_completes_offline(tmp_path):
         for budget in budgets:
             result = json.loads((tmp_path / "tiny" / "synthetic" / method / budget / "result.json").read_text())
             assert result["n_samples"] == 2 and result["tokens"]["mean_vision_tokens"] < 576
+
+
+@pytest.mark.parametrize(("budget", "config", "label"), [
+    ({"tokens": 64, "per": "image", "used": True}, {"retain": None}, "64"),
+    ({"tokens": None, "per": "image", "used": True}, {"retain": 0.25}, "retain 0.25"),  # resolved per image (Qwen)
+    ({"tokens": 8, "per": "view", "used": True}, {"retain": None}, "8 per view"),
+    ({"tokens": 64, "per": "image", "used": False}, {"retain": None}, "none"),
+])
+def test_the_summary_names_the_budget_the_run_had(budget, config, label, tmp_path):
+    result = {"method": "m", "model": "x", "task": "t", "n_samples": 2, "budget": budget, "config": config,
+              "metrics": {"acc": 0.5, "by_category": {}}, "primary_metric": "acc",
+              "tokens": {"mean_vision_tokens": 8.0},
+              "cost": {"flops_total": 2e9, "flops_prefill": 1e9, "prefill_ms": 3}}
+    assert run_module.summary_table(result, tmp_path).splitlines()[0] == f"m on x / t (budget {label}), 2 samples"
