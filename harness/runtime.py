@@ -295,7 +295,7 @@ class PruningRuntime:
         counts = is_vision.sum(dim=1)
         self.layers, self._ended = [], False
         self.active = bool(counts.any())
-        if self.active and not bool((counts == counts[0]).all()) and not self.adapter.ragged_batches:
+        if self.active and not bool((counts == counts[0]).all()) and self.adapter.fixed_vision_tokens:
             raise ValueError(f"every sample of a batch needs the same number of vision tokens, got {counts.tolist()}")
         if self.active and not bool((counts == counts[0]).all()) and not handles_ragged_batches(type(self.pruner)):
             raise ValueError(f"method {self.pruner.name} needs the same number of vision tokens in every sample of a "

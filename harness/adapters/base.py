@@ -56,12 +56,9 @@ class ModelAdapter:
     architectures: ClassVar[tuple[str, ...]]
     #: rows of RoPE position ids the language model takes: 1 (1-D RoPE) or 3 (M-RoPE: t, h, w)
     position_rows: ClassVar[int] = 1
-    #: whether every image gives the same number of vision tokens (else a batch's rows may hold different numbers:
-    #: only methods that handle such batches may share one)
+    #: whether every image gives the same number of vision tokens (then every row of a batch must hold as many); else
+    #: a batch's rows may hold different numbers, for the methods that handle that (`handles_ragged_batches`)
     fixed_vision_tokens: ClassVar[bool] = True
-    #: whether batches whose rows hold different numbers of vision tokens are defined here (for the methods that handle
-    #: them, `handles_ragged_batches`)
-    ragged_batches: ClassVar[bool] = False
     #: whether pre-LLM methods reduce each image's projected tokens in the sequence before decoder layer 0 (and with a
     #: probe from `image_probes`), because the projector's output cannot be split into images where it runs
     reduces_in_sequence: ClassVar[bool] = False
@@ -84,12 +81,6 @@ class ModelAdapter:
         if pruner.needs_clip_tower and not self.cls_token:
             raise ConfigError(f"method {pruner.name} does not run on {self.title}, whose vision tower is no CLIP: "
                               f"{pruner.needs_clip_tower}")
-        if batch_size > 1 and not self.fixed_vision_tokens and not self.ragged_batches:
-            from harness.adapters import ADAPTERS
-
-            able = ", ".join(adapter.title for adapter in ADAPTERS.values() if adapter.ragged_batches)
-            raise ConfigError(f"{self.title} gives images of different sizes different numbers of vision tokens, and "
-                              f"the pruning runtime takes such batches on {able} only: set batch_size=1")
         if batch_size > 1 and not self.fixed_vision_tokens and not handles_ragged_batches(type(pruner)):
             from methods import METHODS
 

@@ -78,7 +78,6 @@ class InternVLAdapter(ModelAdapter):
     title = "InternVL3"
     architectures = ("InternVLForConditionalGeneration",)
     fixed_vision_tokens = False  # 1 to 13 tiles per image, by its aspect ratio and size
-    ragged_batches = True  # in-LLM methods only: pre-LLM ones do not handle them (`handles_ragged_batches`)
     # generate() runs the tower and the projector on the tiles of every image before the prompt is seen, so the
     # tiles cannot be grouped into images there: pre-LLM methods reduce each image's projected tokens before layer 0.
     reduces_in_sequence = True

@@ -59,7 +59,6 @@ class LlavaNextAdapter(ModelAdapter):
     title = "LLaVA-NeXT"
     architectures = ("LlavaNextForConditionalGeneration",)
     fixed_vision_tokens = False
-    ragged_batches = True  # in-LLM methods only: pre-LLM ones do not handle them (`handles_ragged_batches`)
     packs_features = True
     views_budget = True
     #: the keyword `pack_image_features` takes besides the features, sizes and newline (NeXT: the CLS strategy)

@@ -81,7 +81,6 @@ class Qwen2VLAdapter(ModelAdapter):
     architectures = ("Qwen2VLForConditionalGeneration",)
     position_rows = 3
     fixed_vision_tokens = False
-    ragged_batches = True
     cls_token = False
     #: the tiny models' chat template (Qwen3-VL's checkpoints have no default system turn)
     tiny_chat_template: ClassVar[str] = DEFAULT_SYSTEM_TURN + CHAT_TURNS
