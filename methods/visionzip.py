@@ -9,8 +9,9 @@ Pre-LLM and text-agnostic, on the vision tower's feature layer (the one LLaVA re
    contextual token is target + mean of the tokens that joined it.
 The projector then sees exactly dominant + contextual tokens (CLS included), so the language model processes that
 many image tokens in every layer, at contiguous positions. Budgets: 192 = 162+30, 128 = 108+20, 64 = 54+10 (the
-reference's LLaVA-1.5 settings); other budgets need explicit `dominant` and `contextual`. `retain=F` (per image)
-splits T = round(F·V) as the three settings do, 27:5 (contextual = round(T·5/32)), with at least one of each.
+reference's LLaVA-1.5 settings), 32 = 27+5 (its per-crop LLaVA-NeXT one, `budget_per=view`); other budgets need
+explicit `dominant` and `contextual`. `retain=F` (per image) splits T = round(F·V) as these settings do, 27:5
+(contextual = round(T·5/32)), with at least one of each.
 
 On InternVL the tower's CLS never reaches the language model, and the method runs on each image's projected tokens
 (`ModelAdapter.image_probes`: CLS attention summed over each token's 2x2 patches, keys averaged over them): the
@@ -33,7 +34,8 @@ from methods.base import ConfigError, TokenPruner
 if TYPE_CHECKING:
     from harness.runtime import VisionProbe
 
-SETTINGS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
+# LLaVA-1.5's settings, and 32 = 27+5, the smallest of its per-crop LLaVA-NeXT settings (108+20, 54+10, 27+5)
+SETTINGS = {192: (162, 30), 128: (108, 20), 64: (54, 10), 32: (27, 5)}
 CONTEXTUAL_SHARE = 5 / 32  # of every setting's budget: 30/192 = 20/128 = 10/64
 
 

@@ -110,6 +110,14 @@ def test_visionzip_dominant_by_cls_attention_and_contextual_merge():
     assert torch.equal(out[0, 4], hidden[0, 4] + hidden[0, 7])
 
 
+def test_visionzip_budgets_map_to_the_reference_settings():
+    """LLaVA-1.5's 162+30, 108+20, 54+10, and 27+5 (the smallest per-crop LLaVA-NeXT one); others need both counts."""
+    assert [VisionZip(budget=Budget(n)).counts() for n in (192, 128, 64, 32)] == [(162, 30), (108, 20), (54, 10),
+                                                                               (27, 5)]
+    with pytest.raises(ConfigError, match=r"for budget 48 set method\.dominant and method\.contextual"):
+        VisionZip(budget=Budget(48)).counts()
+
+
 def test_pdrop_schedules_and_budget_matching():
     layers, counts = PDrop().schedule(576, 32)
     assert (layers, counts) == ([8, 16, 24], [288, 144, 72])
