@@ -18,8 +18,8 @@ The CLIP text tower is not part of LLaVA checkpoints: `text_tower` names the CLI
 model loads, with the command that fetches it), or `tiny`: random CLIP text and projection weights from a seed, a
 stand-in whose relevance signal is meaningless. `auto` (default) reads the model's config before loading: CLIP
 ViT-L/14-336's geometry (LLaVA-1.5) gives openai/clip-vit-large-patch14-336, a tower narrower than any CLIP (the tiny
-models, never CLIP) gives `tiny`, anything else is refused. On models whose vision tower is no CLIP (Qwen) the method
-is refused before loading (`needs_clip_tower`).
+models, never CLIP) gives `tiny`, anything else is refused. On models whose vision tower is no CLIP (Qwen, OneVision,
+InternVL) the method is refused before loading (`needs_clip_tower`).
 """
 
 from __future__ import annotations

@@ -18,13 +18,13 @@ hard-codes 16 at K = 64; its Qwen2.5-VL code sets C = max(1, int(1024 / 576 · V
 (and 8 at 128, 5 at 192): `chunks: null` uses that rule. Arithmetic as the reference: similarities in the model's
 dtype, the rest in fp32.
 
-On Qwen, the reference's own Qwen2.5-VL path (`qwen-model-HoloV`): the attention each merged token's 2x2 patches
-receive in the last ViT block (`VisionProbe.received`) instead of CLS attention, on the merger's outputs, with the
-kept tokens' own M-RoPE positions; K per image (`retain=F`: round(F·V), where the reference floors). Its two bugs
-are not reproduced: the scores are mapped from the ViT's window order back to raster order (the reference leaves
-them permuted), and the pruned span is the image's tokens (the reference's is shifted by one). Each kept token
-stays in its own slot, so the language model sees them in raster order; zero padding takes the image's last free
-slots (the reference gives it the position of the image's last token).
+On Qwen (and OneVision's SigLIP, per view), the reference's own Qwen2.5-VL path (`qwen-model-HoloV`): the attention each
+merged token's 2x2 patches receive in the last ViT block (`VisionProbe.received`) instead of CLS attention, on the
+merger's outputs, with the kept tokens' own M-RoPE positions; K per image (`retain=F`: round(F·V), where the reference
+floors). Its two bugs are not reproduced: the scores are mapped from the ViT's window order back to raster order (the
+reference leaves them permuted), and the pruned span is the image's tokens (the reference's is shifted by one). Each
+kept token stays in its own slot, so the language model sees them in raster order; zero padding takes the image's last
+free slots (the reference gives it the position of the image's last token).
 """
 
 from __future__ import annotations

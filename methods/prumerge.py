@@ -14,11 +14,11 @@ Pre-LLM, on the V patch features LLaVA reads (feature layer -2), per image:
 The projector sees the kept tokens in that order (outliers, samples, extra token: not raster), at contiguous
 positions. The count is the image's own (outliers + 1, plus the samples for PruMerge+): the budget is not used.
 
-On towers without CLS (Qwen; the reference has none, models.md §8.2) a is the attention each merged token's patches
-receive in the last ViT block (`VisionProbe.received`), normalised to sum to 1 over the image like a CLS row, and
-the keys are that block's per-head keys averaged over each token's patches, heads concatenated; the tokens merged
-are the merger's outputs. Each token keeps its own M-RoPE position (a merged token its centre's, the extra token
-that of the first token it sums), and an image of at most `neighbours` tokens merges all the others.
+On towers without CLS (Qwen, OneVision; the reference has none, models.md §8.2) a is the attention each merged token's
+patches receive in the last ViT block (`VisionProbe.received`), normalised to sum to 1 over the image like a CLS row,
+and the keys are that block's per-head keys averaged over each token's patches, heads concatenated; the tokens merged
+are the merger's outputs. Each token keeps its own M-RoPE position (a merged token its centre's, the extra token that of
+the first token it sums), and an image of at most `neighbours` tokens merges all the others.
 """
 
 from __future__ import annotations

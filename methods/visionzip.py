@@ -19,7 +19,8 @@ dominant tokens are all patches. On towers without CLS (Qwen; models.md §8.2, a
 tokens are the `dominant` merged tokens whose patches receive the most attention in the last ViT block
 (`VisionProbe.received`), the contextual merge uses that block's keys averaged over heads and over each token's
 patches, and both act on the merger's outputs, per image; a dominant token keeps its own M-RoPE position, a contextual
-token its target's.
+token its target's. On LLaVA-NeXT/OneVision it acts on each packed image's tokens, like InternVL's, with each view's
+signal (NeXT: CLS rows; OneVision's SigLIP: attention received) laid out like them (`PruningRuntime._packed_probe`).
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ Pre-LLM and text-agnostic, on the vision tower's feature layer (the one LLaVA re
 3. The projector sees exactly the T selected patch features, in raster order; the language model gets them at
    contiguous positions (a shorter input).
 
-On towers without CLS (Qwen; the reference has no Qwen code) the important tokens are those whose patches receive the
-most attention in the last ViT block (`VisionProbe.received`), and both steps run on the merger's outputs, which keep
-their own M-RoPE positions; T is per image (`retain=F`: round(F·V) of each image's V).
+On towers without CLS (Qwen, OneVision; the reference has no such code) the important tokens are those whose patches
+receive the most attention in the last ViT block (`VisionProbe.received`), and both steps run on the merger's outputs,
+which keep their own M-RoPE positions; T is per image (`retain=F`: round(F·V) of each image's V).
 
 Arithmetic: the reference sorts fp16 scores with an unstable sort, so ties and near-ties may order differently in
 another dtype; `score_dtype="model"` (default) scores in the features' dtype (fp16 on GPU, like the reference),
