@@ -88,8 +88,8 @@ class VisionProbe:
     hidden_has_cls: bool = True
     #: (images, tokens) without CLS: the mean attention each vision token's patches receive (`received_attention`)
     received: torch.Tensor | None = None
-    #: (images, 1 + tokens, d_vision) where `hidden` is the packed tokens (LLaVA-NeXT): the layer's output laid out like
-    #: them, CLS first (the mean of the views' CLS states)
+    #: (images, 1 + tokens, d_vision) where `hidden` is the packed tokens (LLaVA-NeXT) and the method reads the CLIP
+    #: states (CDPruner): the layer's output laid out like them, CLS first (the mean of the views' CLS states)
     tower_hidden: torch.Tensor | None = None
 
 
@@ -248,7 +248,8 @@ class PruningRuntime:
             self.multimodal.pack_image_features = functools.partial(
                 self._reduce_packed, type(self.multimodal).pack_image_features, self.multimodal)
             if self.pruner.needs_vision_probe:
-                self._install_vision_probe(output=self.adapter.cls_token)  # per view; packed like the features
+                # per view, packed like the features; the layer's states only for a method that reads them (CDPruner)
+                self._install_vision_probe(output=self.pruner.needs_clip_tower is not None)
         elif (reduces_features or self._reduces_embeddings) and not self.adapter.cls_token:
             self._install_tower_reduction()
         elif reduces_features or self._reduces_embeddings:
@@ -487,9 +488,11 @@ class PruningRuntime:
                 own = {name: value[views.start + view] for name, value in self._vision_probe.items()}
                 with_cls = torch.cat([tokens.new_zeros(1), tokens + 1])
                 cls_attention, keys = probe.cls_attention[..., with_cls].clone(), probe.keys[:, :, with_cls].clone()
-                tower_hidden = probe.tower_hidden[:, with_cls].clone()
                 cls_attention[..., 0], keys[:, :, 0] = own["cls_attention"][:, 0], own["keys"][:, 0]
-                tower_hidden[:, 0] = own["hidden"][0]
+                tower_hidden = None
+                if probe.tower_hidden is not None:
+                    tower_hidden = probe.tower_hidden[:, with_cls].clone()
+                    tower_hidden[:, 0] = own["hidden"][0]
                 parts.append((tokens, VisionProbe(hidden=probe.hidden[:, tokens], hidden_has_cls=False,
                                                   cls_attention=cls_attention, keys=keys,
                                                   cls_query=own["cls_query"][None], tower_hidden=tower_hidden)))
@@ -500,7 +503,8 @@ class PruningRuntime:
     def _packed_probe(self, lay_out, views: slice, tokens: torch.Tensor) -> VisionProbe:
         """One packed image's probe from its views' (`lay_out` packs per-view values like the features): with CLS, as
         InternVL's (`ModelAdapter.image_probes`): the packed tokens as `hidden`, and CLS entries (its own attention,
-        key and query) that are means over the views; without CLS, the attention each token's patch receives."""
+        key and query) that are means over the views, plus the layer's states where they were probed; without CLS, the
+        attention each token's patch receives."""
         probe = {name: value[views] for name, value in self._vision_probe.items()}
         keys = probe["keys"]  # (views, heads, [1 +] patches, head_dim)
         heads, head_dim = keys.shape[1], keys.shape[3]
@@ -511,12 +515,13 @@ class PruningRuntime:
         if "received" in probe:
             return VisionProbe(hidden=None, cls_attention=None, keys=packed_keys(keys)[None],
                                received=lay_out(probe["received"][..., None])[:, 0][None])
-        attention, hidden = probe["cls_attention"], probe["hidden"]
+        attention, hidden = probe["cls_attention"], probe.get("hidden")
         cls_attention = torch.cat([attention[:, :, :1].mean(0), lay_out(attention[:, :, 1:].transpose(1, 2)).T], -1)
         return VisionProbe(hidden=tokens, hidden_has_cls=False, cls_attention=cls_attention[None],
                            keys=torch.cat([keys[:, :, :1].mean(0), packed_keys(keys[:, :, 1:])], dim=1)[None],
                            cls_query=probe["cls_query"].mean(0, keepdim=True),
-                           tower_hidden=torch.cat([hidden[:, :1].mean(0), lay_out(hidden[:, 1:])])[None])
+                           tower_hidden=None if hidden is None else torch.cat([hidden[:, :1].mean(0),
+                                                                               lay_out(hidden[:, 1:])])[None])
 
     def _kept_slots_selection(self) -> Selection:
         """The kept slots of each row (the model scatters features row by row); the rows of a ragged batch hold and
