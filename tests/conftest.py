@@ -36,6 +36,12 @@ def noise_images(sizes: list[tuple[int, int]], seed: int) -> list[Image.Image]:
 
 
 @pytest.fixture(scope="session")
+def picture() -> Image.Image:
+    """A 336 px random-pixel picture (seed 1): every method on a family runs on it."""
+    return noise_images([(336, 336)], seed=1)[0]
+
+
+@pytest.fixture(scope="session")
 def images() -> list[Image.Image]:
     generator = torch.Generator().manual_seed(0)
     pixels = (torch.rand(2, 336, 336, 3, generator=generator) * 255).to(torch.uint8).numpy()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from harness.config import check_overrides
 from harness.models import load
 from methods import ConfigError
 from tests.conftest import tiny_of
-from tests.test_cli import harness
+from tests.test_cli import tiny_run
 
 QWEN = ["tiny_qwen2vl", "tiny_qwen25vl", "tiny_qwen3vl"]
 
@@ -136,13 +135,9 @@ def test_what_the_runtime_does_not_define_on_qwen_is_refused_before_loading(over
 def test_a_tiny_qwen_run_goes_end_to_end_through_lmms_eval(tmp_path):
     """`python -m harness model=tiny_qwen25vl method=fastv retain=0.25` on the synthetic task: 336 px images give 64
     vision tokens (8x8 at 28 px each within max_pixels), FastV keeps a quarter of them from layer 2 on."""
-    run = harness("model=tiny_qwen25vl", "method=fastv", "retain=0.25", "task.limit=2", f"output_dir={tmp_path}")
-    assert run.returncode == 0, run.stderr
-    out = tmp_path / "tiny_qwen25vl" / "synthetic" / "fastv" / "retain0.25"
-    result = json.loads((out / "result.json").read_text())
+    result, samples = tiny_run(tmp_path, "tiny_qwen25vl", "fastv", "retain=0.25", "retain0.25")
     assert result["budget"] == {"tokens": None, "convention": "exact", "per": "image", "used": True}
     assert result["tokens"] == {"per_layer": [64.0, 64.0, 16.0, 16.0], "mean_vision_tokens": 40.0,
                                 "mean_vision_fraction": 0.625}
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["vision_tokens_unpruned"] for s in samples] == [64, 64]
     assert all(s["flops"]["prefill"]["vision"] > 0 and s["flops"]["prefill"]["projector"] > 0 for s in samples)

@@ -3,8 +3,6 @@ loading, and a run end to end through lmms-eval."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -14,7 +12,7 @@ from harness.models import ModelNotAvailable, load
 from methods import ConfigError
 from tests.conftest import tiny_of
 from tests.test_adapters import load_from_checkpoint_directory, solid
-from tests.test_cli import harness
+from tests.test_cli import tiny_run
 
 CONTEXT = "What color is the circle?\nAnswer the question using a single word or phrase."
 # mistral-7b-instruct's template (the llava-v1.6-mistral tokenizer's), reduced to user turns
@@ -131,12 +129,8 @@ def test_a_tiny_run_goes_end_to_end_through_lmms_eval(tmp_path, conf, method, bu
                                                       newlines):
     """`python -m harness model=<tiny NeXT/OneVision> method=...` on the synthetic task (336 px images); the newline
     slots enter every layer and count as text."""
-    run = harness(f"model={conf}", f"method={method}", budget, "task.limit=2", f"output_dir={tmp_path}")
-    assert run.returncode == 0, run.stderr
-    out = tmp_path / conf / "synthetic" / method / directory
-    result = json.loads((out / "result.json").read_text())
+    result, samples = tiny_run(tmp_path, conf, method, budget, directory)
     assert result["tokens"]["per_layer"] == per_layer and result["budget"]["per"] == "image"
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     for sample in samples:
         assert sample["vision_tokens_unpruned"] == unpruned
         assert sample["newline_tokens_per_layer"] == [newlines] * 4

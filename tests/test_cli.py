@@ -28,6 +28,16 @@ def harness(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness", *overrides], capture_output=True, text=True, timeout=300)
 
 
+def tiny_run(tmp_path, model: str, method: str, budget: str, directory: str) -> tuple[dict, list[dict]]:
+    """`python -m harness model=<model> method=<method> <budget> task.limit=2` on the synthetic task, which must
+    succeed: its result.json and samples (in `<model>/synthetic/<method>/<directory>`)."""
+    run = harness(f"model={model}", f"method={method}", budget, "task.limit=2", f"output_dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    out = tmp_path / model / "synthetic" / method / directory
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    return json.loads((out / "result.json").read_text()), samples
+
+
 def test_run_writes_results_and_a_rerun_is_skipped(tmp_path):
     args = ("model=tiny", "method=random", "budget=64", "task.limit=3", f"output_dir={tmp_path}")
     first = harness(*args)

@@ -4,7 +4,6 @@ signal per vision token, and a run through lmms-eval."""
 from __future__ import annotations
 
 import itertools
-import json
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from harness.config import compose, validate
 from harness.runtime import VisionProbe, prune
 from methods import METHODS, Budget, ConfigError, DivPrune, VisionZip
 from tests.conftest import noise_images, tiny_of
-from tests.test_cli import harness
+from tests.test_cli import tiny_run
 
 REFUSED = {"cdpruner": "InternViT has no text tower", "prumerge": "pixel shuffle concatenates 2x2 patches"}
 # SparseVLM and VisionZip have reference schedules for fixed budgets only; PDrop cannot reach 16 of the conf's 208, and
@@ -129,11 +128,7 @@ def test_a_tiny_internvl_run_goes_end_to_end_through_lmms_eval(tmp_path):
     """`python -m harness model=tiny_internvl method=visionzip retain=0.25` on the synthetic task: each 336 px image is
     3x3 tiles + a thumbnail (160 vision tokens), VisionZip keeps a quarter of them (34 dominant + 6 contextual)
     before the language model; FLOPs are projected from the tiles."""
-    run = harness("model=tiny_internvl", "method=visionzip", "retain=0.25", "task.limit=2", f"output_dir={tmp_path}")
-    assert run.returncode == 0, run.stderr
-    out = tmp_path / "tiny_internvl" / "synthetic" / "visionzip" / "retain0.25"
-    result = json.loads((out / "result.json").read_text())
+    result, samples = tiny_run(tmp_path, "tiny_internvl", "visionzip", "retain=0.25", "retain0.25")
     assert result["tokens"] == {"per_layer": [40.0] * 4, "mean_vision_tokens": 40.0, "mean_vision_fraction": 0.25}
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["vision_tokens_unpruned"] for s in samples] == [160, 160]
     assert all(s["flops"]["prefill"]["vision"] > 0 and s["flops"]["prefill"]["projector"] > 0 for s in samples)

@@ -8,12 +8,11 @@ import itertools
 
 import pytest
 import torch
-from PIL import Image
 
 from harness.config import compose, validate
 from harness.runtime import prune
 from methods import METHODS, ConfigError
-from tests.conftest import noise_images, tiny_of
+from tests.conftest import tiny_of
 
 REFUSED = {"tiny_next": {}, "tiny_ov": {"cdpruner": "whose vision tower is no CLIP"}}  # CDPruner's text tower
 VISION = {"tiny_next": 80, "tiny_ov": 90}  # prunable vision tokens of a 336 px image
@@ -24,11 +23,6 @@ BUDGET = {"sparsevlm": 64, "visionzip": 64, "pdrop": 40}  # SparseVLM and Vision
 @pytest.fixture(scope="module", params=list(VISION))
 def family(request):
     return tiny_of(request.param)
-
-
-@pytest.fixture(scope="module")
-def picture() -> Image.Image:
-    return noise_images([(336, 336)], seed=1)[0]
 
 
 @torch.no_grad()

@@ -7,12 +7,11 @@ import itertools
 
 import pytest
 import torch
-from PIL import Image
 
 from harness.config import compose, validate
 from harness.runtime import prune
 from methods import METHODS, ConfigError
-from tests.conftest import noise_images, tiny_of
+from tests.conftest import tiny_of
 
 # What runs on Qwen where the LLaVA default does not: original positions (M-RoPE has no compact renumbering).
 QWEN_OPTIONS = {"pdrop": ["method.positions=original"], "sparsevlm": ["method.version='2.0'"]}
@@ -24,11 +23,6 @@ BUDGET = {"sparsevlm": "budget=64", "visionzip": "retain=0.25"}
 @pytest.fixture(scope="module", params=["tiny_qwen2vl", "tiny_qwen25vl", "tiny_qwen3vl"])
 def qwen(request):
     return tiny_of(request.param)
-
-
-@pytest.fixture(scope="module")
-def picture() -> Image.Image:
-    return noise_images([(336, 336)], seed=1)[0]
 
 
 @torch.no_grad()

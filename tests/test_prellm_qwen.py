@@ -4,7 +4,6 @@ with their own DeepStack features), exact against a genuinely shorter input."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -16,7 +15,7 @@ from harness.config import compose, validate
 from harness.runtime import chunk_attention, prune, received_attention
 from methods.base import TokenPruner
 from tests.conftest import noise_images, tiny_of
-from tests.test_cli import harness
+from tests.test_cli import tiny_run
 from tests.test_runtime_qwen import FEW
 
 QWEN = ["tiny_qwen2vl", "tiny_qwen25vl", "tiny_qwen3vl"]
@@ -201,10 +200,6 @@ def test_a_batch_of_images_of_different_sizes_reduced_before_the_llm_equals_each
 def test_a_pre_llm_method_on_a_tiny_qwen_goes_end_to_end(tmp_path):
     """`python -m harness model=tiny_qwen25vl method=visionzip retain=0.25`: each 64-token image keeps 14 dominant and
     2 contextual tokens from before layer 0."""
-    run = harness("model=tiny_qwen25vl", "method=visionzip", "retain=0.25", "task.limit=2", f"output_dir={tmp_path}")
-    assert run.returncode == 0, run.stderr
-    out = tmp_path / "tiny_qwen25vl" / "synthetic" / "visionzip" / "retain0.25"
-    result = json.loads((out / "result.json").read_text())
+    result, samples = tiny_run(tmp_path, "tiny_qwen25vl", "visionzip", "retain=0.25", "retain0.25")
     assert result["tokens"] == {"per_layer": [16.0] * 4, "mean_vision_tokens": 16.0, "mean_vision_fraction": 0.25}
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["vision_tokens_per_layer"] for s in samples] == [[16] * 4] * 2
